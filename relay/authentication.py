@@ -1,0 +1,86 @@
+"""Who sent a webhook: Extole's three key types, checked in constant time.
+
+Bearer (key type "password"), Basic (the secret, or `user:secret`), and `X-Extole-Signature`
+(HS256: lowercase hex HMAC-SHA256 of the exact raw body; a `sha256=` prefix is tolerated).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from collections.abc import Mapping
+
+SIGNATURE_HEADER = "X-Extole-Signature"
+
+
+class AuthenticationFailed(Exception):
+    """Credentials are missing or wrong; the message is safe to return to the caller."""
+
+
+def sign(body: bytes, secret: str) -> str:
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def _same(given: str | bytes, expected: str | bytes) -> bool:
+    if isinstance(given, str):
+        given = given.encode("utf-8", "surrogateescape")
+    if isinstance(expected, str):
+        expected = expected.encode("utf-8")
+    return hmac.compare_digest(given, expected)
+
+
+def authenticate(headers: Mapping[str, str], body: bytes, secret: str) -> str:
+    """Return the method that authenticated the request, or raise AuthenticationFailed."""
+    signature = headers.get(SIGNATURE_HEADER)
+    authorization = (headers.get("Authorization") or "").strip()
+    if signature is None and not authorization:
+        raise AuthenticationFailed(
+            "missing credentials: send Authorization: Bearer <secret>, Authorization: Basic, "
+            f"or {SIGNATURE_HEADER} (HMAC-SHA256 of the body)"
+        )
+    if signature is not None:
+        given = signature.strip()
+        if given[:7].lower() == "sha256=":
+            given = given[7:]
+        if _same(given.lower(), sign(body, secret)):
+            return "signature"
+        if not authorization:
+            raise AuthenticationFailed(f"{SIGNATURE_HEADER} does not match the body")
+    scheme, _, value = authorization.partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        if _same(value, secret):
+            return "bearer"
+        raise AuthenticationFailed("invalid bearer token")
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise AuthenticationFailed("malformed basic credentials") from None
+        password = decoded.partition(":")[2] if ":" in decoded else decoded
+        # Both forms are compared every time, so timing does not reveal which one was used.
+        whole, split = _same(decoded, secret), _same(password, secret)
+        if whole or split:
+            return "basic"
+        raise AuthenticationFailed("invalid basic credentials")
+    if authorization:
+        raise AuthenticationFailed(f"unsupported authorization scheme {scheme[:20]!r}")
+    raise AuthenticationFailed(f"{SIGNATURE_HEADER} does not match the body")
+
+
+def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Headers for the inbound log: credentials replaced, the scheme kept for diagnosis."""
+    redacted: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in ("authorization", "proxy-authorization"):
+            redacted[name] = value.strip().partition(" ")[0][:20] + " [redacted]"
+        elif lower in ("cookie", SIGNATURE_HEADER.lower()) or any(
+            word in lower for word in ("secret", "token", "api-key", "apikey", "password")
+        ):
+            redacted[name] = "[redacted]"
+        else:
+            redacted[name] = value[:1000]
+    return redacted

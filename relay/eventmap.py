@@ -1,0 +1,83 @@
+"""Extole event types to Braze event names and attribute effects.
+
+The built-in map ships inside the package; `RELAY_EVENT_MAP` names a TOML file that extends or
+overrides it. Entries of the user file replace built-in entries that share any type or alias.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from relay.exceptions import EventMapError
+
+EMAIL_SUBSCRIBE_STATES = ("opted_in", "subscribed", "unsubscribed")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    braze_event: str
+    email_subscribe: str | None = None
+
+
+def type_key(extole_type: str) -> str:
+    """Types match ignoring case, `_`, `-` and spaces, so `Share Link Created` matches."""
+    return re.sub(r"[\s_\-]+", "", extole_type).casefold()
+
+
+class EventMap:
+    def __init__(self, entries: dict[str, Mapping]) -> None:
+        self._entries = entries
+
+    def lookup(self, extole_type: str) -> Mapping:
+        """The mapping for a type; unknown types keep their own name, unchanged."""
+        return self._entries.get(type_key(extole_type)) or Mapping(braze_event=extole_type)
+
+    @property
+    def braze_events(self) -> list[str]:
+        return sorted({m.braze_event for m in self._entries.values()})
+
+    @classmethod
+    def load(cls, path: str | None = None) -> EventMap:
+        builtin = resources.files("relay").joinpath("events.toml").read_text("utf-8")
+        entries = _parse(tomllib.loads(builtin), "built-in event map")
+        if path:
+            try:
+                document = tomllib.loads(Path(path).read_text("utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise EventMapError(f"RELAY_EVENT_MAP: cannot read {path}: {exc}") from None
+            entries.update(_parse(document, f"RELAY_EVENT_MAP ({path})"))
+        return cls(entries)
+
+
+def _parse(document: dict[str, Any], origin: str) -> dict[str, Mapping]:
+    events = document.get("events")
+    if not isinstance(events, dict):
+        raise EventMapError(f"{origin}: expected [events.<extole_type>] tables")
+    entries: dict[str, Mapping] = {}
+    for name, table in events.items():
+        where = f"{origin}: [events.{name}]"
+        if not isinstance(table, dict):
+            raise EventMapError(f"{where} must be a table")
+        unknown = set(table) - {"braze_event", "aliases", "email_subscribe"}
+        if unknown:
+            raise EventMapError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+        braze_event = table.get("braze_event")
+        if not isinstance(braze_event, str) or not braze_event.strip():
+            raise EventMapError(f"{where} needs braze_event = \"<Braze event name>\"")
+        aliases = table.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise EventMapError(f"{where}: aliases must be a list of strings")
+        subscribe = table.get("email_subscribe")
+        if subscribe is not None and subscribe not in EMAIL_SUBSCRIBE_STATES:
+            raise EventMapError(
+                f"{where}: email_subscribe must be one of {', '.join(EMAIL_SUBSCRIBE_STATES)}"
+            )
+        mapping = Mapping(braze_event=braze_event.strip(), email_subscribe=subscribe)
+        for extole_type in [name, *aliases]:
+            entries[type_key(extole_type)] = mapping
+    return entries

@@ -1,0 +1,354 @@
+"""Parse and normalise Extole webhook events.
+
+Extole lets every client reshape its webhook bodies, so field names vary: names are matched
+case-insensitively, and where several names or places could give a value the first listed wins,
+top level before `person` before `data`. Unknown fields are kept as event properties.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from relay.eventmap import EventMap
+from relay.exceptions import RejectedEvent
+
+log = logging.getLogger(__name__)
+
+EVENT_ID = ("event_id", "id")
+EVENT_TYPE = ("type", "event", "event_type", "event_name", "name")
+EVENT_TIME = ("event_time", "timestamp", "time", "created_at")
+EXTERNAL_ID = ("partner_user_id", "external_id")
+EMAIL = ("email", "email_address", "recipient_email")
+PROFILE = {"first_name": ("first_name",), "last_name": ("last_name",), "phone": ("phone_number",)}
+PASSED_ON = ("funnel", "program", "share_link")
+PLACES = ("person", "data")
+
+# Top-level and `person` fields that are not event properties: envelope, identity, profile.
+_NOT_PROPERTIES = frozenset(
+    [*EVENT_ID, *EVENT_TYPE, *EVENT_TIME, *EXTERNAL_ID, *EMAIL, "first_name", "last_name",
+     "phone_number", *PLACES]
+)
+MAX_ID_LENGTH = 255
+MAX_STRING = 255
+MILLISECONDS_ABOVE = 10**11
+MAX_EPOCH_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+
+
+@dataclass
+class Event:
+    """One usable Extole event, normalised for storage and delivery."""
+
+    dedup_key: str
+    extole_event_id: str
+    extole_type: str
+    braze_event: str
+    event_time: datetime
+    external_id: str | None
+    email: str | None
+    attributes: dict[str, Any]
+    properties: dict[str, Any]
+    payload: dict[str, Any]
+    trimmed: list[str] = field(default_factory=list)
+
+    @property
+    def person_key(self) -> str | None:
+        """A person is their external_id, else their email."""
+        if self.external_id:
+            return "id:" + self.external_id
+        if self.email:
+            return "email:" + self.email
+        return None
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(value: Any) -> str:
+    return hashlib.sha256(canonical_json(value).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _lowered(obj: Any) -> dict[str, Any]:
+    """A case-insensitive view of an object: the first spelling of a key wins."""
+    view: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            view.setdefault(str(key).lower(), value)
+    return view
+
+
+class _Fields:
+    """Looks values up across the top level, `person` and `data`, in that order."""
+
+    def __init__(self, item: dict[str, Any]) -> None:
+        self.top = _lowered(item)
+        self.places = [self.top, _lowered(self.top.get("person")), _lowered(self.top.get("data"))]
+
+    def first(self, names: Iterable[str], *, top_only: bool = False) -> Any:
+        for place in self.places[:1] if top_only else self.places:
+            for name in names:
+                value = place.get(name)
+                if value is not None and value != "":
+                    return value
+        return None
+
+
+def parse_time(value: Any) -> datetime:
+    """ISO-8601 (offset converted to UTC, none taken as UTC) or epoch seconds/milliseconds."""
+    try:
+        return _parse_time(value)
+    except (OverflowError, OSError, ValueError):
+        raise RejectedEvent(f"event time {_short(value)!r} is out of range") from None
+
+
+def _parse_time(value: Any) -> datetime:
+    if isinstance(value, bool):
+        raise RejectedEvent(f"event time {value!r} is not a time")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number: float | None = float(text)
+        except ValueError:
+            number = None
+        if number is None:
+            try:
+                parsed = datetime.fromisoformat(text)
+            except ValueError:
+                raise RejectedEvent(f"event time {_short(value)!r} does not parse") from None
+            if parsed.tzinfo is None:
+                return parsed.replace(tzinfo=UTC)
+            return parsed.astimezone(UTC)
+        value = number
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise RejectedEvent(f"event time {value!r} is not a time")
+        seconds = value / 1000 if abs(value) > MILLISECONDS_ABOVE else value
+        if not 0 <= seconds <= MAX_EPOCH_SECONDS:
+            raise RejectedEvent(f"event time {_short(value)} is out of range")
+        return datetime.fromtimestamp(seconds, UTC)
+    raise RejectedEvent(f"event time must be a string or a number, not {type(value).__name__}")
+
+
+def braze_time(moment: datetime) -> str:
+    """Braze's time format: YYYY-MM-DDTHH:MM:SS.mmmZ in UTC."""
+    moment = moment.astimezone(UTC) if moment.tzinfo else moment
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _scalar_text(value: Any, what: str) -> str | None:
+    """Ids may arrive as strings or numbers; anything else is unusable."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise RejectedEvent(f"{what} must be a string or a number, not {type(value).__name__}")
+    text = value.strip() if isinstance(value, str) else str(value)
+    if len(text) > MAX_ID_LENGTH:
+        raise RejectedEvent(f"{what} is longer than {MAX_ID_LENGTH} characters")
+    return text or None
+
+
+def normalise_email(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    email = value.strip().lower()
+    return email or None
+
+
+def clean_properties(properties: dict[str, Any], trimmed: list[str]) -> dict[str, Any]:
+    """Drop what Braze would refuse: null values, `$` keys; cut strings to 255 characters."""
+    cleaned: dict[str, Any] = {}
+    for key, value in properties.items():
+        if value is None:
+            continue
+        if str(key).startswith("$"):
+            trimmed.append(f"dropped property {key!r}: keys may not start with $")
+            continue
+        cleaned[key] = _clean_value(key, value, trimmed)
+    return cleaned
+
+
+def _clean_value(key: str, value: Any, trimmed: list[str]) -> Any:
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        trimmed.append(f"cut property {key!r} from {len(value)} to {MAX_STRING} characters")
+        return value[:MAX_STRING]
+    if isinstance(value, dict):
+        return clean_properties(value, trimmed)
+    if isinstance(value, list):
+        return [_clean_value(key, v, trimmed) for v in value]
+    return value
+
+
+def normalise(item: Any, event_map: EventMap, received_at: datetime) -> Event:
+    """Turn one item of a webhook body into an Event, or raise RejectedEvent with the reason."""
+    if not isinstance(item, dict):
+        raise RejectedEvent(f"event must be a JSON object, not {_json_kind(item)}")
+    fields = _Fields(item)
+
+    raw_type = fields.first(EVENT_TYPE, top_only=True)
+    if raw_type is None:
+        raise RejectedEvent("no event type: expected one of " + ", ".join(EVENT_TYPE))
+    if not isinstance(raw_type, str) or not raw_type.strip():
+        raise RejectedEvent("event type must be a non-empty string")
+    extole_type = raw_type.strip()
+    if len(extole_type) > MAX_ID_LENGTH:
+        raise RejectedEvent(f"event type is longer than {MAX_ID_LENGTH} characters")
+
+    event_id = _scalar_text(fields.first(EVENT_ID, top_only=True), "event id")
+    raw_time = fields.first(EVENT_TIME, top_only=True)
+    event_time = received_at if raw_time is None else parse_time(raw_time)
+    external_id = _scalar_text(fields.first(EXTERNAL_ID), "partner_user_id/external_id")
+    email = normalise_email(fields.first(EMAIL))
+    mapping = event_map.lookup(extole_type)
+    dedup_key = event_id or "sha256:" + content_hash(item)
+
+    attributes: dict[str, Any] = {}
+    if email:
+        attributes["email"] = email
+    for attribute, names in PROFILE.items():
+        value = fields.first(names)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            attributes[attribute] = str(value).strip()[:MAX_STRING]
+    share_link = fields.first(("share_link",))
+    if isinstance(share_link, str):
+        attributes["share_link"] = share_link.strip()[:MAX_STRING]
+    if mapping.email_subscribe:
+        attributes["email_subscribe"] = mapping.email_subscribe
+
+    properties: dict[str, Any] = {}
+    data = item_value(item, "data")
+    if isinstance(data, dict):
+        properties.update(data)
+    person = item_value(item, "person")
+    for source in (person, item):
+        if isinstance(source, dict):
+            properties.update(
+                (k, v) for k, v in source.items() if str(k).lower() not in _NOT_PROPERTIES
+            )
+    for name in PASSED_ON:
+        value = fields.first((name,))
+        if value is not None:
+            properties.setdefault(name, value)
+    properties["extole_event_id"] = event_id or dedup_key
+    trimmed: list[str] = []
+    properties = clean_properties(properties, trimmed)
+
+    return Event(
+        dedup_key=dedup_key,
+        extole_event_id=event_id or dedup_key,
+        extole_type=extole_type,
+        braze_event=mapping.braze_event,
+        event_time=event_time,
+        external_id=external_id,
+        email=email,
+        attributes=attributes,
+        properties=properties,
+        payload=item,
+        trimmed=trimmed,
+    )
+
+
+def item_value(item: dict[str, Any], name: str) -> Any:
+    """A top-level value by case-insensitive name (first spelling wins)."""
+    for key, value in item.items():
+        if str(key).lower() == name:
+            return value
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+MAX_DEPTH = 64
+
+
+class InvalidBody(ValueError):
+    """The body is not JSON we can use; the message is the 400 error text."""
+
+
+def _no_constants(name: str) -> Any:
+    raise InvalidBody(f"body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_body(raw: bytes) -> Any:
+    """Parse a webhook body strictly: UTF-8, standard JSON, nesting within MAX_DEPTH.
+
+    Strings are made storable everywhere: lone surrogates and NUL characters (which PostgreSQL's
+    JSONB refuses) become U+FFFD. The raw bytes stay in the inbound log untouched.
+    """
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidBody(f"body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise InvalidBody("body is not valid JSON: nested too deeply to parse") from None
+    except ValueError as exc:
+        if isinstance(exc, InvalidBody):
+            raise
+        message = str(exc).splitlines()[0][:200]
+        raise InvalidBody(f"body is not valid JSON: {message}") from None
+    return sanitise(value)
+
+
+def sanitise(value: Any) -> Any:
+    """Replace unstorable characters, iteratively, refusing nesting deeper than MAX_DEPTH."""
+    root: list[Any] = [value]
+    stack: list[tuple[Any, Any, int]] = [(root, 0, 0)]
+    while stack:
+        container, key, depth = stack.pop()
+        item = container[key]
+        if isinstance(item, str):
+            container[key] = _clean_text(item)
+        elif isinstance(item, dict | list):
+            if depth >= MAX_DEPTH:
+                raise InvalidBody(f"body is not valid JSON: nested deeper than {MAX_DEPTH} levels")
+            if isinstance(item, dict):
+                if any(_needs_cleaning(k) for k in item):
+                    item = {_clean_text(k): v for k, v in item.items()}
+                    container[key] = item
+                stack.extend((item, k, depth + 1) for k in item)
+            else:
+                stack.extend((item, i, depth + 1) for i in range(len(item)))
+    return root[0]
+
+
+def _needs_cleaning(text: str) -> bool:
+    return "\x00" in text or not text.isascii() and _has_surrogate(text)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _clean_text(text: str) -> str:
+    if not _needs_cleaning(text):
+        return text
+    return "".join("\ufffd" if c == "\x00" or "\ud800" <= c <= "\udfff" else c for c in text)

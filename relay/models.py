@@ -1,0 +1,183 @@
+"""The relay's tables, as SQLAlchemy 2.0 typed models.
+
+Alembic migrations (in `migrations/`) are the only source of the schema; a test checks that these
+models and the migrations agree. Times are naive UTC in every column, on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import BYTEA, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Json = JSON().with_variant(JSONB(), "postgresql")
+Bytes = LargeBinary().with_variant(BYTEA(), "postgresql")
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+    SKIPPED = "skipped"
+    REJECTED = "rejected"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class InboundRequest(Base):
+    """Every webhook request as it reached us: the raw record behind the outbox."""
+
+    __tablename__ = "inbound_requests"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    environment: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(10))
+    path: Mapped[str] = mapped_column(String(255))
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    headers: Mapped[dict[str, Any]] = mapped_column(Json)
+    body: Mapped[bytes | None] = mapped_column(Bytes)
+    body_size: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(32))
+    auth_method: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class OutboxEvent(Base):
+    """One Extole event on its way to Braze; `relay.outbox` is the only writer of its status."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("environment", "dedup_key", name="uq_events_environment_dedup_key"),
+        # The worker's "next due events" query.
+        Index("ix_events_due", "status", "next_attempt_at", "id"),
+        # Per-person order: earlier pending events of the same person hold later ones back.
+        Index("ix_events_person", "environment", "person_key", "event_time", "id"),
+        # Admin filters and searches, newest first.
+        Index("ix_events_status_id", "status", "id"),
+        Index("ix_events_braze_event_id", "braze_event", "id"),
+        Index("ix_events_environment_id", "environment", "id"),
+        Index("ix_events_email", "email"),
+        Index("ix_events_external_id", "external_id"),
+        Index("ix_events_extole_event_id", "extole_event_id"),
+        Index("ix_events_received_at", "received_at"),
+        Index("ix_events_lease_expires_at", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(16))
+    # Extole's event id (or a hash of the event); NULL for rejected items, which never dedupe.
+    dedup_key: Mapped[str | None] = mapped_column(String(255))
+    extole_event_id: Mapped[str | None] = mapped_column(String(255))
+    extole_type: Mapped[str | None] = mapped_column(String(255))
+    braze_event: Mapped[str | None] = mapped_column(String(255))
+    external_id: Mapped[str | None] = mapped_column(String(255))
+    email: Mapped[str | None] = mapped_column(String(320))
+    person_key: Mapped[str | None] = mapped_column(String(330))
+    event_time: Mapped[datetime | None] = mapped_column(DateTime)
+    payload: Mapped[Any] = mapped_column(Json)
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    properties: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    identity: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    first_failure_at: Mapped[datetime | None] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    inbound_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("inbound_requests.id", ondelete="SET NULL"), index=True
+    )
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class DeliveryAttempt(Base):
+    """One request to Braze, recorded once, linked to the events it carried."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(16))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    duration_ms: Mapped[float] = mapped_column(Float)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    request_body: Mapped[str | None] = mapped_column(Text)
+    response_body: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class AttemptEvent(Base):
+    __tablename__ = "attempt_events"
+
+    attempt_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("delivery_attempts.id", ondelete="CASCADE"), primary_key=True
+    )
+    event_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("events.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    outcome: Mapped[str | None] = mapped_column(String(32))
+
+
+class IdentityCache(Base):
+    """What Braze answered for an email, reused for RELAY_IDENTITY_TTL seconds."""
+
+    __tablename__ = "identity_cache"
+
+    environment: Mapped[str] = mapped_column(String(16), primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), primary_key=True)
+    external_id: Mapped[str | None] = mapped_column(String(255))
+    braze_id: Mapped[str | None] = mapped_column(String(64))
+    found: Mapped[bool] = mapped_column(Boolean)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class EnvironmentState(Base):
+    """Delivery state of one Braze environment, shared by every worker through the database."""
+
+    __tablename__ = "environment_state"
+
+    environment: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key_state: Mapped[str] = mapped_column(String(16), default="ok")
+    paused_until: Mapped[datetime | None] = mapped_column(DateTime)
+    rate_limited_until: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class RateLimiter(Base):
+    """A token bucket in the database, so every worker shares one Braze export budget."""
+
+    __tablename__ = "rate_limiters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tokens: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)

@@ -1,0 +1,162 @@
+"""Shared fixtures: every database test runs on SQLite and on PostgreSQL.
+
+PostgreSQL is the local server (RELAY_TEST_POSTGRES_URL, default the machine's 127.0.0.1:5432).
+When it cannot be reached its tests are skipped and the run says so loudly at the end; with
+RELAY_REQUIRE_POSTGRES=1 (as .ci/run sets) an unreachable server fails the run instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import create_engine, text
+
+from relay import create_app, migrate
+from relay.models import Base
+from relay.settings import Settings
+from tests.support import (
+    BRAZE_URL,
+    PG_ADMIN_URL,
+    PROD_KEY,
+    PROD_SECRET,
+    STAGING_KEY,
+    STAGING_SECRET,
+    signed,
+)
+
+_pg_problem: str | None = None
+
+
+def _postgres_reachable() -> str | None:
+    try:
+        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001 - any failure means "not reachable"
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _pg_problem
+    _pg_problem = _postgres_reachable()
+    if _pg_problem and os.environ.get("RELAY_REQUIRE_POSTGRES") == "1":
+        raise pytest.UsageError(f"PostgreSQL required but unreachable at {PG_ADMIN_URL}: "
+                                f"{_pg_problem}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _pg_problem:
+        bar = "!" * 78
+        terminalreporter.write_line(bar, red=True, bold=True)
+        terminalreporter.write_line(
+            f"POSTGRESQL TESTS WERE SKIPPED: {PG_ADMIN_URL} unreachable ({_pg_problem})",
+            red=True, bold=True)
+        terminalreporter.write_line(bar, red=True, bold=True)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "relay.db"
+    migrate.upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    if _pg_problem:
+        pytest.skip(f"PostgreSQL unreachable: {_pg_problem}")
+    name = f"relay_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    migrate.upgrade(url)
+    yield url
+    with admin.connect() as connection:
+        connection.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+        ), {"n": name})
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+def truncate_all(url: str) -> None:
+    engine = create_engine(url)
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        path = tmp_path / "relay.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("postgres_database")
+    truncate_all(url)
+    return url
+
+
+@pytest.fixture
+def make_settings(database_url: str) -> Callable[..., Settings]:
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": database_url,
+            "extole_webhook_secret": PROD_SECRET,
+            "extole_staging_webhook_secret": STAGING_SECRET,
+            "braze_rest_endpoint": BRAZE_URL,
+            "braze_api_key": PROD_KEY,
+            "braze_staging_api_key": STAGING_KEY,
+            "admin_password": "admin-password",
+            "secret_key": "test-secret-key",
+            "retry_base": 5.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return factory
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    application = create_app(settings, TESTING=True)
+    yield application
+    application.extensions["relay.db"].dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def post_webhook(client: FlaskClient) -> Callable[..., Any]:
+    """Post a body (bytes, or JSON-able) signed with the environment's secret."""
+
+    def post(body: Any, environment: str = "production", headers: dict[str, str] | None = None,
+             secret: str | None = None) -> Any:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        secret = secret or (STAGING_SECRET if environment == "staging" else PROD_SECRET)
+        return client.post(f"/webhooks/extole/{environment}", data=raw,
+                           headers=headers if headers is not None else signed(raw, secret))
+
+    return post

@@ -284,3 +284,96 @@ def counts_by_status(session: Session) -> dict[str, int]:
         counts[status] = count
     return counts
 
+
+
+# --- reading, for the admin page, its API and the command line --------------------------------
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="milliseconds") + "Z" if moment else None
+
+
+def event_json(event: OutboxEvent) -> dict[str, Any]:
+    """An event as the admin API and `relay events` show it."""
+    return {
+        "id": event.id,
+        "environment": event.environment,
+        "extole_event_id": event.extole_event_id,
+        "extole_type": event.extole_type,
+        "braze_event": event.braze_event,
+        "status": event.status,
+        "attempts": event.attempts,
+        "external_id": event.external_id,
+        "email": event.email,
+        "event_time": _iso(event.event_time),
+        "received_at": _iso(event.received_at),
+        "updated_at": _iso(event.updated_at),
+        "next_attempt_at": _iso(event.next_attempt_at) if event.status == Status.PENDING else None,
+        "delivered_at": _iso(event.delivered_at),
+        "last_error": event.last_error,
+        "identity": event.identity,
+    }
+
+
+def list_events(
+    session: Session,
+    *,
+    status: str | None = None,
+    environment: str | None = None,
+    name: str | None = None,
+    q: str | None = None,
+    limit: int = 50,
+    cursor: int | None = None,
+) -> tuple[list[OutboxEvent], int | None]:
+    """Newest first, keyset-paginated on id so page N costs the same as page 1 at any size."""
+    query = filter_events(select(OutboxEvent), status=status, environment=environment,
+                          name=name, q=q)
+    if cursor is not None:
+        query = query.where(OutboxEvent.id < cursor)
+    events = list(session.scalars(query.order_by(OutboxEvent.id.desc()).limit(limit + 1)))
+    next_cursor = events[limit - 1].id if len(events) > limit else None
+    return events[:limit], next_cursor
+
+
+def event_detail(session: Session, event_id: int) -> dict[str, Any]:
+    """The event's whole story: payload, inbound request, identity and every Braze request."""
+    from relay.models import AttemptEvent, DeliveryAttempt
+
+    event = get_event(session, event_id)
+    detail = event_json(event)
+    detail.update(payload=event.payload, properties=event.properties,
+                  attributes=event.attributes)
+    inbound = session.get(InboundRequest, event.inbound_id) if event.inbound_id else None
+    detail["inbound"] = None if inbound is None else {
+        "id": inbound.id,
+        "received_at": _iso(inbound.received_at),
+        "method": inbound.method,
+        "path": inbound.path,
+        "remote_addr": inbound.remote_addr,
+        "headers": inbound.headers,
+        "body": (inbound.body or b"").decode("utf-8", "replace"),
+        "status_code": inbound.status_code,
+        "outcome": inbound.outcome,
+        "auth_method": inbound.auth_method,
+    }
+    attempts = session.execute(
+        select(DeliveryAttempt, AttemptEvent.outcome)
+        .join(AttemptEvent, AttemptEvent.attempt_id == DeliveryAttempt.id)
+        .where(AttemptEvent.event_id == event_id)
+        .order_by(DeliveryAttempt.id)
+    )
+    detail["attempts_log"] = [
+        {
+            "id": attempt.id,
+            "endpoint": attempt.endpoint,
+            "started_at": _iso(attempt.started_at),
+            "duration_ms": round(attempt.duration_ms, 1),
+            "status_code": attempt.status_code,
+            "request_body": attempt.request_body,
+            "response_body": attempt.response_body,
+            "error": attempt.error,
+            "outcome": outcome,
+        }
+        for attempt, outcome in attempts
+    ]
+    return detail

@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/relay init
 	$(BIN)/relay db upgrade
-	$(BIN)/relay serve --host $(HOST) --port $(PORT)
+	$(BIN)/relay serve --host $(HOST) --port $(PORT) --with-worker
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check relay migrations tests wsgi.py

@@ -42,20 +42,27 @@ def environment_report(session: Session, settings: Settings) -> dict[str, str]:
 
 
 def mark_refused(session: Session, environment: str, error: str, pause: float) -> datetime:
+    """Pause the environment; `updated_at` keeps the moment the key was first refused."""
     state = _state(session, environment)
     now = utcnow()
-    state.key_state = REFUSED
+    if state.key_state != REFUSED:
+        state.key_state = REFUSED
+        state.updated_at = now
     state.paused_until = now + timedelta(seconds=pause)
     state.last_error = error[:1000]
-    state.updated_at = now
     return state.paused_until
 
 
-def mark_ok(session: Session, environment: str) -> None:
+def mark_ok(session: Session, environment: str) -> float:
+    """The key works: resume. Answers how long it had been refused (0 if it was not)."""
     state = session.get(EnvironmentState, environment)
-    if state is not None and (state.key_state != OK or state.paused_until is not None):
-        state.key_state, state.paused_until, state.last_error = OK, None, None
-        state.updated_at = utcnow()
+    if state is None or state.key_state == OK:
+        return 0.0
+    now = utcnow()
+    refused_for = max(0.0, (now - state.updated_at).total_seconds())
+    state.key_state, state.paused_until, state.last_error = OK, None, None
+    state.updated_at = now
+    return refused_for
 
 
 def mark_rate_limited(session: Session, environment: str, until: datetime) -> None:

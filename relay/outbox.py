@@ -8,14 +8,15 @@ cannot both insert. Claiming and marking for delivery live here too.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from relay import metrics
 from relay.db import utcnow
@@ -23,6 +24,7 @@ from relay.eventmap import EventMap
 from relay.exceptions import EventNotFound, InvalidTransition, RejectedEvent
 from relay.extole import Event, item_value, normalise
 from relay.models import InboundRequest, OutboxEvent, Status
+from relay.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ class Receipt:
         }
 
 
-def _insert(session: Session) -> Any:
+def dialect_insert(session: Session) -> Any:
+    """INSERT with ON CONFLICT support for the session's database."""
     dialect = session.get_bind().dialect.name
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
@@ -65,7 +68,7 @@ def store_webhook(
     session.add(inbound)
     session.flush()
     receipt = Receipt()
-    insert = _insert(session)
+    insert = dialect_insert(session)
     for index, item in enumerate(items):
         try:
             event = normalise(item, event_map, now)
@@ -377,3 +380,251 @@ def event_detail(session: Session, event_id: int) -> dict[str, Any]:
         for attempt, outcome in attempts
     ]
     return detail
+
+
+# --- claiming and marking, for the delivery worker ---------------------------------------------
+
+CLAIM_LOCK_KEY = 0x72656C6179  # "relay": serialises claimers so the per-person check sees leases
+
+
+def claim_due(
+    session: Session,
+    owner: str,
+    *,
+    environments: Sequence[str],
+    limit: int,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> list[OutboxEvent]:
+    """Lease a batch of due events in one short transaction.
+
+    Only the head of each person's line is claimable: an event waits while an earlier event
+    (by Extole event time) of the same person is still pending, so a retried `Subscribed`
+    can never land after a later `Unsubscribed`. PostgreSQL claims with FOR UPDATE SKIP LOCKED
+    under a transaction-scoped advisory lock; SQLite with one atomic UPDATE ... RETURNING.
+    """
+    if not environments:
+        return []
+    now = now or utcnow()
+    candidate = aliased(OutboxEvent, name="candidate")
+    earlier = aliased(OutboxEvent, name="earlier")
+    held_back = (
+        select(earlier.id)
+        .where(
+            earlier.environment == candidate.environment,
+            earlier.person_key == candidate.person_key,
+            earlier.status == Status.PENDING.value,
+            or_(
+                earlier.event_time < candidate.event_time,
+                and_(earlier.event_time == candidate.event_time, earlier.id < candidate.id),
+            ),
+        )
+        .exists()
+    )
+    due = (
+        select(candidate.id)
+        .where(
+            candidate.status == Status.PENDING.value,
+            candidate.next_attempt_at <= now,
+            or_(candidate.lease_expires_at.is_(None), candidate.lease_expires_at <= now),
+            candidate.environment.in_(list(environments)),
+            ~held_back,
+        )
+        .order_by(candidate.next_attempt_at, candidate.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+        due = due.with_for_update(skip_locked=True)
+    statement = (
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(due.scalar_subquery()))
+        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(OutboxEvent)
+        .execution_options(synchronize_session=False)
+    )
+    events = list(session.scalars(statement))
+    events.sort(key=lambda e: (e.event_time or now, e.id))
+    return events
+
+
+def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]]) -> int:
+    """Apply per-row values, only to rows this worker still holds the lease on."""
+    if not rows:
+        return 0
+    table = OutboxEvent.__table__
+    columns = [key for key in rows[0] if key != "row_id"]
+    statement = (
+        table.update()
+        .where(table.c.id == bindparam("row_id"), table.c.lease_owner == owner)
+        .values({column: bindparam(f"v_{column}") for column in columns})
+    )
+    params = [{"row_id": r["row_id"], **{f"v_{c}": r[c] for c in columns}} for r in rows]
+    result = session.connection().execute(statement, params)
+    changed = result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
+    if changed < len(rows):
+        log.warning("%d of %d events were no longer leased by %s: left to their new owner",
+                    len(rows) - changed, len(rows), owner)
+    return changed
+
+
+def _transition(events: Sequence[OutboxEvent], status: Status, note: str = "") -> None:
+    for event in events:
+        log.info("event %s (%s): %s -> %s%s", event.id, event.extole_event_id, event.status,
+                 status.value, f" ({note})" if note else "")
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event.environment] = counts.get(event.environment, 0) + 1
+    for environment, count in counts.items():
+        metrics.EVENTS.labels(environment, status.value).inc(count)
+
+
+def mark_delivered(session: Session, owner: str, events: Sequence[OutboxEvent],
+                   identities: dict[int, dict[str, Any]], now: datetime | None = None) -> None:
+    now = now or utcnow()
+    _guarded_update(session, owner, [
+        {"row_id": e.id, "status": Status.DELIVERED.value, "delivered_at": now,
+         "identity": identities.get(e.id), "lease_owner": None, "lease_expires_at": None,
+         "last_error": None, "updated_at": now}
+        for e in events
+    ])
+    _transition(events, Status.DELIVERED)
+
+
+def mark_dead(session: Session, owner: str, reasons: dict[int, str],
+              events: Sequence[OutboxEvent], identities: dict[int, dict[str, Any]] | None = None,
+              now: datetime | None = None) -> None:
+    now = now or utcnow()
+    dead = [e for e in events if e.id in reasons]
+    _guarded_update(session, owner, [
+        {"row_id": e.id, "status": Status.DEAD.value, "last_error": reasons[e.id][:2000],
+         "identity": (identities or {}).get(e.id, e.identity), "lease_owner": None,
+         "lease_expires_at": None, "updated_at": now}
+        for e in dead
+    ])
+    for event in dead:
+        _transition([event], Status.DEAD, reasons[event.id][:200])
+
+
+def mark_failed(session: Session, owner: str, events: Sequence[OutboxEvent], error: str,
+                policy: RetryPolicy, now: datetime | None = None,
+                rng: random.Random | None = None) -> tuple[list[int], list[int]]:
+    """A counted failure: back off, or become dead once the failures span RELAY_RETRY_MAX_AGE."""
+    now = now or utcnow()
+    rows, retrying, dead = [], [], []
+    for event in events:
+        attempts = (event.attempts or 0) + 1
+        first = event.first_failure_at or now
+        decision = policy.decide(attempts, first, now, rng)
+        row: dict[str, Any] = {"row_id": event.id, "attempts": attempts, "first_failure_at": first,
+                               "lease_owner": None, "lease_expires_at": None, "updated_at": now}
+        if decision.dead:
+            age = int((now - first).total_seconds())
+            reason = f"{error} (gave up after {attempts} attempts over {age} s)"
+            row.update(status=Status.DEAD.value, next_attempt_at=None, last_error=reason[:2000])
+            dead.append(event)
+        else:
+            row.update(status=Status.PENDING.value, next_attempt_at=decision.retry_at,
+                       last_error=error[:2000])
+            retrying.append(event)
+        rows.append(row)
+    _guarded_update(session, owner, rows)
+    for event in retrying:
+        log.info("event %s (%s): attempt %d failed, retry at %s: %s", event.id,
+                 event.extole_event_id, (event.attempts or 0) + 1,
+                 next(r["next_attempt_at"] for r in rows if r["row_id"] == event.id), error[:200])
+    for event in retrying:
+        metrics.EVENTS.labels(event.environment, "retrying").inc()
+    _transition(dead, Status.DEAD, error[:200])
+    return [e.id for e in retrying], [e.id for e in dead]
+
+
+def release(session: Session, owner: str, events: Sequence[OutboxEvent], until: datetime,
+            reason: str, now: datetime | None = None) -> None:
+    """Give events back without counting an attempt (rate limit, refused key, export limiter).
+
+    The wait is added to `first_failure_at`, so it never counts toward RELAY_RETRY_MAX_AGE.
+    """
+    now = now or utcnow()
+    wait = max(until - now, timedelta(0))
+    _guarded_update(session, owner, [
+        {"row_id": e.id, "next_attempt_at": until, "lease_owner": None, "lease_expires_at": None,
+         "first_failure_at": e.first_failure_at + wait if e.first_failure_at else None,
+         "last_error": reason[:2000], "updated_at": now}
+        for e in events
+    ])
+    if events:
+        log.info("%d events wait until %s without counting an attempt: %s", len(events),
+                 until.isoformat(timespec="seconds"), reason[:200])
+
+
+def skip_unconfigured(session: Session, environment: str, reason: str, limit: int = 1000,
+                      now: datetime | None = None) -> int:
+    """Events of an environment without a Braze key are stored and marked skipped, never sent."""
+    now = now or utcnow()
+    ids = list(session.scalars(
+        select(OutboxEvent.id)
+        .where(OutboxEvent.environment == environment, OutboxEvent.status == Status.PENDING.value)
+        .limit(limit)
+    ))
+    if not ids:
+        return 0
+    session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(ids), OutboxEvent.status == Status.PENDING.value)
+        .values(status=Status.SKIPPED.value, last_error=reason, lease_owner=None,
+                lease_expires_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    log.info("%d %s events skipped: %s", len(ids), environment, reason)
+    metrics.EVENTS.labels(environment, Status.SKIPPED.value).inc(len(ids))
+    return len(ids)
+
+
+def shift_failure_clock(session: Session, environment: str, seconds: float) -> int:
+    """Credit a pause to every retrying event of an environment (it never counts as failing)."""
+    rows = session.execute(
+        select(OutboxEvent.id, OutboxEvent.first_failure_at).where(
+            OutboxEvent.environment == environment,
+            OutboxEvent.status == Status.PENDING.value,
+            OutboxEvent.first_failure_at.is_not(None),
+        )
+    ).all()
+    shift = timedelta(seconds=seconds)
+    table = OutboxEvent.__table__
+    if rows:
+        session.connection().execute(
+            table.update().where(table.c.id == bindparam("row_id"))
+            .values(first_failure_at=bindparam("first")),
+            [{"row_id": row_id, "first": first + shift} for row_id, first in rows],
+        )
+    return len(rows)
+
+
+def sweep_expired_leases(session: Session, now: datetime | None = None) -> int:
+    """Clear leases of workers that died; their events are claimable again (at-least-once)."""
+    now = now or utcnow()
+    result = session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.lease_expires_at.is_not(None), OutboxEvent.lease_expires_at < now)
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount:
+        log.warning("%d events came back from expired leases", result.rowcount)
+    return int(result.rowcount or 0)
+
+
+def latest_delivered_times(session: Session, environment: str,
+                           person_keys: Sequence[str]) -> dict[str, datetime]:
+    """Per person, the newest event time Braze already has attributes from."""
+    if not person_keys:
+        return {}
+    rows = session.execute(
+        select(OutboxEvent.person_key, func.max(OutboxEvent.event_time))
+        .where(OutboxEvent.environment == environment,
+               OutboxEvent.person_key.in_(list(person_keys)),
+               OutboxEvent.status == Status.DELIVERED.value)
+        .group_by(OutboxEvent.person_key)
+    )
+    return {key: moment for key, moment in rows if key is not None and moment is not None}

@@ -1,0 +1,452 @@
+"""From claimed outbox events to Braze: identity resolution, batching, applying Braze's answers.
+
+Every Braze request is recorded once (body, status, answer, duration) and linked to the events it
+carried; every outcome becomes a status through `relay.outbox`, never a swallowed exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from relay import braze_state, metrics, outbox
+from relay.braze import (
+    BadRequest,
+    BrazeClient,
+    BrazeError,
+    Exchange,
+    RateLimited,
+    ServerError,
+    TransportError,
+    Unauthorized,
+)
+from relay.db import Database, utcnow
+from relay.exceptions import DatabaseUnavailable
+from relay.extole import braze_time, canonical_json
+from relay.limiter import take_token
+from relay.models import AttemptEvent, DeliveryAttempt, IdentityCache, OutboxEvent
+from relay.retry import RetryPolicy
+from relay.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ALIAS_LABEL = "email"
+KEY_PAUSE_SECONDS = 15.0
+NO_IDENTIFIER = "no identifier"
+
+
+@dataclass
+class Planned:
+    """An event with its Braze identifier, ready to be put in a request."""
+
+    event: OutboxEvent
+    identity: dict[str, Any]
+    create_alias: bool = False
+    stale: bool = False  # Braze already has newer attributes for this person
+
+
+@dataclass
+class TrackRequest:
+    """A /users/track body and, per object, the events it came from (to map Braze's indexes)."""
+
+    body: dict[str, Any]
+    attribute_sources: list[list[Planned]]
+    event_sources: list[Planned]
+
+
+@dataclass
+class Outcome:
+    delivered: list[Planned] = field(default_factory=list)
+    dead: dict[int, str] = field(default_factory=dict)
+
+
+def identity_of(planned: Planned) -> str:
+    return canonical_json(planned.identity)
+
+
+def build_track_request(batch: Sequence[Planned], email_identifier: bool = False) -> TrackRequest:
+    """Attributes merged per person (later events win), one events object per event."""
+    attributes: list[dict[str, Any]] = []
+    attribute_sources: list[list[Planned]] = []
+    position: dict[str, int] = {}
+    events: list[dict[str, Any]] = []
+    event_sources: list[Planned] = []
+    for planned in sorted(batch, key=lambda p: (p.event.event_time, p.event.id)):
+        event = planned.event
+        values = {} if planned.stale else dict(event.attributes or {})
+        if email_identifier:
+            values.pop("email", None)
+        if planned.create_alias:
+            values["email"] = event.email
+        if values or planned.create_alias:
+            key = identity_of(planned)
+            if key in position:
+                attributes[position[key]].update(values)
+                attribute_sources[position[key]].append(planned)
+            else:
+                obj = dict(planned.identity)
+                if planned.create_alias:
+                    obj["_update_existing_only"] = False
+                obj.update(values)
+                position[key] = len(attributes)
+                attributes.append(obj)
+                attribute_sources.append([planned])
+        events.append({**planned.identity, "name": event.braze_event,
+                       "time": braze_time(event.event_time), "properties": event.properties or {}})
+        event_sources.append(planned)
+    body: dict[str, Any] = {}
+    if attributes:
+        body["attributes"] = attributes
+    body["events"] = events
+    return TrackRequest(body, attribute_sources, event_sources)
+
+
+def objects_needed(planned: Planned, persons_with_attributes: set[str],
+                   email_identifier: bool) -> int:
+    has_attributes = planned.create_alias or bool(
+        {k for k in (planned.event.attributes or {}) if not (email_identifier and k == "email")}
+        and not planned.stale
+    )
+    return 1 + (1 if has_attributes and identity_of(planned) not in persons_with_attributes else 0)
+
+
+def chunk(planned: Sequence[Planned], max_objects: int,
+          email_identifier: bool = False) -> list[list[Planned]]:
+    """Split into requests of at most `max_objects` objects, attributes and events together."""
+    chunks: list[list[Planned]] = []
+    current: list[Planned] = []
+    persons: set[str] = set()
+    used = 0
+    for item in sorted(planned, key=lambda p: (p.event.event_time, p.event.id)):
+        need = objects_needed(item, persons, email_identifier)
+        if current and used + need > max_objects:
+            chunks.append(current)
+            current, persons, used = [], set(), 0
+            need = objects_needed(item, persons, email_identifier)
+        current.append(item)
+        used += need
+        if need == 2:
+            persons.add(identity_of(item))
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _naive_utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
+
+
+class Delivery:
+    """Delivers claimed events of one worker; the only caller of BrazeClient.track."""
+
+    def __init__(self, settings: Settings, db: Database, owner: str,
+                 clients: Callable[[str], BrazeClient], pool: ThreadPoolExecutor | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.db = db
+        self.owner = owner
+        self.clients = clients
+        self.pool = pool
+        self.rng = rng or random.Random()
+        self.policy = RetryPolicy(settings.retry_base, settings.retry_max_delay,
+                                  settings.retry_max_age)
+
+    # -- the whole batch -------------------------------------------------------------------
+
+    def deliver(self, events: Sequence[OutboxEvent]) -> None:
+        by_environment: dict[str, list[OutboxEvent]] = {}
+        for event in events:
+            by_environment.setdefault(event.environment, []).append(event)
+        jobs: list[tuple[str, list[Planned]]] = []
+        for environment, group in by_environment.items():
+            planned = self.resolve(environment, group)
+            email_identifier = self.settings.braze_email_identity == "email"
+            jobs.extend((environment, c) for c in
+                        chunk(planned, self.settings.braze_max_objects, email_identifier))
+        if self.pool is not None and len(jobs) > 1:
+            for future in [self.pool.submit(self.send, env, c) for env, c in jobs]:
+                future.result()
+        else:
+            for environment, batch in jobs:
+                self.send(environment, batch)
+
+    # -- identity --------------------------------------------------------------------------
+
+    def resolve(self, environment: str, events: list[OutboxEvent]) -> list[Planned]:
+        """external_id; else email (cache, export, or alias); else dead `no identifier`."""
+        planned: list[Planned] = []
+        by_email: dict[str, list[OutboxEvent]] = {}
+        dead: list[OutboxEvent] = []
+        for event in events:
+            if event.external_id:
+                planned.append(Planned(event, {"external_id": event.external_id}))
+            elif event.email and self.settings.braze_email_identity == "email":
+                planned.append(Planned(event, {"email": event.email}))
+            elif event.email:
+                by_email.setdefault(event.email, []).append(event)
+            else:
+                dead.append(event)
+        if dead:
+            with self.db.session() as session:
+                outbox.mark_dead(session, self.owner, {e.id: NO_IDENTIFIER for e in dead}, dead)
+        if by_email:
+            planned.extend(self._resolve_emails(environment, by_email))
+        self._mark_stale(environment, planned)
+        return planned
+
+    def _resolve_emails(self, environment: str,
+                        by_email: dict[str, list[OutboxEvent]]) -> list[Planned]:
+        now = utcnow()
+        with self.db.session() as session:
+            cached = {
+                row.email: row
+                for row in session.scalars(select(IdentityCache).where(
+                    IdentityCache.environment == environment,
+                    IdentityCache.email.in_(list(by_email)),
+                    IdentityCache.expires_at > now))
+            }
+        planned: list[Planned] = []
+        for email, events in by_email.items():
+            if email in cached:
+                metrics.IDENTITY_LOOKUPS.labels("cache_hit").inc(len(events))
+                row = cached[email]
+                planned.extend(self._plan_email(e, row.found, row.external_id, row.braze_id)
+                               for e in events)
+                continue
+            answer = self._export(environment, email, events)
+            if answer is not None:
+                found, external_id, braze_id = answer
+                planned.extend(self._plan_email(e, found, external_id, braze_id) for e in events)
+                metrics.IDENTITY_LOOKUPS.labels("cache_hit").inc(len(events) - 1)
+        return planned
+
+    @staticmethod
+    def _plan_email(event: OutboxEvent, found: bool, external_id: str | None,
+                    braze_id: str | None) -> Planned:
+        if found and external_id:
+            return Planned(event, {"external_id": external_id})
+        if found and braze_id:
+            return Planned(event, {"braze_id": braze_id})
+        alias = {"alias_name": event.email, "alias_label": ALIAS_LABEL}
+        return Planned(event, {"user_alias": alias}, create_alias=True)
+
+    def _export(self, environment: str, email: str,
+                events: list[OutboxEvent]) -> tuple[bool, str | None, str | None] | None:
+        """Ask Braze who has this email; None when the events had to wait or failed."""
+        with self.db.session() as session:
+            wait = take_token(session, f"export:{environment}", self.settings.braze_export_rate)
+        if wait > 0:
+            with self.db.session() as session:
+                outbox.release(session, self.owner, events, utcnow() + timedelta(seconds=wait),
+                               "waiting for the Braze export limiter (BRAZE_EXPORT_RATE)")
+            return None
+        client = self.clients(environment)
+        try:
+            users, exchange = client.export_ids_by_email(email)
+        except RateLimited as error:
+            # The export limit is Braze's own per endpoint: tracking goes on meanwhile.
+            until = max(_naive_utc(error.reset_at), utcnow() + timedelta(seconds=1))
+            with self.db.session() as session:
+                self._record_in(session, environment, error.exchange, events, "rate limited")
+                outbox.release(session, self.owner, events, until,
+                               "waiting: Braze export rate limit")
+            return None
+        except BadRequest as error:
+            # Braze cannot look this address up: treat it as unknown and create the alias.
+            log.warning("export for events %s refused (%s): treated as not found",
+                        [e.id for e in events], error)
+            self._record(environment, error.exchange, events, "lookup refused")
+            users = []
+        except BrazeError as error:
+            metrics.IDENTITY_LOOKUPS.labels("error").inc()
+            self._handle_error(environment, error, [Planned(e, {}) for e in events],
+                               "identity lookup")
+            return None
+        else:
+            self._record(environment, exchange, events, "lookup")
+        with_external = [u for u in users if u.get("external_id")]
+        chosen = with_external[0] if with_external else (users[0] if users else None)
+        found = chosen is not None
+        external_id = str(chosen["external_id"]) if chosen and chosen.get("external_id") else None
+        braze_id = str(chosen["braze_id"]) if chosen and chosen.get("braze_id") else None
+        metrics.IDENTITY_LOOKUPS.labels("found" if found else "not_found").inc()
+        values = {"environment": environment, "email": email, "external_id": external_id,
+                  "braze_id": braze_id, "found": found,
+                  "expires_at": utcnow() + timedelta(seconds=self.settings.identity_ttl)}
+        with self.db.session() as session:
+            insert = outbox.dialect_insert(session)
+            session.execute(insert(IdentityCache).values(**values).on_conflict_do_update(
+                index_elements=["environment", "email"], set_=values))
+        return found, external_id, braze_id
+
+    def _mark_stale(self, environment: str, planned: list[Planned]) -> None:
+        """An event older than what Braze already has for the person sends no attributes."""
+        keys = sorted({p.event.person_key for p in planned if p.event.person_key})
+        if not keys:
+            return
+        with self.db.session() as session:
+            latest = outbox.latest_delivered_times(session, environment, keys)
+        for item in planned:
+            newest = latest.get(item.event.person_key or "")
+            if newest is not None and item.event.event_time < newest:
+                item.stale = True
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, environment: str, batch: list[Planned]) -> None:
+        """Send one chunk; a 400 splits it until the refused events are isolated."""
+        request = build_track_request(batch, self.settings.braze_email_identity == "email")
+        client = self.clients(environment)
+        try:
+            result = client.track(request.body)
+        except BadRequest as error:
+            self._bad_request(environment, batch, request, error)
+            return
+        except BrazeError as error:
+            self._handle_error(environment, error, batch, "delivery")
+            return
+        except Exception as error:  # noqa: BLE001 - a bug must not strand leased events
+            log.exception("unexpected error delivering events %s", [p.event.id for p in batch])
+            self._fail(environment, None, batch, f"internal error: {type(error).__name__}")
+            return
+        outcome = Outcome()
+        for problem in result.errors:
+            for planned in self._sources(request, problem):
+                outcome.dead.setdefault(planned.event.id, self._refusal(problem))
+        outcome.delivered = [p for p in batch if p.event.id not in outcome.dead]
+        self._apply(environment, result.exchange, batch, outcome)
+
+    @staticmethod
+    def _sources(request: TrackRequest, problem: dict[str, Any]) -> list[Planned]:
+        index = problem.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            return []
+        if problem.get("input_array") == "events" and index < len(request.event_sources):
+            return [request.event_sources[index]]
+        if problem.get("input_array") == "attributes" and index < len(request.attribute_sources):
+            return request.attribute_sources[index]
+        return []
+
+    @staticmethod
+    def _refusal(problem: dict[str, Any]) -> str:
+        what = problem.get("input_array", "object")
+        return f"Braze refused the {what} object: {problem.get('type') or problem}"[:2000]
+
+    def _bad_request(self, environment: str, batch: list[Planned], request: TrackRequest,
+                     error: BadRequest) -> None:
+        flagged: dict[int, str] = {}
+        for problem in getattr(error, "errors", None) or []:
+            for planned in self._sources(request, problem):
+                flagged.setdefault(planned.event.id, self._refusal(problem))
+        if flagged and len(flagged) < len(batch):
+            # Braze named the culprits: they die, the rest is sent again at once.
+            self._apply(environment, error.exchange, batch, Outcome(dead=flagged), "split")
+            self.send(environment, [p for p in batch if p.event.id not in flagged])
+            return
+        if len(batch) == 1 or flagged:
+            status = error.exchange.status if error.exchange else 400
+            message = f"Braze refused the request (HTTP {status}): {error}"
+            dead = flagged or {p.event.id: message for p in batch}
+            self._apply(environment, error.exchange, batch, Outcome(dead=dead))
+            return
+        self._record(environment, error.exchange, [p.event for p in batch], "split")
+        middle = len(batch) // 2
+        self.send(environment, batch[:middle])
+        self.send(environment, batch[middle:])
+
+    def _handle_error(self, environment: str, error: BrazeError, batch: list[Planned],
+                      what: str) -> None:
+        events = [p.event for p in batch]
+        now = utcnow()
+        if isinstance(error, RateLimited):
+            until = max(_naive_utc(error.reset_at), now + timedelta(seconds=1))
+            with self.db.session() as session:
+                self._record_in(session, environment, error.exchange, events, "rate limited")
+                braze_state.mark_rate_limited(session, environment, until)
+                outbox.release(session, self.owner, events, until,
+                               f"waiting: Braze rate limit ({what}) until {until:%H:%M:%S} UTC")
+            return
+        if isinstance(error, Unauthorized):
+            with self.db.session() as session:
+                self._record_in(session, environment, error.exchange, events, "key refused")
+                paused = braze_state.mark_refused(session, environment, str(error),
+                                                  KEY_PAUSE_SECONDS)
+                outbox.release(session, self.owner, events, paused,
+                               f"waiting: Braze refused the {environment} key ({error})")
+            log.warning("%s delivery paused: %s", environment, error)
+            return
+        if isinstance(error, ServerError | TransportError):
+            self._fail(environment, error.exchange, batch, str(error))
+            return
+        self._fail(environment, error.exchange, batch, f"{what} failed: {error}")
+
+    def _fail(self, environment: str, exchange: Exchange | None, batch: list[Planned],
+              error: str) -> None:
+        events = [p.event for p in batch]
+        with self.db.session() as session:
+            self._record_in(session, environment, exchange, events, "failed")
+            outbox.mark_failed(session, self.owner, events, error, self.policy, rng=self.rng)
+
+    def _apply(self, environment: str, exchange: Exchange | None, batch: list[Planned],
+               outcome: Outcome, note: str | None = None) -> None:
+        events = [p.event for p in batch]
+        outcomes = {p.event.id: "delivered" for p in outcome.delivered}
+        outcomes.update({event_id: "dead" for event_id in outcome.dead})
+        identities = {p.event.id: p.identity for p in batch}
+        try:
+            with self.db.session() as session:
+                self._record_in(session, environment, exchange, events, note, outcomes)
+                if outcome.delivered:
+                    refused_for = braze_state.mark_ok(session, environment)
+                    if refused_for:
+                        # Waiting for a working key never counts toward RELAY_RETRY_MAX_AGE.
+                        outbox.shift_failure_clock(session, environment, refused_for)
+                        log.info("%s delivery resumed after the key was refused for %.0f s",
+                                 environment, refused_for)
+                    outbox.mark_delivered(session, self.owner,
+                                          [p.event for p in outcome.delivered], identities)
+                if outcome.dead:
+                    outbox.mark_dead(session, self.owner, outcome.dead, events, identities)
+        except DatabaseUnavailable:
+            # Braze has these events; the lease will expire and they will be sent again.
+            log.error("could not record Braze's answer for events %s: at-least-once applies",
+                      [e.id for e in events])
+            raise
+
+    # -- recording -------------------------------------------------------------------------
+
+    def _record(self, environment: str, exchange: Exchange | None,
+                events: Sequence[OutboxEvent], outcome: str) -> None:
+        with self.db.session() as session:
+            self._record_in(session, environment, exchange, events, outcome)
+
+    @staticmethod
+    def _record_in(session: Session, environment: str, exchange: Exchange | None,
+                   events: Sequence[OutboxEvent], outcome: str | None,
+                   outcomes: dict[int, str] | None = None) -> None:
+        if exchange is None:
+            return
+        metrics.BRAZE_SECONDS.labels(
+            exchange.endpoint, str(exchange.status) if exchange.status else "error"
+        ).observe(exchange.duration_ms / 1000.0)
+        attempt = DeliveryAttempt(
+            environment=environment, endpoint=exchange.endpoint,
+            started_at=exchange.started_at.replace(tzinfo=None),
+            duration_ms=exchange.duration_ms, status_code=exchange.status,
+            request_body=exchange.request_body, response_body=exchange.response_body,
+            error=exchange.error)
+        session.add(attempt)
+        session.flush()
+        session.execute(
+            AttemptEvent.__table__.insert(),
+            [{"attempt_id": attempt.id, "event_id": e.id,
+              "outcome": (outcomes or {}).get(e.id, outcome)} for e in events],
+        )

@@ -628,3 +628,23 @@ def latest_delivered_times(session: Session, environment: str,
         .group_by(OutboxEvent.person_key)
     )
     return {key: moment for key, moment in rows if key is not None and moment is not None}
+
+
+# --- counting, for the admin's bulk replay confirmation ----------------------------------------
+
+
+def count_matching(
+    session: Session,
+    *,
+    status: str = Status.DEAD.value,
+    environment: str | None = None,
+    name: str | None = None,
+    q: str | None = None,
+    since: datetime | None = None,
+) -> int:
+    """How many events `replay_matching` with the same filter would requeue, to confirm first."""
+    query = filter_events(select(func.count(OutboxEvent.id)), status=status,
+                          environment=environment, name=name, q=q)
+    if since is not None:
+        query = query.where(OutboxEvent.received_at >= since)
+    return int(session.scalar(query) or 0)

@@ -27,11 +27,14 @@ run: $(VENV)/.installed
 	$(BIN)/relay serve --host $(HOST) --port $(PORT) --with-worker
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check relay migrations tests wsgi.py
+	$(BIN)/ruff check relay migrations tests scripts wsgi.py
 	$(BIN)/pytest -m "not reliability"
 
+demo: $(VENV)/.installed
+	$(BIN)/python scripts/demo.py
+
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check relay migrations tests wsgi.py
+	$(BIN)/ruff check relay migrations tests scripts wsgi.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

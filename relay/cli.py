@@ -1,27 +1,122 @@
-"""The `relay` command line: thin click wrappers over plain functions (Flask's CLI group)."""
+"""The `relay` command line: thin click wrappers over plain functions (Flask's CLI group).
+
+Errors the operator can act on end the command with one line on stderr and an exit code a script
+can tell apart (see `EXIT_CODES`), never a traceback. Nothing here imports prometheus_client at
+module level: `relay serve` must set PROMETHEUS_MULTIPROC_DIR before the first import.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import IO, Any
 
 import click
 from flask import Flask
 from flask.cli import FlaskGroup
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay import create_app, localsetup, migrate
-from relay.exceptions import RelayError, SettingsError
-from relay.settings import load_settings
+from relay.exceptions import (
+    DatabaseUnavailable,
+    EventNotFound,
+    InvalidTransition,
+    RelayError,
+    SettingsError,
+)
+from relay.settings import ENVIRONMENTS, Settings, load_settings
+
+STATUSES = ("pending", "delivered", "dead", "skipped", "rejected")
+# 1: a check or operation failed; 2: invalid setting or usage (as click); then one code per kind.
+EXIT_CODES: dict[type[Exception], int] = {
+    SettingsError: 2,
+    EventNotFound: 3,
+    InvalidTransition: 4,
+    DatabaseUnavailable: 5,
+}
+
+
+class OperatorError(click.ClickException):
+    """A RelayError shown as one line, `relay: <message>`, with its kind's exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"relay: {self.format_message()}", err=True)
+
+
+def _operator_error(error: Exception) -> OperatorError:
+    if isinstance(error, SQLAlchemyError):
+        lines = str(getattr(error, "orig", None) or error).strip().splitlines()
+        detail = lines[0] if lines else type(error).__name__
+        return OperatorError(f"database error: {detail} (is the schema current? "
+                             "`relay db current`)", 5)
+    code = next((c for kind, c in EXIT_CODES.items() if isinstance(error, kind)), 1)
+    prefix = "invalid setting: " if isinstance(error, SettingsError) else ""
+    return OperatorError(f"{prefix}{error}", code)
+
+
+class RelayGroup(FlaskGroup):
+    """Flask's group without loading the app to list or find commands.
+
+    FlaskGroup builds the app to look for `app.cli` commands; relay has none, and building it for
+    `relay --help` would read the settings (a traceback when one is invalid) and create
+    `instance/`. Commands that need the app build it themselves.
+    """
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return click.Group.get_command(self, ctx, name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return click.Group.list_commands(self, ctx)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (RelayError, SQLAlchemyError) as error:
+            raise _operator_error(error) from None
 
 
 def _create_app() -> Flask:
     return create_app()
 
 
-@click.group(cls=FlaskGroup, create_app=_create_app, add_default_commands=False,
-             add_version_option=False, load_dotenv=False)
+@click.group(cls=RelayGroup, create_app=_create_app, add_default_commands=False,
+             add_version_option=False, load_dotenv=False,
+             context_settings={"max_content_width": 100})
 @click.version_option(package_name="relay")
 def cli() -> None:
-    """relay: delivers Extole's outbound webhooks into Braze."""
+    """relay: delivers Extole's outbound webhooks into Braze.
+
+    Settings come from the environment, then .env, then instance/.env (see README,
+    "Configuration"); `-e FILE` loads another file first.
+    """
+
+
+# Flask's --app and --debug mean nothing for relay; keep --env-file, which loads a settings file.
+cli.params = [p for p in cli.params if p.name not in ("app", "debug")]
+
+
+@contextlib.contextmanager
+def _database(settings: Settings | None = None) -> Iterator[Any]:
+    from relay import logs
+    from relay.db import Database
+
+    settings = settings or load_settings()
+    logs.configure(settings.log_format)
+    db = Database(settings.database_url)
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
+# --- serving ------------------------------------------------------------------------------------
 
 
 @cli.command()
@@ -33,12 +128,25 @@ def cli() -> None:
               help="Threads per worker (admin streams hold one each).")
 @click.option("--with-worker", is_flag=True, help="Also run delivery in the server processes.")
 def serve(host: str, port: int, workers: int, threads: int, with_worker: bool) -> None:
-    """Serve receiver, admin and health endpoints with gunicorn."""
+    """Serve webhooks, admin, health and metrics (gunicorn)."""
     from relay.server import serve as run
 
     settings = load_settings()
     localsetup.warn_if_not_migrated(settings)
     run(host, port, workers, threads, with_worker)
+
+
+@cli.command()
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Expose this worker's Prometheus metrics on this port.")
+def worker(metrics_port: int | None) -> None:
+    """Deliver events to Braze until stopped (SIGTERM)."""
+    from relay.worker import run_worker
+
+    run_worker(load_settings(), metrics_port=metrics_port)
+
+
+# --- database -----------------------------------------------------------------------------------
 
 
 @cli.group()
@@ -74,7 +182,192 @@ def db_history() -> None:
         click.echo(f"{down or '<base>'} -> {revision}: {message.strip()}")
 
 
+# --- events -------------------------------------------------------------------------------------
+
+
+@cli.group()
+def events() -> None:
+    """Inspect, retry and replay events in the outbox."""
+
+
+@events.command("list")
+@click.option("--status", type=click.Choice(STATUSES), help="Only events in this status.")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS), help="Only this environment.")
+@click.option("--name", help="Braze event name, e.g. 'Earned Reward'.")
+@click.option("--q", help="An email, external_id or Extole event id (exact).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--before", type=int, help="Only ids below this one (the next page).")
+def events_list(status: str | None, environment: str | None, name: str | None, q: str | None,
+                limit: int, before: int | None) -> None:
+    """List events, newest first, as a table."""
+    from relay import outbox
+
+    with _database() as database, database.session() as session:
+        found, next_cursor = outbox.list_events(session, status=status, environment=environment,
+                                                name=name, q=q, limit=limit, cursor=before)
+        rows = [_event_row(outbox.event_json(event)) for event in found]
+    if not rows:
+        click.echo("no events match")
+        return
+    click.echo(_table(["id", "received (UTC)", "env", "status", "tries", "braze event",
+                       "extole event id", "person", "last error"], rows))
+    if next_cursor is not None:
+        click.echo(f"more: add --before {next_cursor}")
+
+
+def _event_row(event: dict[str, Any]) -> list[str]:
+    received = (event["received_at"] or "")[:19].replace("T", " ")
+    return [str(event["id"]), received, event["environment"], event["status"],
+            str(event["attempts"]), event["braze_event"] or "-", event["extole_event_id"] or "-",
+            event["external_id"] or event["email"] or "-", event["last_error"] or ""]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int = 40) -> str:
+    """A plain aligned table; long cells are cut so one event stays on one line."""
+    cells = [[" ".join(c.split()) for c in row] for row in rows]
+    cells = [[c if len(c) <= width else c[: width - 1] + "…" for c in row] for row in cells]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@events.command("show")
+@click.argument("event_id", type=int)
+def events_show(event_id: int) -> None:
+    """Print one event with its inbound request and attempts (JSON)."""
+    from relay import outbox
+
+    with _database() as database, database.session() as session:
+        detail = outbox.event_detail(session, event_id)
+    click.echo(json.dumps(detail, indent=2, ensure_ascii=False, default=str))
+
+
+@events.command("retry")
+@click.argument("event_id", type=int)
+def events_retry(event_id: int) -> None:
+    """Make a dead or retrying event due now."""
+    from relay import outbox
+
+    with _database() as database, database.session() as session:
+        outbox.retry(session, event_id)
+    click.echo(f"event {event_id} is pending, due now")
+
+
+@events.command("replay")
+@click.argument("event_id", type=int, required=False)
+@click.option("--status", type=click.Choice(STATUSES), default="dead", show_default=True,
+              help="Replay every event in this status (without EVENT_ID).")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS), help="Only this environment.")
+@click.option("--name", help="Only this Braze event name.")
+@click.option("--q", help="Only this email, external_id or Extole event id.")
+@click.option("--since", help="Only events received at or after this ISO-8601 time.")
+@click.option("--yes", is_flag=True, help="Do not ask before replaying events that are not dead.")
+def events_replay(event_id: int | None, status: str, environment: str | None, name: str | None,
+                  q: str | None, since: str | None, yes: bool) -> None:
+    """Send events again: one by id, or all matching a filter.
+
+    Without EVENT_ID, every event matching the filter (by default all dead events) goes back to
+    pending and is sent again; the count is printed. Their history of attempts is kept.
+    Replaying delivered events sends them to Braze a second time, so that asks first.
+    """
+    from relay import outbox
+
+    moment = _utc(since) if since else None
+    with _database() as database:
+        if event_id is not None:
+            with database.session() as session:
+                outbox.replay(session, event_id)
+            click.echo(f"event {event_id} is pending, due now")
+            return
+        filters = {"status": status, "environment": environment, "name": name, "q": q,
+                   "since": moment}
+        if status != "dead" and not yes:
+            with database.session() as session:
+                matching = outbox.count_matching(session, **filters)
+            click.confirm(f"Send {matching} {status} events to Braze again?", abort=True)
+        with database.session() as session:
+            count = outbox.replay_matching(session, **filters)
+    click.echo(f"requeued {count} {status} event{'s' if count != 1 else ''}")
+
+
+def _utc(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"expected an ISO-8601 time such as 2026-11-20T14:00:00Z, "
+                                 f"got {value!r}", param_hint="--since") from None
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+# --- personal data and retention ----------------------------------------------------------------
+
+
 @cli.command()
+@click.option("--email", help="The person's email (any case).")
+@click.option("--external-id", help="The person's Braze external_id.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def forget(email: str | None, external_id: str | None, yes: bool) -> None:
+    """Erase one person's personal data from every table.
+
+    Their events keep their ids, times and statuses but lose every personal field; raw inbound
+    bodies and Braze requests that mention them are redacted; their identity cache entries are
+    deleted. This cannot be undone. Braze's own copy is not touched (use Braze's user deletion).
+    """
+    from relay import privacy
+
+    if not (email and email.strip()) and not (external_id and external_id.strip()):
+        raise click.UsageError("give --email, --external-id or both")
+    who = " and ".join(f"{label} {value}" for label, value in
+                       (("email", email), ("external_id", external_id)) if value)
+    if not yes:
+        click.confirm(f"Erase all personal data of {who} from the relay's database? "
+                      "This cannot be undone", abort=True)
+    with _database() as database, database.session() as session:
+        counts = privacy.forget(session, email=email, external_id=external_id)
+    for kind, count in counts.items():
+        verb = "deleted" if kind == "identity_cache" else "redacted"
+        click.echo(f"{kind}: {count} {verb}")
+
+
+@cli.command()
+@click.option("--older-than", "days", type=click.IntRange(1), default=None,
+              help="Days to keep [default: RELAY_RETENTION_DAYS].")
+def purge(days: int | None) -> None:
+    """Delete delivered/skipped events and logs past retention."""
+    from relay import retention
+
+    settings = load_settings()
+    days = days or settings.retention_days
+    with _database(settings) as database:
+        counts = retention.purge(database, days)
+    click.echo(f"purged rows received more than {days} days ago:")
+    for kind, count in counts.items():
+        click.echo(f"  {kind}: {count}")
+
+
+# --- checking -----------------------------------------------------------------------------------
+
+
+@cli.command("check-config")
+def check_config() -> None:
+    """Validate settings and try each Braze key."""
+    from relay import checks
+
+    settings = load_settings()  # an invalid value stops here with one line and exit code 2
+    click.echo("settings: OK")
+    problems = 0
+    for check in checks.run_checks(settings):
+        click.echo(str(check))
+        problems += check.problem
+    if problems:
+        raise OperatorError(f"{problems} problem{'s' if problems != 1 else ''} found", 1)
+
+
+# --- local use ----------------------------------------------------------------------------------
+
+
+@cli.command(short_help="Write instance/.env with local secrets.")
 def init() -> None:
     """Write instance/.env with random local secrets (never overwrites) and print how to start."""
     created = localsetup.write_local_env()
@@ -83,7 +376,7 @@ def init() -> None:
     click.echo(localsetup.instructions(load_settings()))
 
 
-@cli.command()
+@cli.command(short_help="Run a local imitation of Braze.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9010, show_default=True, type=int)
 @click.option("--api-key", "api_keys", multiple=True,
@@ -113,6 +406,7 @@ def sandbox(host: str, port: int, api_keys: tuple[str, ...], fail_rate: float,
 
 
 def main() -> None:
+    """The console script; errors raised outside a command (rare) still end in one line."""
     try:
         cli.main(prog_name="relay")
     except SettingsError as error:

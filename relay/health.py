@@ -1,13 +1,18 @@
-"""`/healthz` (the process runs) and `/readyz` (the database answers at the newest schema)."""
+"""The operational endpoints: `/healthz`, `/readyz` and (from relay.metrics) `/metrics`.
+
+`/healthz` answers while the process runs; `/readyz` only while the database answers at the newest
+schema, so a load balancer stops sending webhooks to a relay that could not store them.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from alembic.script import ScriptDirectory
 from flask import Blueprint, Flask, Response, current_app, jsonify
 from sqlalchemy.exc import SQLAlchemyError
 
-from relay import migrate
+from relay import metrics, migrate
 from relay.braze_state import environment_report
 from relay.db import get_db
 from relay.exceptions import DatabaseUnavailable
@@ -26,21 +31,43 @@ def readyz() -> tuple[Response, int]:
     body: dict[str, Any] = {"status": "ok"}
     db = get_db()
     try:
-        current = migrate.current_revision(db.engine)
-        head = migrate.head_revision()
-        if current != head:
-            body.update(status="unavailable",
-                        reason=f"database schema is at {current or 'nothing'}, newest is {head}: "
-                               "run `relay db upgrade`")
+        problem = schema_problem(migrate.current_revision(db.engine))
+        if problem:
+            body.update(status="unavailable", reason=problem)
         else:
             with db.session() as session:
                 body["braze"] = environment_report(session, current_app.config["RELAY_SETTINGS"])
     except (DatabaseUnavailable, SQLAlchemyError) as outage:
-        reason = str(outage) if isinstance(outage, DatabaseUnavailable) else (
-            f"database unavailable: {type(outage).__name__}")
-        body.update(status="unavailable", reason=reason)
+        body.update(status="unavailable", reason=describe_outage(outage))
     return jsonify(body), 200 if body["status"] == "ok" else 503
+
+
+def schema_problem(current: str | None) -> str | None:
+    """Why the schema is not the one this code needs, or None when it is."""
+    head = migrate.head_revision()
+    if current == head:
+        return None
+    if current is None:
+        return f"database schema is missing (newest is {head}): run `relay db upgrade`"
+    script = ScriptDirectory.from_config(migrate.alembic_config("sqlite://"))
+    try:
+        script.get_revision(current)
+    except Exception:  # noqa: BLE001 - alembic raises several kinds for an unknown revision
+        return (f"database schema {current} is newer than this relay ({head}): "
+                "deploy the newer relay")
+    return f"database schema is at {current}, newest is {head}: run `relay db upgrade`"
+
+
+def describe_outage(error: Exception) -> str:
+    """One line naming the failure, from the driver's message (which never holds a password)."""
+    if isinstance(error, DatabaseUnavailable):
+        return str(error)
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    detail = f": {lines[0]}" if lines else ""
+    return f"database unavailable: {type(original).__name__}{detail}"[:300]
 
 
 def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
+    metrics.init_app(app)

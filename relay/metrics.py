@@ -1,12 +1,34 @@
 """Prometheus metrics, shared by the web processes and the worker.
 
-With several gunicorn workers, set PROMETHEUS_MULTIPROC_DIR (`relay serve` does) so that every
-process writes its samples to that directory and `/metrics` aggregates them.
+Counters and the histogram below are incremented where things happen (receiver, outbox, delivery).
+The outbox gauges are computed from the database at scrape time, so every process reports the same
+truth. With several gunicorn workers, PROMETHEUS_MULTIPROC_DIR (which `relay serve` sets before
+forking) makes every process write its samples to files that a scrape aggregates.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import logging
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from flask import Blueprint, Flask, Response
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
+
+from relay.exceptions import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from relay.db import Database
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# What `generate_latest` writes (prometheus-client's newest constant names a format it does not).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 WEBHOOKS = Counter(
     "relay_webhooks_received",
@@ -29,3 +51,89 @@ IDENTITY_LOOKUPS = Counter(
     "Email to Braze identity resolutions, by result (cache_hit, found, not_found, error).",
     ["result"],
 )
+
+
+class OutboxCollector(Collector):
+    """Outbox depth by status and the age of the oldest pending event, read at scrape time.
+
+    A database outage must not turn a scrape into a 500 (Prometheus would lose every other metric
+    too), so these gauges are left out and the problem is logged.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def collect(self) -> Iterator[Metric]:
+        from relay import outbox
+
+        try:
+            with self.db.session() as session:
+                counts = outbox.counts_by_status(session)
+                oldest = outbox.oldest_pending_age(session)
+        except (DatabaseUnavailable, SQLAlchemyError) as error:
+            log.warning("outbox gauges left out of this scrape: %s",
+                        str(error).splitlines()[0][:300])
+            return
+        depth = GaugeMetricFamily("relay_outbox_events", "Events in the outbox, by status.",
+                                  labels=["status"])
+        for status, count in sorted(counts.items()):
+            depth.add_metric([status], count)
+        yield depth
+        yield GaugeMetricFamily(
+            "relay_outbox_oldest_pending_seconds",
+            "Age of the oldest pending event (0 when none is pending).",
+            value=oldest,
+        )
+
+
+class _ProcessMetrics(Collector):
+    """This process's own counters (the default registry), for single-process mode."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+
+
+def scrape_registry(db: Database | None = None) -> CollectorRegistry:
+    """A registry holding everything one scrape reports.
+
+    In multiprocess mode the counters come from every process's files (a fresh registry, as
+    prometheus-client requires); otherwise from this process. The outbox gauges are added when a
+    database is given.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry.register(_ProcessMetrics())
+    if db is not None:
+        registry.register(OutboxCollector(db))
+    return registry
+
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+def scrape() -> Response:
+    from relay.db import get_db
+
+    return Response(generate_latest(scrape_registry(get_db())), headers={
+        "Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"})
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(bp)
+
+
+def serve_worker_metrics(port: int, db: Database | None = None, host: str = "0.0.0.0") -> None:  # noqa: S104
+    """Expose this (worker) process's metrics on `port` from a daemon thread.
+
+    `relay worker --metrics-port N` calls this; pass the worker's database to include the
+    outbox gauges as well.
+    """
+    from prometheus_client import start_http_server
+
+    start_http_server(port, addr=host, registry=scrape_registry(db))
+    log.info("worker metrics on http://%s:%d/metrics", host, port)

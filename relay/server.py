@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 DEFAULT_THREADS = 8
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class RelayServer(BaseApplication):  # type: ignore[misc]
@@ -34,8 +39,31 @@ class RelayServer(BaseApplication):  # type: ignore[misc]
         return app
 
 
+def prepare_metrics_dir() -> str:
+    """Put Prometheus in multiprocess mode for every gunicorn worker, so `/metrics` adds up all
+    of them. Must run before prometheus_client is first imported (it decides at import time),
+    hence before the fork. An operator's own PROMETHEUS_MULTIPROC_DIR is kept (it must be empty
+    at start, e.g. a systemd RuntimeDirectory); otherwise a fresh one is removed at exit."""
+    existing = os.environ.get(MULTIPROC_ENV)
+    if existing:
+        os.makedirs(existing, exist_ok=True)
+        return existing
+    path = tempfile.mkdtemp(prefix="relay-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    """Gunicorn hook: a dead worker's live gauges must not be reported any more."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def serve(host: str, port: int, workers: int, threads: int = DEFAULT_THREADS,
           with_worker: bool = False, extra: dict[str, Any] | None = None) -> None:
+    prepare_metrics_dir()
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
@@ -49,6 +77,7 @@ def serve(host: str, port: int, workers: int, threads: int = DEFAULT_THREADS,
         "loglevel": "info",
         "limit_request_field_size": 8190,
         "limit_request_fields": 100,
+        "child_exit": child_exit,
         **(extra or {}),
     }
     RelayServer(options, with_worker=with_worker).run()

@@ -1,0 +1,161 @@
+"""`relay check-config`: is this configuration able to run, and does Braze accept its keys?
+
+Each check gives one line: what was checked and `OK`, or the exact problem. Notes are facts an
+operator may have chosen (no staging key: staging events are skipped) and do not fail the check.
+Keys and secrets never appear in the output, not even inside an answer Braze echoes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from sqlalchemy.engine import make_url
+
+from relay.settings import Settings
+
+PROBE_PATH = "/users/export/ids"
+# Asks for one made-up user: harmless, and needs the permission delivery needs for email lookups.
+PROBE_BODY = {"external_ids": ["relay-check-config"], "fields_to_export": ["external_id"]}
+PROBE_TIMEOUT = (3.0, 10.0)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    detail: str
+    problem: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.detail}"
+
+
+def run_checks(settings: Settings, *, timeout: tuple[float, float] = PROBE_TIMEOUT) -> list[Check]:
+    """Every check, in the order an operator fixes things: database, webhooks, admin, Braze."""
+    checks = [check_database(settings)]
+    checks += check_webhook_secrets(settings)
+    checks.append(check_admin(settings))
+    checks += check_braze(settings, timeout=timeout)
+    return checks
+
+
+def check_database(settings: Settings) -> Check:
+    from relay import health, migrate
+    from relay.db import make_engine
+
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    engine = make_engine(settings.database_url)
+    try:
+        problem = health.schema_problem(migrate.current_revision(engine))
+    except Exception as error:  # noqa: BLE001 - any failure to connect is the answer
+        return Check("database", f"{shown}: {health.describe_outage(error)}", problem=True)
+    finally:
+        engine.dispose()
+    if problem:
+        return Check("database", f"{shown}: {problem}", problem=True)
+    return Check("database", f"OK ({shown}, schema {migrate.head_revision()})")
+
+
+def check_webhook_secrets(settings: Settings) -> list[Check]:
+    checks = [
+        Check("webhook secret production", "OK" if settings.extole_webhook_secret else
+              "EXTOLE_WEBHOOK_SECRET is not set: production webhooks are answered 503",
+              problem=not settings.extole_webhook_secret),
+        Check("webhook secret staging", "OK" if settings.extole_staging_webhook_secret else
+              "not set (EXTOLE_STAGING_WEBHOOK_SECRET): staging webhooks are answered 503"),
+    ]
+    if (settings.extole_webhook_secret
+            and settings.extole_webhook_secret == settings.extole_staging_webhook_secret):
+        checks.append(Check("webhook secrets", "production and staging use the same secret: "
+                            "each environment needs its own", problem=True))
+    return checks
+
+
+def check_admin(settings: Settings) -> Check:
+    if settings.admin_password:
+        return Check("admin", f"OK (user {settings.admin_user})")
+    return Check("admin", "disabled: set RELAY_ADMIN_PASSWORD and RELAY_SECRET_KEY to enable it")
+
+
+def check_braze(settings: Settings, *, timeout: tuple[float, float] = PROBE_TIMEOUT) -> list[Check]:
+    checks: list[Check] = []
+    variables = {"production": ("BRAZE_API_KEY", "BRAZE_REST_ENDPOINT"),
+                 "staging": ("BRAZE_STAGING_API_KEY", "BRAZE_STAGING_REST_ENDPOINT")}
+    for environment, (key_variable, endpoint_variable) in variables.items():
+        name = f"braze {environment}"
+        key, endpoint = settings.braze_key(environment), settings.braze_endpoint(environment)
+        if not key:
+            if environment == "production":
+                checks.append(Check(name, f"{key_variable} is not set: production events wait "
+                                          "in the outbox", problem=True))
+            else:
+                checks.append(Check(name, f"not configured ({key_variable} is not set): "
+                                          "staging events are stored and skipped"))
+        elif not endpoint:
+            checks.append(Check(name, f"{key_variable} is set but {endpoint_variable} is not",
+                                problem=True))
+        else:
+            problem = probe_braze(endpoint, key, timeout=timeout)
+            checks.append(Check(name, problem or "OK", problem=problem is not None))
+    production, staging = settings.braze_api_key, settings.braze_staging_api_key
+    if production and production == staging and (
+            settings.braze_endpoint("production") == settings.braze_endpoint("staging")):
+        checks.append(Check("braze keys", "staging uses the production key and endpoint: staging "
+                            "events would reach the production workspace", problem=True))
+    return checks
+
+
+def probe_braze(endpoint: str, key: str, *,
+                timeout: tuple[float, float] = PROBE_TIMEOUT) -> str | None:
+    """None when Braze accepts the key, else the problem in a few words (never the key)."""
+    try:
+        response = requests.post(f"{endpoint}{PROBE_PATH}", json=PROBE_BODY, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {key}"})
+    except requests.exceptions.SSLError:
+        return f"TLS handshake with {endpoint} failed"
+    except requests.exceptions.Timeout:
+        return f"no answer from {endpoint} within {timeout[0] + timeout[1]:g} s"
+    except requests.exceptions.ConnectionError as error:
+        return _connection_problem(endpoint, error)
+    except requests.exceptions.RequestException as error:
+        return f"request to {endpoint} failed: {type(error).__name__}"
+    status = response.status_code
+    if status < 300:
+        return None
+    if status == 429:
+        return None  # rate limited: Braze knew the key
+    message = _scrub(_message(response), key)
+    if status == 401:
+        return "401 key refused"
+    if status == 403:
+        return (f"403 key lacks permission for {PROBE_PATH} (it needs users.track and "
+                f"users.export.ids){message}")
+    if status == 404:
+        return f"404 at {endpoint}{PROBE_PATH}: is this your instance's REST endpoint?"
+    return f"{status} from Braze{message}"
+
+
+def _connection_problem(endpoint: str, error: Exception) -> str:
+    text = str(error)
+    if "Connection refused" in text:
+        return "connection refused"
+    if any(word in text for word in ("NameResolution", "Name or service not known",
+                                     "nodename nor servname", "Failed to resolve")):
+        return f"cannot resolve the host of {endpoint}"
+    return f"cannot connect to {endpoint}"
+
+
+def _message(response: requests.Response) -> str:
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    if isinstance(body, dict):
+        body = body.get("message") or body.get("errors") or body
+    text = " ".join(str(body).split())[:200]
+    return f": {text}" if text else ""
+
+
+def _scrub(text: str, key: str) -> str:
+    return text.replace(key, "[key]") if key else text

@@ -1,0 +1,144 @@
+"""Retention: delete what the relay no longer needs after RELAY_RETENTION_DAYS.
+
+Delivered and skipped events (by `received_at`), the Braze requests that carried only such events,
+inbound log rows no kept event refers to, and identity cache answers long expired. Dead, pending
+and rejected events stay until an operator handles them, with their inbound row and attempts.
+
+Work is done in batches, each its own short transaction, so the receiver and the workers never
+wait long behind a purge; every delete re-checks its condition, so a row that changed between the
+select and the delete (an operator replaying a delivered event) is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, exists, select, tuple_
+from sqlalchemy.sql.elements import ColumnElement
+
+from relay.db import Database, utcnow
+from relay.models import (
+    AttemptEvent,
+    DeliveryAttempt,
+    IdentityCache,
+    InboundRequest,
+    OutboxEvent,
+    Status,
+)
+
+log = logging.getLogger(__name__)
+
+PURGEABLE = (Status.DELIVERED.value, Status.SKIPPED.value)
+DEFAULT_BATCH_SIZE = 1000
+
+
+def purge(
+    db: Database,
+    retention_days: int,
+    *,
+    now: datetime | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, int]:
+    """Delete rows older than `retention_days`; answers how many rows of each table went."""
+    if retention_days < 1:
+        raise ValueError("retention_days must be at least 1")
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    counts = {"events": 0, "delivery_attempts": 0, "inbound_requests": 0, "identity_cache": 0}
+    while True:
+        events, attempts = _purge_events(db, cutoff, batch_size)
+        counts["events"] += events
+        counts["delivery_attempts"] += attempts
+        if events == 0:  # nothing left (or what was found changed meanwhile): done
+            break
+    while n := _purge_orphan_attempts(db, cutoff, batch_size):
+        counts["delivery_attempts"] += n
+    while n := _purge_inbound(db, cutoff, batch_size):
+        counts["inbound_requests"] += n
+    while n := _purge_identity_cache(db, cutoff, batch_size):
+        counts["identity_cache"] += n
+    if any(counts.values()):
+        log.info("purged rows older than %s (%d days): %s", cutoff.date(), retention_days,
+                 ", ".join(f"{name} {n}" for name, n in counts.items()))
+    return counts
+
+
+def _purgeable_event(cutoff: datetime) -> ColumnElement[bool]:
+    return (OutboxEvent.status.in_(PURGEABLE)) & (OutboxEvent.received_at < cutoff)
+
+
+def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int, int]:
+    """One batch of events with their links and the attempts that carried nothing else."""
+    with db.session() as session:
+        ids = list(session.scalars(
+            select(OutboxEvent.id).where(_purgeable_event(cutoff))
+            .order_by(OutboxEvent.id).limit(batch_size)
+        ))
+        if not ids:
+            return 0, 0
+        attempt_ids = list(session.scalars(
+            select(AttemptEvent.attempt_id).where(AttemptEvent.event_id.in_(ids)).distinct()
+        ))
+        deleted = list(session.scalars(
+            delete(OutboxEvent).where(OutboxEvent.id.in_(ids), _purgeable_event(cutoff))
+            .returning(OutboxEvent.id)
+        ))
+        # Also removed by ON DELETE CASCADE; explicit so it never depends on the pragma.
+        if deleted:
+            session.execute(delete(AttemptEvent).where(AttemptEvent.event_id.in_(deleted)))
+        attempts = 0
+        if attempt_ids:
+            attempts = session.execute(
+                delete(DeliveryAttempt).where(
+                    DeliveryAttempt.id.in_(attempt_ids),
+                    ~exists().where(AttemptEvent.attempt_id == DeliveryAttempt.id),
+                )
+            ).rowcount
+        return len(deleted), attempts
+
+
+def _purge_orphan_attempts(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Old Braze requests linked to no event at all (e.g. identity lookups recorded alone)."""
+    unlinked = ~exists().where(AttemptEvent.attempt_id == DeliveryAttempt.id)
+    with db.session() as session:
+        ids = list(session.scalars(
+            select(DeliveryAttempt.id)
+            .where(DeliveryAttempt.started_at < cutoff, unlinked)
+            .order_by(DeliveryAttempt.id).limit(batch_size)
+        ))
+        if not ids:
+            return 0
+        return session.execute(
+            delete(DeliveryAttempt).where(DeliveryAttempt.id.in_(ids), unlinked)
+        ).rowcount
+
+
+def _purge_inbound(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Old inbound rows that no kept event refers to (a dead event keeps its raw request)."""
+    unreferenced = ~exists().where(OutboxEvent.inbound_id == InboundRequest.id)
+    with db.session() as session:
+        ids = list(session.scalars(
+            select(InboundRequest.id)
+            .where(InboundRequest.received_at < cutoff, unreferenced)
+            .order_by(InboundRequest.id).limit(batch_size)
+        ))
+        if not ids:
+            return 0
+        return session.execute(
+            delete(InboundRequest).where(InboundRequest.id.in_(ids), unreferenced)
+        ).rowcount
+
+
+def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Answers that expired longer ago than the retention period: unusable, yet personal data."""
+    key = tuple_(IdentityCache.environment, IdentityCache.email)
+    with db.session() as session:
+        keys = [tuple(row) for row in session.execute(
+            select(IdentityCache.environment, IdentityCache.email)
+            .where(IdentityCache.expires_at < cutoff).limit(batch_size)
+        )]
+        if not keys:
+            return 0
+        return session.execute(
+            delete(IdentityCache).where(key.in_(keys), IdentityCache.expires_at < cutoff)
+        ).rowcount

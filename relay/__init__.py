@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 def create_app(settings: Settings | None = None, **config: Any) -> Flask:
     """Application factory; `settings` overrides the environment (tests pass their own)."""
-    from relay import db, health, logs, receiver
+    from relay import admin, db, health, logs, receiver
     from relay.eventmap import EventMap
 
     settings = settings or load_settings()
@@ -35,6 +35,7 @@ def create_app(settings: Settings | None = None, **config: Any) -> Flask:
     db.init_app(app)
     app.register_blueprint(receiver.bp)
     health.init_app(app)
+    admin.init_app(app)
     if settings.proxy_fix:
         from werkzeug.middleware.proxy_fix import ProxyFix
 

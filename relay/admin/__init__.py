@@ -1,0 +1,118 @@
+"""The admin area: the live event page, one event's story with Retry/Replay, and a JSON API.
+
+`init_app` mounts it all under /admin: `auth` (login, session, Basic, throttling, CSRF), `views`
+(pages), `api` (JSON), `stream` (server-sent events). Without an admin password and secret key,
+every admin route answers 503 saying how to enable it. Every asset is served by the app itself.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, render_template, request
+
+SESSION_LIFETIME = timedelta(hours=12)
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
+def init_app(app: Flask) -> None:
+    from relay.admin import api, auth, stream, views
+
+    app.extensions["relay.admin"] = auth.make_state(app.config["RELAY_SETTINGS"])
+    app.config.update(
+        SESSION_COOKIE_NAME="relay_admin",
+        SESSION_COOKIE_PATH="/admin",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=SESSION_LIFETIME,
+    )
+    app.session_interface = auth.AdminSessionInterface()
+    bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates",
+                   static_folder="static", static_url_path="/static")
+    bp.before_request(_require_enabled)
+    bp.after_request(_protect)
+    bp.app_context_processor(lambda: {"admin_user": auth.current_user,
+                                      "csrf_token": auth.csrf_token})
+    for name, function in (("ts", format_time), ("pretty", pretty_json), ("age", format_age)):
+        bp.add_app_template_filter(function, name)
+    bp.register_blueprint(auth.bp)
+    bp.register_blueprint(views.bp)
+    bp.register_blueprint(api.bp, url_prefix="/api")
+    bp.register_blueprint(stream.bp)
+    app.register_blueprint(bp)
+
+
+def _wants_json() -> bool:
+    return request.path.startswith(("/admin/api/", "/admin/stream"))
+
+
+def _require_enabled() -> Response | None:
+    from relay.admin.auth import DISABLED_MESSAGE, json_error, state
+
+    if state().enabled:
+        return None
+    if _wants_json():
+        return json_error(503, DISABLED_MESSAGE)
+    return message_page(503, "Admin area disabled", DISABLED_MESSAGE[0].upper()
+                        + DISABLED_MESSAGE[1:] + ".")
+
+
+def _protect(response: Response) -> Response:
+    """Operator data never lands in shared caches, frames or other origins' scripts."""
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    if request.endpoint != "admin.static":
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def message_page(status: int, title: str, message: str) -> Response:
+    """A plain page for errors (403, 404, 409, 503) with a way back."""
+    response = current_app.make_response(render_template("message.html", title=title,
+                                                         message=message))
+    response.status_code = status
+    return response
+
+
+# --- template filters -------------------------------------------------------------------------
+
+
+def format_time(value: str | datetime | None) -> str:
+    """ISO-8601 (the API's format) to `YYYY-MM-DD HH:MM:SS`, UTC like every time shown."""
+    if not value:
+        return "—"
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return text.replace("T", " ")[:19]
+
+
+def format_age(seconds: float | None) -> str:
+    if not seconds:
+        return "—"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def pretty_json(value: Any) -> str:
+    """Indented JSON for display; a string that is JSON is re-indented, other text kept as is."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)

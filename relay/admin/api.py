@@ -1,0 +1,143 @@
+"""The admin JSON API (contract section 4): list, detail, retry, replay, bulk replay, stats.
+
+Answers are JSON, errors `{"error": "<specific message>"}`: 400 bad parameters, 401 no
+credentials, 403 missing CSRF token, 404 no such event, 409 a transition the event's state does not
+allow, 415 not JSON, 503 database unavailable. Session or HTTP Basic; see `auth`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, g, jsonify, request
+
+from relay import outbox
+from relay.admin import auth
+from relay.admin.filters import (
+    EventFilter,
+    FilterError,
+    parse_cursor,
+    parse_id,
+    parse_limit,
+    parse_since,
+)
+from relay.braze_state import environment_report
+from relay.db import get_db
+from relay.exceptions import DatabaseUnavailable, EventNotFound, InvalidTransition
+from relay.models import Status
+
+bp = Blueprint("api", __name__)
+
+REPLAY_FIELDS = ("status", "environment", "name", "q", "since")
+
+
+@bp.before_request
+def _require_credentials() -> Response | None:
+    method, refusal = auth.authenticate_api()
+    if refusal is not None:
+        return refusal
+    g.admin_auth = method
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        return auth.check_state_change(str(method))
+    return None
+
+
+@bp.errorhandler(FilterError)
+def _bad_request(error: FilterError) -> Response:
+    return auth.json_error(400, str(error))
+
+
+@bp.errorhandler(EventNotFound)
+def _not_found(error: EventNotFound) -> Response:
+    return auth.json_error(404, str(error))
+
+
+@bp.errorhandler(InvalidTransition)
+def _conflict(error: InvalidTransition) -> Response:
+    return auth.json_error(409, str(error))
+
+
+@bp.errorhandler(DatabaseUnavailable)
+def _unavailable(error: DatabaseUnavailable) -> Response:
+    return auth.json_error(503, str(error), **{"Retry-After": "5"})
+
+
+def _event_id(raw: str) -> int:
+    event_id = parse_id(raw)
+    if event_id is None:
+        raise EventNotFound(f"no event with id {raw[:40]!r}")
+    return event_id
+
+
+@bp.get("/events")
+def list_events() -> Response:
+    event_filter = EventFilter.from_args(request.args)
+    limit = parse_limit(request.args.get("limit"))
+    cursor = parse_cursor(request.args.get("cursor"))
+    with get_db().session() as session:
+        events, next_cursor = outbox.list_events(session, **event_filter.as_kwargs(),
+                                                 limit=limit, cursor=cursor)
+        body = {"events": [outbox.event_json(e) for e in events], "next_cursor": next_cursor}
+    return jsonify(body)
+
+
+@bp.get("/events/<raw_id>")
+def event(raw_id: str) -> Response:
+    with get_db().session() as session:
+        return jsonify(outbox.event_detail(session, _event_id(raw_id)))
+
+
+@bp.post("/events/<raw_id>/retry")
+def retry(raw_id: str) -> Response:
+    """A dead or retrying event becomes due now; 409 says why when it is neither."""
+    with get_db().session() as session:
+        body = outbox.event_json(outbox.retry(session, _event_id(raw_id)))
+    return jsonify(body)
+
+
+@bp.post("/events/<raw_id>/replay")
+def replay(raw_id: str) -> Response:
+    """Send the event again, even if delivered; its attempt history is kept."""
+    with get_db().session() as session:
+        body = outbox.event_json(outbox.replay(session, _event_id(raw_id)))
+    return jsonify(body)
+
+
+@bp.post("/replay")
+def replay_matching() -> Response:
+    """Requeue every event matching the filter (dead by default): `{"requeued": n}`."""
+    data = request.get_json(silent=True)
+    if data is None:
+        data = {} if not request.get_data() else None
+    if not isinstance(data, dict):
+        raise FilterError("the body must be a JSON object such as "
+                          '{"status": "dead", "environment": "production"}')
+    unknown = sorted(set(data) - set(REPLAY_FIELDS))
+    if unknown:
+        raise FilterError(f"unknown field {unknown[0]!r}: use {', '.join(REPLAY_FIELDS)}")
+    event_filter = EventFilter.from_args({"status": Status.DEAD.value, **data})
+    since = parse_since(data.get("since"))
+    with get_db().session() as session:
+        requeued = outbox.replay_matching(session, **_replay_kwargs(event_filter), since=since)
+    return jsonify({"requeued": requeued})
+
+
+def _replay_kwargs(event_filter: EventFilter) -> dict[str, Any]:
+    kwargs = event_filter.as_kwargs()
+    kwargs["status"] = kwargs["status"] or Status.DEAD.value
+    return kwargs
+
+
+def collect_stats() -> dict[str, Any]:
+    """Counts per status, the oldest pending event's age and each Braze key's state."""
+    with get_db().session() as session:
+        return {
+            "counts": outbox.counts_by_status(session),
+            "oldest_pending_seconds": round(outbox.oldest_pending_age(session), 1),
+            "braze": environment_report(session, current_app.config["RELAY_SETTINGS"]),
+        }
+
+
+@bp.get("/stats")
+def stats() -> Response:
+    return jsonify(collect_stats())

@@ -1,0 +1,167 @@
+"""The admin pages: the live event list, one event's whole story, and bulk replay.
+
+Pages are rendered on the server (Jinja autoescapes every value) and a small script keeps the list
+live from `/admin/stream`. Forms post with the session's CSRF token and flash their result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+
+from relay import outbox
+from relay.admin import auth, message_page
+from relay.admin.api import collect_stats
+from relay.admin.filters import EventFilter, FilterError, parse_cursor, parse_id, parse_since
+from relay.db import get_db, utcnow
+from relay.exceptions import DatabaseUnavailable, EventNotFound, InvalidTransition
+from relay.models import Status
+from relay.settings import ENVIRONMENTS
+
+bp = Blueprint("views", __name__)
+
+PAGE_SIZE = 50
+KEY_VARIABLES = {"production": "BRAZE_API_KEY", "staging": "BRAZE_STAGING_API_KEY"}
+
+
+@bp.before_request
+def _require_login() -> Response | None:
+    return auth.require_page_login()
+
+
+@bp.errorhandler(DatabaseUnavailable)
+def _unavailable(error: DatabaseUnavailable) -> Response:
+    return message_page(503, "Database unavailable", f"{error}. Try again in a moment.")
+
+
+@bp.errorhandler(EventNotFound)
+def _not_found(error: EventNotFound) -> Response:
+    return message_page(404, "No such event", str(error))
+
+
+@bp.app_context_processor
+def _page_globals() -> dict[str, Any]:
+    return {"statuses": [status.value for status in Status], "environments": ENVIRONMENTS}
+
+
+def braze_banners(report: dict[str, str]) -> list[tuple[str, str]]:
+    """(level, text) for each Braze environment that cannot deliver; the script mirrors this."""
+    banners = []
+    for environment, key_state in report.items():
+        variable = KEY_VARIABLES.get(environment, "the Braze key")
+        if key_state == "refused":
+            banners.append(("error", f"Braze refused the {environment} key (401/403): "
+                            f"{environment} delivery is paused and resumes by itself once the "
+                            f"key works. Check {variable}."))
+        elif key_state == "missing" and environment == "production":
+            banners.append(("error", f"No Braze key for production ({variable} or "
+                            "BRAZE_REST_ENDPOINT is not set): production events are stored "
+                            "and wait until one is set."))
+        elif key_state == "missing":
+            banners.append(("info", f"No Braze key for {environment} ({variable} is not set): "
+                            f"{environment} events are stored and marked skipped."))
+    return banners
+
+
+@bp.get("/")
+def index() -> Any:
+    """The live page: the newest events, kept current by the script without a reload."""
+    error = None
+    try:
+        event_filter = EventFilter.from_args(request.args)
+        cursor = parse_cursor(request.args.get("cursor"))
+    except FilterError as problem:
+        event_filter, cursor, error = EventFilter(), None, str(problem)
+    since = utcnow()  # taken before the query: the stream resumes from here, nothing slips by
+    with get_db().session() as session:
+        events, next_cursor = outbox.list_events(session, **event_filter.as_kwargs(),
+                                                 limit=PAGE_SIZE, cursor=cursor)
+        rows = [outbox.event_json(event) for event in events]
+    stats = collect_stats()
+    args = event_filter.query_args()
+    without_status = {key: value for key, value in args.items() if key != "status"}
+    page = render_template(
+        "index.html", events=rows, next_cursor=next_cursor, filter=event_filter, cursor=cursor,
+        stats=stats, banners=braze_banners(stats["braze"]), since=since.isoformat(),
+        error=error, event_names=current_app.extensions["relay.event_map"].braze_events,
+        status_urls={status.value: url_for("admin.views.index", **without_status,
+                                           status=status.value) for status in Status},
+        replay_url=url_for("admin.views.bulk_replay", **without_status),
+    )
+    return (page, 400) if error else page
+
+
+@bp.get("/events/<raw_id>")
+def event(raw_id: str) -> Any:
+    event_id = _event_id(raw_id)
+    with get_db().session() as session:
+        detail = outbox.event_detail(session, event_id)
+    return render_template("event.html", event=detail, can_retry=can_retry(detail),
+                           can_replay=detail["status"] != Status.REJECTED.value)
+
+
+def can_retry(event: dict[str, Any]) -> bool:
+    return event["status"] == Status.DEAD.value or (
+        event["status"] == Status.PENDING.value and event["attempts"] > 0)
+
+
+def _event_id(raw: str) -> int:
+    event_id = parse_id(raw)
+    if event_id is None:
+        raise EventNotFound(f"no event with id {raw[:40]!r}")
+    return event_id
+
+
+@bp.post("/events/<raw_id>/retry")
+def retry(raw_id: str) -> Any:
+    return _act(raw_id, outbox.retry, "is due now and will be retried within seconds")
+
+
+@bp.post("/events/<raw_id>/replay")
+def replay(raw_id: str) -> Any:
+    return _act(raw_id, outbox.replay, "is queued to be sent to Braze again")
+
+
+def _act(raw_id: str, action: Any, done: str) -> Any:
+    event_id = _event_id(raw_id)
+    try:
+        with get_db().session() as session:
+            action(session, event_id)
+        flash(f"Event {event_id} {done}.", "ok")
+    except InvalidTransition as refusal:
+        flash(f"Not done: {refusal}.", "error")
+    return redirect(url_for("admin.views.event", raw_id=event_id))
+
+
+@bp.route("/replay", methods=["GET", "POST"])
+def bulk_replay() -> Any:
+    """Dead events matching the filter: the count first, then requeue on confirmation."""
+    try:
+        event_filter = EventFilter.from_args(
+            {key: request.values.get(key) for key in ("environment", "name", "q")}
+            | {"status": Status.DEAD.value})
+        since = parse_since(request.values.get("since"))
+    except FilterError as problem:
+        return message_page(400, "Invalid filter", str(problem))
+    kwargs = event_filter.as_kwargs()
+    list_args = {k: v for k, v in event_filter.query_args().items() if k != "status"}
+    if request.method == "POST":
+        with get_db().session() as session:
+            requeued = outbox.replay_matching(session, **kwargs, since=since)
+        flash(f"Requeued {requeued} dead event{'s' if requeued != 1 else ''} "
+              f"({event_filter.describe()}).", "ok")
+        return redirect(url_for("admin.views.index", **list_args))
+    with get_db().session() as session:
+        count = outbox.count_matching(session, **kwargs, since=since)
+    return render_template("replay.html", filter=event_filter, count=count,
+                           since=request.values.get("since", ""), list_args=list_args)

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -27,12 +28,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at the time of the record, not at configuration:
+    test runners and command runners swap it, and a closed stream must never be written to."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure(log_format: str = "text", level: int = logging.INFO) -> None:
     """Install one handler on the `relay` logger (idempotent: the factory may run many times)."""
     logger = logging.getLogger("relay")
     handler = next((h for h in logger.handlers if getattr(h, "relay_handler", False)), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.relay_handler = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     if log_format == "json":

@@ -50,7 +50,8 @@ class Planned:
     event: OutboxEvent
     identity: dict[str, Any]
     create_alias: bool = False
-    stale: bool = False  # Braze already has newer attributes for this person
+    # Attributes Braze already has newer values of (set by a later event already delivered).
+    stale: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -81,7 +82,7 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
     event_sources: list[Planned] = []
     for planned in sorted(batch, key=lambda p: (p.event.event_time, p.event.id)):
         event = planned.event
-        values = {} if planned.stale else dict(event.attributes or {})
+        values = {k: v for k, v in (event.attributes or {}).items() if k not in planned.stale}
         if email_identifier:
             values.pop("email", None)
         if planned.create_alias:
@@ -111,10 +112,9 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
 
 def objects_needed(planned: Planned, persons_with_attributes: set[str],
                    email_identifier: bool) -> int:
-    has_attributes = planned.create_alias or bool(
-        {k for k in (planned.event.attributes or {}) if not (email_identifier and k == "email")}
-        and not planned.stale
-    )
+    sent = {k for k in (planned.event.attributes or {})
+            if k not in planned.stale and not (email_identifier and k == "email")}
+    has_attributes = planned.create_alias or bool(sent)
     return 1 + (1 if has_attributes and identity_of(planned) not in persons_with_attributes else 0)
 
 
@@ -288,16 +288,24 @@ class Delivery:
         return found, external_id, braze_id
 
     def _mark_stale(self, environment: str, planned: list[Planned]) -> None:
-        """An event older than what Braze already has for the person sends no attributes."""
-        keys = sorted({p.event.person_key for p in planned if p.event.person_key})
-        if not keys:
+        """An event older than what Braze already has sends none of those attributes.
+
+        Only the attributes a later, delivered event of the person set are stale: the others
+        (a first name only the late event carries) are still news to Braze.
+        """
+        oldest: dict[str, datetime] = {}
+        for item in planned:
+            key, moment = item.event.person_key, item.event.event_time
+            if key and moment is not None:
+                oldest[key] = min(oldest.get(key, moment), moment)
+        if not oldest:
             return
         with self.db.session() as session:
-            latest = outbox.latest_delivered_times(session, environment, keys)
+            newer = outbox.newer_delivered_attributes(session, environment, oldest)
         for item in planned:
-            newest = latest.get(item.event.person_key or "")
-            if newest is not None and item.event.event_time < newest:
-                item.stale = True
+            times = newer.get(item.event.person_key or "", {})
+            item.stale = frozenset(name for name, moment in times.items()
+                                   if item.event.event_time < moment)
 
     # -- sending ---------------------------------------------------------------------------
 

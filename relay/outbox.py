@@ -615,19 +615,31 @@ def sweep_expired_leases(session: Session, now: datetime | None = None) -> int:
     return int(result.rowcount or 0)
 
 
-def latest_delivered_times(session: Session, environment: str,
-                           person_keys: Sequence[str]) -> dict[str, datetime]:
-    """Per person, the newest event time Braze already has attributes from."""
-    if not person_keys:
+def newer_delivered_attributes(session: Session, environment: str,
+                               oldest: dict[str, datetime]) -> dict[str, dict[str, datetime]]:
+    """Per person, per attribute: the newest event time of a delivered event that set it.
+
+    Only delivered events newer than `oldest[person]` (the oldest event about to be sent for
+    that person) matter: theirs are the values an older event must not overwrite.
+    """
+    if not oldest:
         return {}
     rows = session.execute(
-        select(OutboxEvent.person_key, func.max(OutboxEvent.event_time))
+        select(OutboxEvent.person_key, OutboxEvent.event_time, OutboxEvent.attributes)
         .where(OutboxEvent.environment == environment,
-               OutboxEvent.person_key.in_(list(person_keys)),
-               OutboxEvent.status == Status.DELIVERED.value)
-        .group_by(OutboxEvent.person_key)
+               OutboxEvent.person_key.in_(list(oldest)),
+               OutboxEvent.status == Status.DELIVERED.value,
+               OutboxEvent.event_time > min(oldest.values()))
     )
-    return {key: moment for key, moment in rows if key is not None and moment is not None}
+    newest: dict[str, dict[str, datetime]] = {}
+    for key, moment, attributes in rows:
+        if key is None or moment is None or moment <= oldest[key]:
+            continue
+        per_person = newest.setdefault(key, {})
+        for name in attributes or {}:
+            if name not in per_person or per_person[name] < moment:
+                per_person[name] = moment
+    return newest
 
 
 # --- counting, for the admin's bulk replay confirmation ----------------------------------------

@@ -89,12 +89,33 @@ class Person:
 
     def contains(self, column: Any, *, binary: bool = False) -> ColumnElement[bool]:
         """A superset filter in SQL: the column contains one of the spellings, any case."""
-        text = cast(column, Text)
+        # Case folding beyond ASCII differs between databases (SQLite folds only ASCII), so SQL
+        # looks for the longest ASCII part of each spelling.
+        needles = {_ascii_core(s) for s in self.spellings}
         if binary:
-            # PostgreSQL's bytea does not cast to the characters; `escape` keeps ASCII readable
-            # and never fails on bytes that are not UTF-8.
-            text = func.encode(column, "escape")
-        return or_(*(_icontains(text, s) for s in self.spellings))
+            # PostgreSQL's bytea does not cast to characters; `escape` keeps ASCII readable and
+            # never fails on bytes that are not UTF-8, so look for the needles escaped alike.
+            escaped = func.encode(column, "escape")
+            return or_(*(_icontains(escaped, _bytea_escape(n)) for n in needles))
+        return or_(*(_icontains(cast(column, Text), n) for n in needles))
+
+
+def _ascii_core(text: str) -> str:
+    runs = re.findall(r"[\x00-\x7f]+", text)
+    return max(runs, key=len) if runs else ""
+
+
+def _bytea_escape(text: str) -> str:
+    """What PostgreSQL's encode(bytes, 'escape') makes of this text's UTF-8 bytes."""
+    parts = []
+    for byte in text.encode("utf-8"):
+        if byte == 0x5C:
+            parts.append("\\\\")  # a backslash comes out doubled
+        elif byte == 0 or byte > 0x7F:
+            parts.append(f"\\{byte:03o}")
+        else:
+            parts.append(chr(byte))
+    return "".join(parts)
 
 
 def _icontains(text: Any, needle: str) -> ColumnElement[bool]:

@@ -1,0 +1,298 @@
+"""`privacy.forget` leaves no trace of the person in any column of any table, and only theirs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import select
+
+from relay import privacy
+from relay.db import Database, get_db, utcnow
+from relay.models import (
+    AttemptEvent,
+    Base,
+    DeliveryAttempt,
+    IdentityCache,
+    InboundRequest,
+    OutboxEvent,
+)
+from tests.support import sample, sample_json
+
+ANN_EMAIL, ANN_ID = "ann.lee@example.com", "cust-1036950000"
+ANN_TRACES = (ANN_EMAIL, ANN_ID, "refer.example.com/ann1")
+ANN_SAMPLES = ("reward_earned.json", "share_link_created.json", "shared.json", "subscribed.json",
+               "unsubscribed.json")
+OTHER_SAMPLES = ("referred_converted.json", "referred_signed_up_email_only.json", "batch.json")
+
+
+def traces(db: Database, *needles: str) -> list[str]:
+    """Every (table.column #row) whose stored value contains a needle, any case, any type."""
+    found = []
+    with db.engine.connect() as connection:
+        for table in Base.metadata.sorted_tables:
+            for number, row in enumerate(connection.execute(table.select())):
+                for column, value in row._mapping.items():
+                    if value is None:
+                        continue
+                    if isinstance(value, bytes | memoryview):
+                        text = bytes(value).decode("utf-8", "replace")
+                    elif isinstance(value, dict | list):
+                        text = json.dumps(value, ensure_ascii=False)
+                    else:
+                        text = str(value)
+                    found += [f"{table.name}.{column} #{number}: {needle}" for needle in needles
+                              if needle.lower() in text.lower()]
+    return found
+
+
+def snapshot(db: Database) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every row of every table, by table and primary key."""
+    rows = {}
+    with db.engine.connect() as connection:
+        for table in Base.metadata.sorted_tables:
+            for row in connection.execute(table.select()):
+                data = dict(row._mapping)
+                key = "/".join(str(data[c.name]) for c in table.primary_key.columns)
+                rows[(table.name, key)] = data
+    return rows
+
+
+@pytest.fixture
+def db(app: Flask) -> Database:
+    return get_db(app)
+
+
+@pytest.fixture
+def populated(app: Flask, db: Database, post_webhook: Any) -> dict[str, int]:
+    """Ann's events and other people's, Braze requests carrying both, cached identities."""
+    for name in ANN_SAMPLES + OTHER_SAMPLES:
+        assert post_webhook(sample(name)).status_code == 202
+    mixed = [sample_json("referred_converted.json"), {
+        "type": "shared", "event_id": "mx-2", "email": "Ann.Lee@Example.com",
+        "partner_user_id": ANN_ID, "first_name": "Ann", "last_name": "Lee"}]
+    mixed[0]["event_id"] = "mx-1"
+    assert post_webhook(mixed).status_code == 202
+    now = utcnow()
+    with db.session() as session:
+        events = {e.extole_event_id: e.id for e in session.scalars(select(OutboxEvent))}
+        track = DeliveryAttempt(
+            environment="production", endpoint="/users/track", started_at=now, duration_ms=80.0,
+            status_code=201, request_body=json.dumps({
+                "attributes": [{"external_id": ANN_ID, "email": ANN_EMAIL, "first_name": "Ann",
+                                "last_name": "Lee", "share_link": "https://refer.example.com/ann1"},
+                               {"external_id": "cust-3001", "email": "cy@example.net"}],
+                "events": [{"external_id": ANN_ID, "name": "Shared", "time": "2026-11-20T00:00Z",
+                            "properties": {"share_channel": "EMAIL"}},
+                           {"external_id": "cust-3001", "name": "Shared",
+                            "time": "2026-11-23T10:00:00.000Z", "properties": {}}]}),
+            response_body='{"message": "success", "events_processed": 2}')
+        lookup = DeliveryAttempt(
+            environment="production", endpoint="/users/export/ids", started_at=now,
+            duration_ms=30.0, status_code=201,
+            request_body=json.dumps({"email_address": "bo.chen@example.org"}),
+            response_body=json.dumps({"users": [{"external_id": "cust-2200431"}]}))
+        session.add_all([track, lookup])
+        session.flush()
+        session.add_all([
+            AttemptEvent(attempt_id=track.id, event_id=events["sh09f8e7d6c5b4a3f2e1"]),
+            AttemptEvent(attempt_id=track.id, event_id=events["bt-0001"]),
+            AttemptEvent(attempt_id=lookup.id, event_id=events["rs5566778899aabbccdd"]),
+            IdentityCache(environment="production", email=ANN_EMAIL, external_id=ANN_ID,
+                          braze_id="b-ann", found=True, expires_at=now + timedelta(hours=1)),
+            IdentityCache(environment="staging", email=ANN_EMAIL, found=False,
+                          expires_at=now + timedelta(hours=1)),
+            IdentityCache(environment="production", email="bo.chen@example.org",
+                          external_id="cust-2200431", found=True,
+                          expires_at=now + timedelta(hours=1)),
+        ])
+        session.add(InboundRequest(
+            received_at=now, environment="production", method="POST",
+            path="/webhooks/extole/production", remote_addr="10.0.0.9",
+            headers={"Content-Type": "application/json", "X-Debug-User": ANN_EMAIL.upper()},
+            body=b"\xff\xfe not json, not utf-8: " + ANN_EMAIL.encode(), body_size=40,
+            status_code=400, outcome="bad_json", error="body is not valid JSON"))
+    return {"track": track.id, "lookup": lookup.id, **events}
+
+
+def forget(db: Database, **person: str) -> dict[str, int]:
+    with db.session() as session:
+        return privacy.forget(session, **person)
+
+
+def test_forget_by_email_and_external_id_leaves_no_trace(db: Database,
+                                                          populated: dict[str, int]) -> None:
+    assert len(traces(db, *ANN_TRACES)) > 20  # the search does find them when present
+    before = snapshot(db)
+
+    counts = forget(db, email="ANN.LEE@example.com", external_id=ANN_ID)
+
+    assert traces(db, *ANN_TRACES, '"Lee"', '"Ann"') == []
+    # 6 own events + Bo's sign-up naming Ann as his advocate; 7 bodies + the odd request;
+    # one Braze request; both cache entries.
+    assert counts == {"events": 7, "inbound_requests": 8, "delivery_attempts": 1,
+                      "identity_cache": 2}
+    after = snapshot(db)
+    changed = {key for key in before if before[key] != after.get(key)}
+    assert len(changed) == sum(counts.values())
+    assert {table for table, _ in changed} == {"events", "inbound_requests", "delivery_attempts",
+                                               "identity_cache"}
+    # Other people's rows are exactly as they were.
+    others = {e: populated[e] for e in ("rc00112233445566778", "bt-0001", "bt-0002", "bt-0003",
+                                        "mx-1")}
+    for event_id in others.values():
+        assert ("events", str(event_id)) not in changed
+    assert ("delivery_attempts", str(populated["lookup"])) not in changed
+    assert ("identity_cache", "production/bo.chen@example.org") not in changed
+
+
+def test_own_events_lose_every_personal_field_but_keep_their_story(
+        db: Database, populated: dict[str, int]) -> None:
+    forget(db, email=ANN_EMAIL)
+    with db.session() as session:
+        event = session.get(OutboxEvent, populated["r7k2m9q4x1b8c3d5e6f0"])
+        assert (event.email, event.external_id, event.person_key) == (None, None, None)
+        assert event.payload == privacy.ERASED_PAYLOAD
+        assert (event.attributes, event.properties, event.identity) == (None, None, None)
+        assert (event.status, event.braze_event, event.extole_event_id) == (
+            "pending", "Earned Reward", "r7k2m9q4x1b8c3d5e6f0")
+        inbound = session.get(InboundRequest, event.inbound_id)
+        assert inbound.body == privacy.ERASED_BODY
+        assert inbound.headers["Content-Type"] == "application/json"
+        assert inbound.headers["X-Extole-Signature"] == "[redacted]"
+
+
+def test_someone_elses_event_loses_only_the_mention(db: Database,
+                                                    populated: dict[str, int]) -> None:
+    forget(db, external_id=ANN_ID)
+    with db.session() as session:
+        bo = session.get(OutboxEvent, populated["rs5566778899aabbccdd"])
+        assert bo.email == "bo.chen@example.org"
+        assert bo.payload["data"] == {"advocate_partner_user_id": privacy.ERASED,
+                                      "program": "refer-a-friend"}
+        assert bo.payload["first_name"] == "Bo"
+        assert bo.properties["advocate_partner_user_id"] == privacy.ERASED
+    assert traces(db, ANN_ID) == []
+
+
+def test_braze_batches_keep_other_peoples_objects(db: Database,
+                                                  populated: dict[str, int]) -> None:
+    forget(db, email=ANN_EMAIL)
+    with db.session() as session:
+        track = session.get(DeliveryAttempt, populated["track"])
+        body = json.loads(track.request_body)
+    assert body["attributes"] == [privacy.ERASED_OBJECT,
+                                  {"external_id": "cust-3001", "email": "cy@example.net"}]
+    assert body["events"][0]["external_id"] == ANN_ID  # only the email was given: kept
+    assert body["events"][1]["external_id"] == "cust-3001"
+    forget(db, external_id=ANN_ID)
+    with db.session() as session:
+        body = json.loads(session.get(DeliveryAttempt, populated["track"]).request_body)
+    assert body["events"][0] == privacy.ERASED_OBJECT
+    assert body["events"][1]["external_id"] == "cust-3001"
+
+
+def test_forget_by_external_id_removes_the_cached_email_too(
+        db: Database, populated: dict[str, int]) -> None:
+    counts = forget(db, external_id=ANN_ID)
+    assert counts["identity_cache"] == 1
+    with db.session() as session:
+        cached = {(r.environment, r.email) for r in session.scalars(select(IdentityCache))}
+    # The staging entry names only the email: forgetting the external id cannot know it.
+    assert cached == {("staging", ANN_EMAIL), ("production", "bo.chen@example.org")}
+
+
+def test_forget_matches_whole_identifiers_only(db: Database, app: Flask,
+                                               post_webhook: Any) -> None:
+    people = [
+        {"type": "shared", "event_id": "p1", "email": "ann@example.com", "partner_user_id": "42"},
+        {"type": "shared", "event_id": "p2", "email": "joann@example.com",
+         "partner_user_id": "420", "data": {"note": "ann@example.com.au and id 42a"}},
+        {"type": "shared", "event_id": "p3", "email": "zoë@example.com",
+         "data": {"friend": "mail ANN@example.com, thanks", "count": 42}},
+    ]
+    for person in people:
+        assert post_webhook(person).status_code == 202
+    counts = forget(db, email="ann@example.com", external_id="42")
+    assert counts["events"] == 2 and counts["inbound_requests"] == 2
+    with db.session() as session:
+        stored = {e.extole_event_id: e for e in session.scalars(select(OutboxEvent))}
+    assert stored["p1"].email is None
+    joann = stored["p2"]
+    assert (joann.email, joann.external_id) == ("joann@example.com", "420")
+    assert joann.payload["data"]["note"] == "ann@example.com.au and id 42a"
+    zoe = stored["p3"]
+    assert zoe.payload["data"] == {"friend": "mail [erased], thanks", "count": privacy.ERASED}
+    assert zoe.email == "zoë@example.com"
+
+
+def test_non_ascii_email_is_found_however_it_is_stored(db: Database, post_webhook: Any) -> None:
+    assert post_webhook({"type": "shared", "event_id": "z1", "email": "Zoë@Example.com",
+                         "data": {"echo": "zoë@example.com"}}).status_code == 202
+    assert post_webhook({"type": "shared", "event_id": "z2", "email": "other@example.com",
+                         "data": {"friend": "zoë@example.com"}}).status_code == 202
+    raw = '{"type": "shared", "event_id": "z3", "email": "ZOË@example.com"}'.encode()
+    assert post_webhook(raw).status_code == 202  # UTF-8 as is, not \u-escaped
+    counts = forget(db, email="zoë@example.com")
+    assert counts["events"] == 3 and counts["inbound_requests"] == 3
+    assert traces(db, "zoë@example.com", "zo\\u00eb@example.com") == []
+
+
+def test_forget_someone_unknown_changes_nothing(db: Database,
+                                                populated: dict[str, int]) -> None:
+    before = snapshot(db)
+    assert forget(db, email="nobody@example.com", external_id="cust-0") == {
+        "events": 0, "inbound_requests": 0, "delivery_attempts": 0, "identity_cache": 0}
+    assert snapshot(db) == before
+
+
+def test_forget_needs_an_identifier(db: Database) -> None:
+    with pytest.raises(ValueError, match="email or an external_id"):
+        forget(db, email="  ")
+
+
+@pytest.fixture
+def person() -> Callable[..., privacy.Person]:
+    return privacy.Person
+
+
+@pytest.mark.parametrize(("text", "mentioned"), [
+    ("ann@example.com", True),
+    ("ANN@EXAMPLE.COM", True),
+    ('{"email": "ann@example.com"}', True),
+    ("https://x.example/?e=ann%40example.com&x=1", True),
+    ("see ann@example.com.", True),
+    ("joann@example.com", False),
+    ("ann@example.com.au", False),
+    ("x.ann@example.com", False),
+    ("ann+tag@example.com", False),
+])
+def test_email_matching_is_bounded(person: Callable[..., privacy.Person], text: str,
+                                   mentioned: bool) -> None:
+    assert person("ann@example.com", None).mentioned_in(text) is mentioned
+
+
+@pytest.mark.parametrize(("text", "mentioned"), [
+    ('"external_id": "42"', True), ("id=42&x", True), ('"n": 42}', True),
+    ("420", False), ("cust-42", False), ("42-b", False), ("4.42", False), ("42.5", False),
+])
+def test_external_id_matching_is_bounded(person: Callable[..., privacy.Person], text: str,
+                                         mentioned: bool) -> None:
+    assert person(None, "42").mentioned_in(text) is mentioned
+
+
+def test_scrub_keeps_structure(person: Callable[..., privacy.Person]) -> None:
+    ann = person("ann@example.com", "cust-1")
+    value = {"to": ["ann@example.com", "bo@example.com"], "cust-1": 1,
+             "people": [{"email": "ann@example.com", "first_name": "Ann"}, {"email": "bo@x"}],
+             "n": 3.5, "ok": True}
+    assert ann.scrub(value) == {
+        "to": [privacy.ERASED, "bo@example.com"], privacy.ERASED: 1,
+        "people": [privacy.ERASED_OBJECT, {"email": "bo@x"}], "n": 3.5, "ok": True}
+    assert ann.scrub_text("not json: ann@example.com") == f"not json: {privacy.ERASED}"
+    assert ann.scrub_text(None) is None
+

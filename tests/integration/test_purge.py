@@ -1,0 +1,167 @@
+"""Retention: what `retention.purge` deletes, what it keeps, and that it works in batches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from relay import retention
+from relay.db import Database
+from relay.models import AttemptEvent, DeliveryAttempt, IdentityCache, InboundRequest, OutboxEvent
+
+NOW = datetime(2027, 3, 1, 12, 0, 0)
+OLD = NOW - timedelta(days=31)
+RECENT = NOW - timedelta(days=29)
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    yield database
+    database.dispose()
+
+
+def inbound(session: Session, received_at: datetime) -> int:
+    row = InboundRequest(received_at=received_at, environment="production", method="POST",
+                         path="/webhooks/extole/production", headers={}, body=b"{}", body_size=2,
+                         status_code=202, outcome="accepted")
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def event(session: Session, status: str, received_at: datetime, inbound_id: int | None = None,
+          name: str = "") -> int:
+    row = OutboxEvent(environment="production", dedup_key=name or None, extole_event_id=name,
+                      status=status, attempts=0, payload={"type": "shared"},
+                      received_at=received_at, updated_at=received_at, inbound_id=inbound_id)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def attempt(session: Session, started_at: datetime, *event_ids: int) -> int:
+    row = DeliveryAttempt(environment="production", endpoint="/users/track",
+                          started_at=started_at, duration_ms=12.0, status_code=201,
+                          request_body="{}", response_body="{}")
+    session.add(row)
+    session.flush()
+    for event_id in event_ids:
+        session.add(AttemptEvent(attempt_id=row.id, event_id=event_id, outcome="delivered"))
+    session.flush()
+    return row.id
+
+
+def ids(db: Database, model: Any) -> set[Any]:
+    with db.session() as session:
+        if model is IdentityCache:
+            return set(session.scalars(select(IdentityCache.email)))
+        if model is AttemptEvent:
+            return {tuple(r) for r in session.execute(
+                select(AttemptEvent.attempt_id, AttemptEvent.event_id))}
+        return set(session.scalars(select(model.id)))
+
+
+def test_purge_deletes_old_delivered_and_skipped_with_their_attempts_and_inbound(
+        db: Database) -> None:
+    with db.session() as s:
+        old_in, kept_in, recent_in, refused_in = (inbound(s, OLD), inbound(s, OLD),
+                                                  inbound(s, RECENT), inbound(s, OLD))
+        delivered = event(s, "delivered", OLD, old_in, "delivered-old")
+        skipped = event(s, "skipped", OLD, old_in, "skipped-old")
+        dead = event(s, "dead", OLD, kept_in, "dead-old")
+        pending = event(s, "pending", OLD, kept_in, "pending-old")
+        rejected = event(s, "rejected", OLD, old_in, "")
+        fresh = event(s, "delivered", RECENT, recent_in, "delivered-recent")
+        only_purged = attempt(s, OLD, delivered, skipped)
+        shared = attempt(s, OLD, delivered, dead)
+        fresh_attempt = attempt(s, RECENT, fresh)
+        orphan_old, orphan_recent = attempt(s, OLD), attempt(s, RECENT)
+        s.add_all([
+            IdentityCache(environment="production", email="gone@example.com", found=True,
+                          external_id="x", expires_at=OLD - timedelta(hours=1)),
+            IdentityCache(environment="production", email="fresh@example.com", found=False,
+                          expires_at=NOW + timedelta(hours=1)),
+        ])
+
+    counts = retention.purge(db, 30, now=NOW)
+
+    assert counts == {"events": 2, "delivery_attempts": 2, "inbound_requests": 1,
+                      "identity_cache": 1}
+    assert ids(db, OutboxEvent) == {dead, pending, rejected, fresh}
+    assert ids(db, DeliveryAttempt) == {shared, fresh_attempt, orphan_recent}
+    assert orphan_old not in ids(db, DeliveryAttempt) and only_purged not in ids(db,
+                                                                                  DeliveryAttempt)
+    assert ids(db, AttemptEvent) == {(shared, dead), (fresh_attempt, fresh)}
+    # The old inbound row still referenced by the rejected event stays with it.
+    assert ids(db, InboundRequest) == {old_in, kept_in, recent_in}
+    assert refused_in not in ids(db, InboundRequest)
+    assert ids(db, IdentityCache) == {"fresh@example.com"}
+
+
+def test_a_second_purge_finds_nothing(db: Database) -> None:
+    with db.session() as s:
+        event(s, "delivered", OLD, inbound(s, OLD), "a")
+    assert retention.purge(db, 30, now=NOW)["events"] == 1
+    assert retention.purge(db, 30, now=NOW) == {
+        "events": 0, "delivery_attempts": 0, "inbound_requests": 0, "identity_cache": 0}
+
+
+def test_inbound_row_goes_once_its_last_event_is_purged(db: Database) -> None:
+    with db.session() as s:
+        shared_in = inbound(s, OLD)
+        event(s, "delivered", OLD, shared_in, "first")
+        dead = event(s, "dead", OLD, shared_in, "second")
+    retention.purge(db, 30, now=NOW)
+    assert shared_in in ids(db, InboundRequest)
+    with db.session() as s:
+        s.get(OutboxEvent, dead).status = "delivered"  # an operator replayed it, it went through
+    assert retention.purge(db, 30, now=NOW)["inbound_requests"] == 1
+    assert ids(db, InboundRequest) == set() and ids(db, OutboxEvent) == set()
+
+
+def test_purge_works_in_short_batches(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    with db.session() as s:
+        for n in range(7):
+            event(s, "delivered", OLD, inbound(s, OLD), f"e{n}")
+        for _ in range(3):
+            attempt(s, OLD)
+    transactions = 0
+    session = db.session
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[Session]:
+        nonlocal transactions
+        transactions += 1
+        with session() as s:
+            yield s
+
+    monkeypatch.setattr(db, "session", counted)
+    counts = retention.purge(db, 30, now=NOW, batch_size=3)
+    assert counts == {"events": 7, "delivery_attempts": 3, "inbound_requests": 7,
+                      "identity_cache": 0}
+    # events 3+3+1 then an empty look; attempts 3 + empty; inbound 3+3+1 + empty; cache empty.
+    assert transactions == 4 + 2 + 4 + 1
+
+
+def test_purge_uses_received_at_and_the_default_clock(db: Database) -> None:
+    from relay.db import utcnow
+
+    with db.session() as s:
+        event(s, "delivered", utcnow() - timedelta(days=8), None, "eight-days")
+        event(s, "delivered", utcnow() - timedelta(days=6), None, "six-days")
+    assert retention.purge(db, 7)["events"] == 1
+    with db.session() as s:
+        assert s.scalar(select(OutboxEvent.extole_event_id)) == "six-days"
+        assert s.scalar(select(func.count()).select_from(OutboxEvent)) == 1
+
+
+def test_purge_refuses_a_retention_below_one_day(db: Database) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        retention.purge(db, 0)

@@ -33,6 +33,11 @@ test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/python scripts/demo.py
 
+# Fault-injection scenarios against real processes (tests/reliability); writes its REPORT.md.
+reliability: $(VENV)/.installed-test
+	RELAY_RELIABILITY_REPORT=tests/reliability/REPORT.md \
+		$(BIN)/pytest -m reliability tests/reliability -p no:cacheprovider
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check relay migrations tests scripts wsgi.py
 

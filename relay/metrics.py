@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -127,13 +127,16 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
 
 
-def serve_worker_metrics(port: int, db: Database | None = None, host: str = "0.0.0.0") -> None:  # noqa: S104
-    """Expose this (worker) process's metrics on `port` from a daemon thread.
+def serve_worker_metrics(port: int, db: Database | None = None,
+                         host: str = "0.0.0.0") -> Any:  # noqa: S104 - scraped from elsewhere
+    """Expose this (worker) process's metrics on `port` from a daemon thread; answers the HTTP
+    server (its `shutdown()` stops it).
 
     `relay worker --metrics-port N` calls this; pass the worker's database to include the
     outbox gauges as well.
     """
     from prometheus_client import start_http_server
 
-    start_http_server(port, addr=host, registry=scrape_registry(db))
+    server = start_http_server(port, addr=host, registry=scrape_registry(db))
     log.info("worker metrics on http://%s:%d/metrics", host, port)
+    return server[0] if isinstance(server, tuple) else server

@@ -12,7 +12,15 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
+from relay.extole import storable_text as _storable
+
 SIGNATURE_HEADER = "X-Extole-Signature"
+# Authorization schemes whose name may be shown (in errors and the inbound log): anything else
+# in front of the first space could be a bare credential.
+KNOWN_SCHEMES = frozenset(
+    {"basic", "bearer", "digest", "token", "negotiate", "ntlm", "hoba", "mutual", "vapid",
+     "scram-sha-1", "scram-sha-256", "aws4-hmac-sha256", "oauth", "apikey"}
+)
 
 
 class AuthenticationFailed(Exception):
@@ -66,21 +74,31 @@ def authenticate(headers: Mapping[str, str], body: bytes, secret: str) -> str:
             return "basic"
         raise AuthenticationFailed("invalid basic credentials")
     if authorization:
-        raise AuthenticationFailed(f"unsupported authorization scheme {scheme[:20]!r}")
+        # Echo the scheme only when it is a known one: a bare credential (no scheme) must not
+        # come back in the answer, the inbound log or the logs.
+        shown = f" {scheme!r}" if scheme.lower() in KNOWN_SCHEMES else ""
+        raise AuthenticationFailed(
+            f"unsupported authorization scheme{shown}: use Bearer <secret> or Basic"
+        )
     raise AuthenticationFailed(f"{SIGNATURE_HEADER} does not match the body")
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Headers for the inbound log: credentials replaced, the scheme kept for diagnosis."""
+    """Headers for the inbound log: credentials replaced, a known scheme kept for diagnosis.
+
+    NUL characters and lone surrogates (which PostgreSQL's JSONB refuses) become U+FFFD.
+    """
     redacted: dict[str, str] = {}
     for name, value in headers.items():
         lower = name.lower()
         if lower in ("authorization", "proxy-authorization"):
-            redacted[name] = value.strip().partition(" ")[0][:20] + " [redacted]"
+            scheme = value.strip().partition(" ")[0]
+            kept = scheme[:20] + " " if scheme.lower() in KNOWN_SCHEMES else ""
+            redacted[_storable(name)] = kept + "[redacted]"
         elif lower in ("cookie", SIGNATURE_HEADER.lower()) or any(
             word in lower for word in ("secret", "token", "api-key", "apikey", "password")
         ):
-            redacted[name] = "[redacted]"
+            redacted[_storable(name)] = "[redacted]"
         else:
-            redacted[name] = value[:1000]
+            redacted[_storable(name)] = _storable(value[:1000])
     return redacted

@@ -13,7 +13,8 @@ import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from relay.eventmap import EventMap
@@ -39,6 +40,8 @@ MAX_ID_LENGTH = 255
 MAX_STRING = 255
 MILLISECONDS_ABOVE = 10**11
 MAX_EPOCH_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+_EPOCH_END = MAX_EPOCH_SECONDS + 1  # epoch numbers must be below this (seconds)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass
@@ -91,11 +94,16 @@ class _Fields:
         self.top = _lowered(item)
         self.places = [self.top, _lowered(self.top.get("person")), _lowered(self.top.get("data"))]
 
-    def first(self, names: Iterable[str], *, top_only: bool = False) -> Any:
+    def first(
+        self, names: Iterable[str], *, top_only: bool = False, kind: type | None = None
+    ) -> Any:
+        """The first value that is present (not null, not blank; of `kind` when given)."""
         for place in self.places[:1] if top_only else self.places:
             for name in names:
                 value = place.get(name)
-                if value is not None and value != "":
+                if value is None or isinstance(value, str) and not value.strip():
+                    continue
+                if kind is None or isinstance(value, kind):
                     return value
         return None
 
@@ -104,7 +112,7 @@ def parse_time(value: Any) -> datetime:
     """ISO-8601 (offset converted to UTC, none taken as UTC) or epoch seconds/milliseconds."""
     try:
         return _parse_time(value)
-    except (OverflowError, OSError, ValueError):
+    except (OverflowError, OSError, ValueError, ArithmeticError):
         raise RejectedEvent(f"event time {_short(value)!r} is out of range") from None
 
 
@@ -114,8 +122,8 @@ def _parse_time(value: Any) -> datetime:
     if isinstance(value, str):
         text = value.strip()
         try:
-            number: float | None = float(text)
-        except ValueError:
+            number: Decimal | None = Decimal(text)
+        except ArithmeticError:
             number = None
         if number is None:
             try:
@@ -125,21 +133,34 @@ def _parse_time(value: Any) -> datetime:
             if parsed.tzinfo is None:
                 return parsed.replace(tzinfo=UTC)
             return parsed.astimezone(UTC)
-        value = number
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise RejectedEvent(f"event time {value!r} is not a time")
-        seconds = value / 1000 if abs(value) > MILLISECONDS_ABOVE else value
-        if not 0 <= seconds <= MAX_EPOCH_SECONDS:
-            raise RejectedEvent(f"event time {_short(value)} is out of range")
-        return datetime.fromtimestamp(seconds, UTC)
+        return _from_epoch(number, value)
+    if isinstance(value, int):
+        return _from_epoch(Decimal(value), value)
+    if isinstance(value, float):
+        # repr() is the shortest text that reads back as this float: the number that was sent.
+        return _from_epoch(Decimal(repr(value)), value)
     raise RejectedEvent(f"event time must be a string or a number, not {type(value).__name__}")
+
+
+def _from_epoch(number: Decimal, original: Any) -> datetime:
+    """Epoch seconds, or milliseconds above 10^11, computed exactly (no float rounding)."""
+    if not number.is_finite():
+        raise RejectedEvent(f"event time {_short(original)!r} is not a time")
+    milliseconds = number > MILLISECONDS_ABOVE
+    limit = _EPOCH_END * 1000 if milliseconds else _EPOCH_END
+    if not 0 <= number < limit:
+        raise RejectedEvent(f"event time {_short(original)} is out of range")
+    scale = 1000 if milliseconds else 1_000_000
+    microseconds = int((number * scale).to_integral_value(ROUND_HALF_EVEN))
+    return _EPOCH + timedelta(microseconds=microseconds)
 
 
 def braze_time(moment: datetime) -> str:
     """Braze's time format: YYYY-MM-DDTHH:MM:SS.mmmZ in UTC."""
     moment = moment.astimezone(UTC) if moment.tzinfo else moment
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # Formatted by hand: strftime's %Y does not pad years before 1000 on every platform.
+    return (f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T{moment.hour:02d}:"
+            f"{moment.minute:02d}:{moment.second:02d}.{moment.microsecond // 1000:03d}Z")
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -209,7 +230,7 @@ def normalise(item: Any, event_map: EventMap, received_at: datetime) -> Event:
     raw_time = fields.first(EVENT_TIME, top_only=True)
     event_time = received_at if raw_time is None else parse_time(raw_time)
     external_id = _scalar_text(fields.first(EXTERNAL_ID), "partner_user_id/external_id")
-    email = normalise_email(fields.first(EMAIL))
+    email = normalise_email(fields.first(EMAIL, kind=str))
     mapping = event_map.lookup(extole_type)
     dedup_key = event_id or "sha256:" + content_hash(item)
 
@@ -292,6 +313,15 @@ def _no_constants(name: str) -> Any:
     raise InvalidBody(f"body is not valid JSON: {name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    """A number too large for a float (1e400) would become Infinity, which no JSON column,
+    Braze request or JSON reader accepts: refuse it like NaN."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise InvalidBody(f"body is not valid JSON: number {_short(text, 40)} is out of range")
+    return number
+
+
 def parse_body(raw: bytes) -> Any:
     """Parse a webhook body strictly: UTF-8, standard JSON, nesting within MAX_DEPTH.
 
@@ -303,7 +333,7 @@ def parse_body(raw: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidBody(f"body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        value = json.loads(text, parse_constant=_no_constants)
+        value = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     except RecursionError:
         raise InvalidBody("body is not valid JSON: nested too deeply to parse") from None
     except ValueError as exc:
@@ -346,6 +376,11 @@ def _has_surrogate(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def storable_text(text: str) -> str:
+    """The text with NUL characters and lone surrogates (unstorable in PostgreSQL) as U+FFFD."""
+    return _clean_text(text)
 
 
 def _clean_text(text: str) -> str:

@@ -6,16 +6,19 @@ request, accepted or not, lands in the inbound log. A 2xx is sent only after the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import ClientDisconnected
 
 from relay import metrics
 from relay.authentication import AuthenticationFailed, authenticate, redact_headers
 from relay.db import get_db, utcnow
 from relay.exceptions import DatabaseUnavailable
-from relay.extole import InvalidBody, parse_body
+from relay.extole import InvalidBody, parse_body, storable_text
 from relay.models import InboundRequest
 from relay.outbox import store_webhook
 from relay.settings import ENVIRONMENTS, Settings
@@ -43,9 +46,9 @@ def receive(environment: str) -> tuple[Response, int]:
     settings: Settings = current_app.config["RELAY_SETTINGS"]
     inbound = InboundRequest(
         received_at=utcnow(),
-        environment=environment[:32],
+        environment=storable_text(environment[:32]),
         method=request.method,
-        path=request.path[:255],
+        path=storable_text(request.path[:255]),
         remote_addr=(request.remote_addr or "")[:64] or None,
         headers=redact_headers(request.headers),
         body=None,
@@ -67,17 +70,14 @@ def receive(environment: str) -> tuple[Response, int]:
 
 
 def _checked_items(settings: Settings, environment: str, inbound: InboundRequest) -> list[Any]:
+    limit = settings.max_body_bytes
     if environment not in ENVIRONMENTS:
+        # The body is still kept in the inbound log when it is within the limit.
+        with contextlib.suppress(Refusal):
+            _read_within(limit, inbound)
         raise Refusal(404, "not_found", f"unknown environment {environment[:40]!r}: "
                       f"use {' or '.join(ENVIRONMENTS)}")
-    limit = settings.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise Refusal(413, "too_large", f"body larger than {limit} bytes")
-    raw = request.stream.read(limit + 1)
-    inbound.body_size = len(raw)
-    if len(raw) > limit:
-        raise Refusal(413, "too_large", f"body larger than {limit} bytes")
-    inbound.body = raw
+    raw = _read_within(limit, inbound)
     secret = settings.webhook_secret(environment)
     if not secret:
         raise Refusal(503, "not_configured", f"webhook secret for {environment} is not configured")
@@ -101,14 +101,45 @@ def _checked_items(settings: Settings, environment: str, inbound: InboundRequest
     raise Refusal(400, "bad_json", "body must be a JSON object or an array of objects")
 
 
+def _read_within(limit: int, inbound: InboundRequest) -> bytes:
+    """The raw body, recorded in the inbound log; 413 when it is larger than `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise Refusal(413, "too_large", f"body larger than {limit} bytes")
+    try:
+        raw = _read_body(limit + 1)
+    except ClientDisconnected:
+        raise Refusal(400, "bad_request", "body ended before its Content-Length") from None
+    inbound.body_size = len(raw)
+    if len(raw) > limit:
+        raise Refusal(413, "too_large", f"body larger than {limit} bytes")
+    inbound.body = raw
+    return raw
+
+
+def _read_body(at_most: int) -> bytes:
+    """Up to `at_most` bytes: a stream may answer a read with fewer bytes than are coming
+    (chunked bodies, slow clients), so read until the limit or the end."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < at_most:
+        chunk = request.stream.read(at_most - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Any:
     inbound.status_code, inbound.outcome = 202, "accepted"
     try:
         with get_db().session() as session:
             return store_webhook(session, inbound, items, environment,
                                  current_app.extensions["relay.event_map"])
-    except DatabaseUnavailable as outage:
-        log.warning("webhook for %s not stored: %s", environment, outage)
+    except (DatabaseUnavailable, SQLAlchemyError) as outage:
+        # Any database error (unreachable, locked, schema not migrated, ...) is answered 503 so
+        # that Extole retries: never a 500, never a 2xx before the commit.
+        log.warning("webhook for %s not stored: %s", environment, _describe(outage))
         raise Refusal(503, "db_unavailable",
                       "database unavailable: the event was not stored, retry later") from None
 
@@ -122,7 +153,15 @@ def _refuse(inbound: InboundRequest, refusal: Refusal) -> tuple[Response, int]:
         try:
             with get_db().session() as session:
                 session.add(inbound)
-        except DatabaseUnavailable as outage:
-            log.warning("inbound log not written (%s): %s", refusal.outcome, outage)
+        except (DatabaseUnavailable, SQLAlchemyError) as outage:
+            log.warning("inbound log not written (%s): %s", refusal.outcome, _describe(outage))
     log.info("webhook %s refused %s: %s", inbound.path, refusal.status, refusal.message)
     return jsonify({"error": refusal.message}), refusal.status
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, DatabaseUnavailable):
+        return str(error)
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {lines[0] if lines else ''}"[:300]

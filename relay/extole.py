@@ -31,11 +31,12 @@ PROFILE = {"first_name": ("first_name",), "last_name": ("last_name",), "phone": 
 PASSED_ON = ("funnel", "program", "share_link")
 PLACES = ("person", "data")
 
-# Top-level and `person` fields that are not event properties: envelope, identity, profile.
-_NOT_PROPERTIES = frozenset(
-    [*EVENT_ID, *EVENT_TYPE, *EVENT_TIME, *EXTERNAL_ID, *EMAIL, "first_name", "last_name",
-     "phone_number", *PLACES]
+# Fields that are not event properties: identity and profile (top level and `person`), and the
+# envelope (top level only: a person's `id` or `name` is not the event's, so it is kept).
+_NOT_PERSON_PROPERTIES = frozenset(
+    [*EXTERNAL_ID, *EMAIL, "first_name", "last_name", "phone_number", *PLACES]
 )
+_NOT_PROPERTIES = _NOT_PERSON_PROPERTIES | {*EVENT_ID, *EVENT_TYPE, *EVENT_TIME}
 MAX_ID_LENGTH = 255
 MAX_STRING = 255
 MILLISECONDS_ABOVE = 10**11
@@ -252,15 +253,18 @@ def normalise(item: Any, event_map: EventMap, received_at: datetime) -> Event:
     if isinstance(data, dict):
         properties.update(data)
     person = item_value(item, "person")
-    for source in (person, item):
+    for source, excluded in ((person, _NOT_PERSON_PROPERTIES), (item, _NOT_PROPERTIES)):
         if isinstance(source, dict):
             properties.update(
-                (k, v) for k, v in source.items() if str(k).lower() not in _NOT_PROPERTIES
+                (k, v) for k, v in source.items() if str(k).lower() not in excluded
             )
     for name in PASSED_ON:
+        # Under its own name once, whatever the spelling it arrived with (`Funnel`, `FUNNEL`).
         value = fields.first((name,))
         if value is not None:
-            properties.setdefault(name, value)
+            for key in [k for k in properties if str(k).lower() == name]:
+                del properties[key]
+            properties[name] = value
     properties["extole_event_id"] = event_id or dedup_key
     trimmed: list[str] = []
     properties = clean_properties(properties, trimmed)

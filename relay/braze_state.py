@@ -58,6 +58,11 @@ def mark_ok(session: Session, environment: str) -> float:
     state = session.get(EnvironmentState, environment)
     if state is None or state.key_state == OK:
         return 0.0
+    # Parallel requests may all see the refusal end: lock and look again, so only the first
+    # answers the refused time (and credits it to the failure clocks) and the others get 0.
+    session.refresh(state, with_for_update=True)
+    if state.key_state == OK:
+        return 0.0
     now = utcnow()
     refused_for = max(0.0, (now - state.updated_at).total_seconds())
     state.key_state, state.paused_until, state.last_error = OK, None, None

@@ -387,8 +387,11 @@ class Delivery:
                 self._record_in(session, environment, error.exchange, events, "key refused")
                 paused = braze_state.mark_refused(session, environment, str(error),
                                                   KEY_PAUSE_SECONDS)
+                # No credit here: the resume credits the whole refusal to every retrying
+                # event (shift_failure_clock), these included; crediting both counted it twice.
                 outbox.release(session, self.owner, events, paused,
-                               f"waiting: Braze refused the {environment} key ({error})")
+                               f"waiting: Braze refused the {environment} key ({error})",
+                               credit_wait=False)
             log.warning("%s delivery paused: %s", environment, error)
             return
         if isinstance(error, ServerError | TransportError):
@@ -412,13 +415,14 @@ class Delivery:
         try:
             with self.db.session() as session:
                 self._record_in(session, environment, exchange, events, note, outcomes)
+                # Braze answered 2xx or 400: past its key check, so the key works.
+                refused_for = braze_state.mark_ok(session, environment)
+                if refused_for:
+                    # Waiting for a working key never counts toward RELAY_RETRY_MAX_AGE.
+                    outbox.shift_failure_clock(session, environment, refused_for)
+                    log.info("%s delivery resumed after the key was refused for %.0f s",
+                             environment, refused_for)
                 if outcome.delivered:
-                    refused_for = braze_state.mark_ok(session, environment)
-                    if refused_for:
-                        # Waiting for a working key never counts toward RELAY_RETRY_MAX_AGE.
-                        outbox.shift_failure_clock(session, environment, refused_for)
-                        log.info("%s delivery resumed after the key was refused for %.0f s",
-                                 environment, refused_for)
                     outbox.mark_delivered(session, self.owner,
                                           [p.event for p in outcome.delivered], identities)
                 if outcome.dead:

@@ -540,13 +540,15 @@ def mark_failed(session: Session, owner: str, events: Sequence[OutboxEvent], err
 
 
 def release(session: Session, owner: str, events: Sequence[OutboxEvent], until: datetime,
-            reason: str, now: datetime | None = None) -> None:
+            reason: str, now: datetime | None = None, *, credit_wait: bool = True) -> None:
     """Give events back without counting an attempt (rate limit, refused key, export limiter).
 
-    The wait is added to `first_failure_at`, so it never counts toward RELAY_RETRY_MAX_AGE.
+    The wait is added to `first_failure_at`, so it never counts toward RELAY_RETRY_MAX_AGE;
+    `credit_wait=False` when the caller credits the wait otherwise (a refused key: the whole
+    refusal is credited once, by `shift_failure_clock`, when the key works again).
     """
     now = now or utcnow()
-    wait = max(until - now, timedelta(0))
+    wait = max(until - now, timedelta(0)) if credit_wait else timedelta(0)
     _guarded_update(session, owner, [
         {"row_id": e.id, "next_attempt_at": until, "lease_owner": None, "lease_expires_at": None,
          "first_failure_at": e.first_failure_at + wait if e.first_failure_at else None,

@@ -125,6 +125,7 @@
 
     function fill(row, event) {
       row.dataset.id = String(event.id);
+      row.dataset.updatedAt = event.updated_at || "";
       var link = setText(row, "link", "#" + event.id);
       link.href = eventUrl + event.id;
       var time = setText(row, "received_at", formatTime(event.received_at));
@@ -173,6 +174,9 @@
 
     function onEvent(event) {
       var row = tbody.querySelector('tr[data-id="' + event.id + '"]');
+      if (row && row.dataset.updatedAt && event.updated_at <= row.dataset.updatedAt) {
+        return; // already shown (a reconnect re-reads a few seconds)
+      }
       if (row) {
         fill(row, event);
         highlight(row);
@@ -262,7 +266,7 @@
       setText(main, "updated_at", formatTime(event.updated_at) + " UTC");
       setText(main, "next_attempt_at", formatTime(event.next_attempt_at));
       setText(main, "delivered_at", formatTime(event.delivered_at));
-      setText(main, "last_error", event.last_error || "—");
+      setText(main, "last_error", event.last_error || "");
       var retry = document.getElementById("retry-form");
       retry.hidden = !(event.status === "dead" || (event.status === "pending" && event.attempts > 0));
       document.getElementById("changed").hidden = false;

@@ -83,8 +83,8 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
     for planned in sorted(batch, key=lambda p: (p.event.event_time, p.event.id)):
         event = planned.event
         values = {k: v for k, v in (event.attributes or {}).items() if k not in planned.stale}
-        if email_identifier:
-            values.pop("email", None)
+        if email_identifier and "email" in planned.identity:
+            values.pop("email", None)  # it is the identifier already
         if planned.create_alias:
             values["email"] = event.email
         if values or planned.create_alias:
@@ -112,8 +112,9 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
 
 def objects_needed(planned: Planned, persons_with_attributes: set[str],
                    email_identifier: bool) -> int:
+    by_email = email_identifier and "email" in planned.identity
     sent = {k for k in (planned.event.attributes or {})
-            if k not in planned.stale and not (email_identifier and k == "email")}
+            if k not in planned.stale and not (by_email and k == "email")}
     has_attributes = planned.create_alias or bool(sent)
     return 1 + (1 if has_attributes and identity_of(planned) not in persons_with_attributes else 0)
 

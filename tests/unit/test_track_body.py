@@ -118,6 +118,15 @@ def test_email_identity_drops_the_email_attribute() -> None:
     assert objects_needed(named, set(), True) == 2
 
 
+def test_email_identity_keeps_the_email_attribute_of_an_external_id() -> None:
+    item = planned(1, external_id="c1", email="a@example.com",
+                   attributes={"email": "a@example.com"})
+    request = build_track_request([item], email_identifier=True)
+    assert request.body["attributes"] == [{"external_id": "c1", "email": "a@example.com"}]
+    assert objects_needed(item, set(), True) == 2
+    assert [len(c) for c in chunk([item] * 1, 75, email_identifier=True)] == [1]
+
+
 def test_stale_attributes_are_left_out_and_not_counted() -> None:
     item = planned(1, external_id="c1",
                    attributes={"email": "a@example.com", "email_subscribe": "opted_in"})

@@ -97,6 +97,9 @@ def index() -> Any:
         status_urls={status.value: url_for("admin.views.index", **without_status,
                                            status=status.value) for status in Status},
         replay_url=url_for("admin.views.bulk_replay", **without_status),
+        # The status filter is applied by the script: a row that leaves it (a dead event being
+        # retried) must still receive its change.
+        stream_url=url_for("admin.stream.stream", **without_status),
     )
     return (page, 400) if error else page
 

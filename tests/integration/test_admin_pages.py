@@ -243,6 +243,14 @@ def test_live_page_filters_and_passes_them_to_the_stream(
     assert '<option selected>production</option>' in html
 
 
+def test_live_page_stream_leaves_the_status_filter_to_the_script(client: FlaskClient) -> None:
+    """A dead event being retried leaves a `status=dead` list: its row must still hear of it."""
+    signed_in(client)
+    html = client.get("/admin/?status=dead&environment=staging").text
+    assert 'data-stream="/admin/stream?environment=staging"' in html
+    assert 'data-filter-status="dead"' in html
+
+
 def test_live_page_rejects_a_bad_filter_with_a_message(client: FlaskClient) -> None:
     signed_in(client)
     answer = client.get("/admin/?status=lost")

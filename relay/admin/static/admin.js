@@ -5,7 +5,8 @@
 
   var MAX_ROWS = 500;
   var STATS_EVERY_MS = 15000;
-  var STATS_AFTER_CHANGE_MS = 1000;
+  var STATS_AFTER_CHANGE_MS = 1200; // the server caches stats for 1 s: ask only after that
+  var STATS_MAX_WAIT_MS = 3000; // during a flood of changes, still every 3 s
   var LOGIN_URL = "/admin/login";
   var KEY_VARIABLES = { production: "BRAZE_API_KEY", staging: "BRAZE_STAGING_API_KEY" };
 
@@ -188,11 +189,36 @@
         trim();
       }
       empty.hidden = tbody.children.length > 0;
-      if (!statsTimer) { statsTimer = window.setTimeout(refreshStats, STATS_AFTER_CHANGE_MS); }
+      statsSoon();
+    }
+
+    /* Counts follow changes: asked once things settle (STATS_AFTER_CHANGE_MS after the last
+       change), or every STATS_MAX_WAIT_MS while they keep coming. */
+    var lastChange = 0;
+    var firstChange = 0;
+    function statsSoon() {
+      lastChange = Date.now();
+      if (statsTimer) { return; }
+      firstChange = lastChange;
+      statsTimer = window.setTimeout(settle, STATS_AFTER_CHANGE_MS);
+    }
+
+    function settle() {
+      var now = Date.now();
+      var quiet = now - lastChange;
+      statsTimer = null;
+      if (quiet < STATS_AFTER_CHANGE_MS && now - firstChange < STATS_MAX_WAIT_MS) {
+        statsTimer = window.setTimeout(settle, STATS_AFTER_CHANGE_MS - quiet);
+        return;
+      }
+      refreshStats();
+      if (quiet < STATS_AFTER_CHANGE_MS) { // still changing: once more when it settles
+        firstChange = now;
+        statsTimer = window.setTimeout(settle, STATS_AFTER_CHANGE_MS - quiet);
+      }
     }
 
     function refreshStats() {
-      statsTimer = null;
       getJSON(main.dataset.statsApi).then(showStats).catch(function () {});
     }
 

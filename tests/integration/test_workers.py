@@ -1,0 +1,276 @@
+"""Workers as they run: in the web process (`serve --with-worker`), woken by the receiver; and
+real `relay worker` processes on one PostgreSQL against `relay sandbox` on a free port.
+
+Two workers share 5,000 events and Braze receives each exactly once, each person's in event-time
+order; a worker killed (-9) while Braze is answering loses nothing: after its lease expires the
+batch in flight is sent again (at-least-once). Every wait is bounded and every process started
+here is stopped in `finally`, by its own id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import responses
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.engine import Engine
+
+from relay.models import OutboxEvent
+from relay.settings import Settings
+from relay.worker import Worker, start_in_process
+from tests.support import BRAZE_URL, PROD_KEY, PROD_SECRET, sample, signed
+
+WAIT_SECONDS = 120.0
+CLI = "from relay.cli import main; main()"
+
+
+def test_in_process_delivery_is_woken_by_the_receiver(
+        make_settings: Callable[..., Settings], post_webhook: Any, app: Flask,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The poll is an hour away: only the receiver's wake-up can deliver within the wait.
+    app.config["RELAY_SETTINGS"] = make_settings(poll_interval=3600.0)
+    drained = threading.Event()
+    drain = Worker.drain
+
+    def observed(self: Worker, *args: Any, **kwargs: Any) -> int:
+        try:
+            return drain(self, *args, **kwargs)
+        finally:
+            drained.set()
+
+    monkeypatch.setattr(Worker, "drain", observed)
+    with responses.RequestsMock() as braze:
+        braze.post(BRAZE_URL + "/users/track", json={"message": "success"}, status=201)
+        worker = start_in_process(app)
+        _, scheduler = app.extensions["relay.worker"]
+        try:
+            assert drained.wait(15)  # the first, immediate drain found nothing
+            assert post_webhook(sample("reward_earned.json")).status_code == 202
+            db = app.extensions["relay.db"]
+
+            def delivered() -> bool:
+                with db.session() as session:
+                    return bool(session.scalar(select(func.count()).where(
+                        OutboxEvent.status == "delivered")))
+
+            wait_for(delivered, lambda: "no delivery after the wake-up", 15)
+            assert len(braze.calls) == 1
+        finally:
+            scheduler.shutdown(wait=True)
+            worker.close()
+
+
+@pytest.fixture
+def postgres_url(database_url: str) -> str:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("several worker processes share the work on PostgreSQL only")
+    return database_url
+
+
+@pytest.fixture
+def engine(postgres_url: str) -> Iterator[Engine]:
+    made = create_engine(postgres_url)
+    yield made
+    made.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Processes:
+    """Subprocesses started by a test, each logging to its own file, stopped at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = self.directory / f"{name}.log"
+        with log.open("wb") as output:
+            proc = subprocess.Popen([sys.executable, "-c", CLI, *args], cwd=self.directory,
+                                    env=env, stdout=output, stderr=subprocess.STDOUT)
+        self.started.append((proc, log))
+        return proc
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        path = next(p for started, p in self.started if started is proc)
+        return path.read_text("utf-8", "replace")
+
+    def stop_all(self) -> None:
+        for proc, _ in self.started:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in self.started:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def base_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RELAY_", "BRAZE_", "EXTOLE_"))}
+    env.update(values)
+    return env
+
+
+@pytest.fixture
+def sandbox(processes: Processes) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = processes.start("sandbox", ["sandbox", "--port", str(port), "--api-key",
+                                       f"prod={PROD_KEY}"], base_env())
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(f"{url}/sandbox/stats", timeout=2).raise_for_status()
+            break
+        except requests.RequestException:
+            assert proc.poll() is None, processes.log(proc)
+            assert time.monotonic() < deadline, "the sandbox did not start"
+            time.sleep(0.1)
+    yield url
+
+
+def worker_env(postgres_url: str, sandbox: str, **extra: str) -> dict[str, str]:
+    return base_env(RELAY_DATABASE_URL=postgres_url, BRAZE_REST_ENDPOINT=sandbox,
+                    BRAZE_API_KEY=PROD_KEY, RELAY_POLL_INTERVAL="0.2",
+                    RELAY_WORKER_BATCH_SIZE="100", **extra)
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        return dict(connection.execute(select(OutboxEvent.status, func.count())
+                                       .group_by(OutboxEvent.status)).all())
+
+
+def wait_for(condition: Callable[[], bool], what: Callable[[], Any],
+             seconds: float = WAIT_SECONDS) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what()}"
+        time.sleep(0.2)
+
+
+def post_events(client: FlaskClient, items: list[dict[str, Any]]) -> None:
+    """Through the receiver, in arrays of 100."""
+    for start in range(0, len(items), 100):
+        raw = json.dumps(items[start:start + 100]).encode()
+        answer = client.post("/webhooks/extole/production", data=raw,
+                             headers=signed(raw, PROD_SECRET))
+        assert answer.status_code == 202
+        assert answer.get_json()["accepted"] == len(items[start:start + 100])
+
+
+def stats(sandbox: str) -> dict[str, Any]:
+    answer = requests.get(f"{sandbox}/sandbox/stats", timeout=10)
+    answer.raise_for_status()
+    return dict(answer.json())
+
+
+@pytest.mark.slow
+def test_two_worker_processes_deliver_5000_events_exactly_once(
+        postgres_url: str, engine: Engine, sandbox: str, processes: Processes,
+        client: FlaskClient) -> None:
+    requests.post(f"{sandbox}/sandbox/faults", json={"latency_ms": 5},
+                  timeout=10).raise_for_status()
+    env = worker_env(postgres_url, sandbox)
+    workers = [processes.start(f"worker-{n}", ["worker"], env) for n in (1, 2)]
+    people, per_person = 1000, 5
+    post_events(client, [
+        {"type": "shared", "event_id": f"w-{p:04d}-{n}",
+         "event_time": f"2026-11-20T{10 + n:02d}:{p // 60 % 60:02d}:{p % 60:02d}Z",
+         "partner_user_id": f"cust-{p}", "first_name": f"v{n}"}
+        for n in range(per_person) for p in range(people)])  # each person's events in turns
+
+    wait_for(lambda: counts(engine).get("delivered", 0) == people * per_person,
+             lambda: counts(engine))
+    assert all(w.poll() is None for w in workers)
+    assert counts(engine) == {"delivered": people * per_person}
+    seen = stats(sandbox)
+    assert seen["events_received"] == people * per_person
+    assert seen["events_dropped"] == 0
+    assert len(seen["event_ids"]) == people * per_person
+    assert set(seen["event_ids"].values()) == {1}
+    # Both processes took part, and between them marked each event delivered once.
+    delivered = [processes.log(w).count("-> delivered") for w in workers]
+    assert all(n > 0 for n in delivered), delivered
+    assert sum(delivered) == people * per_person
+
+    # Each person's events reached Braze in event-time order; the last one's attributes won.
+    profiles = requests.get(f"{sandbox}/sandbox/profiles", timeout=30).json()
+    found = profiles["workspaces"]["prod"]
+    assert len(found) == people
+    for profile in found:
+        times = [e["time"] for e in profile["events"]]
+        assert times == sorted(times) and len(times) == per_person
+        assert profile["attributes"] == {"first_name": f"v{per_person - 1}"}
+
+    # SIGTERM: each worker finishes what it is doing and exits cleanly.
+    for proc in workers:
+        proc.terminate()
+    for proc in workers:
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in processes.log(proc).splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_request_loses_nothing(
+        postgres_url: str, engine: Engine, sandbox: str, processes: Processes,
+        client: FlaskClient) -> None:
+    requests.post(f"{sandbox}/sandbox/faults", json={"latency_ms": 3000},
+                  timeout=10).raise_for_status()
+    env = worker_env(postgres_url, sandbox, RELAY_LEASE_SECONDS="10")
+    doomed = processes.start("doomed", ["worker"], env)
+    post_events(client, [{"type": "shared", "event_id": f"k-{p}",
+                          "event_time": "2026-11-20T10:00:00Z",
+                          "partner_user_id": f"cust-{p}"} for p in range(10)])
+
+    def leased() -> int:
+        with engine.connect() as connection:
+            return int(connection.scalar(select(func.count()).where(
+                OutboxEvent.lease_owner.is_not(None))) or 0)
+
+    wait_for(lambda: leased() == 10, lambda: (counts(engine), processes.log(doomed)), 60)
+    time.sleep(1.0)  # the request is in flight: the sandbox answers after 3 s
+    doomed.kill()
+    doomed.wait(timeout=15)
+    assert counts(engine) == {"pending": 10}
+    assert leased() == 10
+
+    requests.post(f"{sandbox}/sandbox/faults", json={"latency_ms": 0},
+                  timeout=10).raise_for_status()
+    survivor = processes.start("survivor", ["worker"], env)
+    wait_for(lambda: counts(engine).get("delivered", 0) == 10,
+             lambda: (counts(engine), processes.log(survivor)), 60)
+    assert survivor.poll() is None
+    # At-least-once: Braze processed the killed worker's request too, so each event twice.
+    seen = stats(sandbox)
+    assert set(seen["event_ids"]) == {f"k-{p}" for p in range(10)}
+    assert set(seen["event_ids"].values()) == {2}

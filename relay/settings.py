@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
+from sqlalchemy.engine import make_url
 
-from relay.exceptions import SettingsError
+from relay.exceptions import EventMapError, SettingsError
 
 ENVIRONMENTS = ("production", "staging")
 _RATE_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
@@ -84,6 +85,27 @@ class Settings:
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    def __repr__(self) -> str:
+        """Secrets are left out; a database password is masked."""
+        shown = []
+        for item in fields(self):
+            if not item.repr:
+                continue
+            value = getattr(self, item.name)
+            if item.name == "database_url":
+                value = _hide_password(value)
+            shown.append(f"{item.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    __str__ = __repr__
+
+
+def _hide_password(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparseable URL is shown without its credentials
+        return re.sub(r"//[^/@]*@", "//***@", url)
+
 
 def _text(value: str) -> str | None:
     return value.strip() or None
@@ -144,7 +166,7 @@ def _url(value: str) -> str:
 
 def _database_url(value: str) -> str:
     url = value.strip()
-    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", url):
+    if not re.match(r"^(sqlite(\+\w+)?|postgresql(\+\w+)?|postgres)://", url):
         raise ValueError("expected a sqlite:/// or postgresql+psycopg:// URL")
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -210,7 +232,12 @@ def read_sources(
     merged: dict[str, str] = {}
     for path in (cwd / "instance" / ".env", cwd / ".env"):
         if path.is_file():
-            merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+            try:
+                values = dotenv_values(path, encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+                raise SettingsError(f"{path}: cannot be read ({reason})") from None
+            merged.update({k: v for k, v in values.items() if v is not None})
     merged.update(os.environ if environ is None else environ)
     return merged
 
@@ -242,4 +269,12 @@ def load_settings(
         raise SettingsError(
             "RELAY_SECRET_KEY: required when RELAY_ADMIN_PASSWORD enables the admin area"
         )
+    if settings.event_map:
+        # The file's content is part of the setting: check it now, not when a worker boots.
+        from relay.eventmap import EventMap
+
+        try:
+            EventMap.load(settings.event_map)
+        except EventMapError as error:
+            raise SettingsError(str(error)) from None
     return settings

@@ -16,6 +16,7 @@ from typing import Any
 from relay.exceptions import EventMapError
 
 EMAIL_SUBSCRIBE_STATES = ("opted_in", "subscribed", "unsubscribed")
+MAX_NAME = 255  # Braze event names, and the outbox column that keeps them
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ def _parse(document: dict[str, Any], origin: str) -> dict[str, Mapping]:
     if not isinstance(events, dict):
         raise EventMapError(f"{origin}: expected [events.<extole_type>] tables")
     entries: dict[str, Mapping] = {}
+    defined_by: dict[str, str] = {}
     for name, table in events.items():
         where = f"{origin}: [events.{name}]"
         if not isinstance(table, dict):
@@ -77,7 +79,17 @@ def _parse(document: dict[str, Any], origin: str) -> dict[str, Mapping]:
             raise EventMapError(
                 f"{where}: email_subscribe must be one of {', '.join(EMAIL_SUBSCRIBE_STATES)}"
             )
+        if len(braze_event.strip()) > MAX_NAME:
+            raise EventMapError(f"{where}: braze_event is longer than {MAX_NAME} characters")
         mapping = Mapping(braze_event=braze_event.strip(), email_subscribe=subscribe)
         for extole_type in [name, *aliases]:
-            entries[type_key(extole_type)] = mapping
+            key = type_key(extole_type)
+            if not key:
+                raise EventMapError(f"{where}: type {extole_type!r} is empty once case, _, - "
+                                    "and spaces are ignored")
+            if key in defined_by and defined_by[key] != name:
+                raise EventMapError(f"{where}: type {extole_type!r} is already mapped by "
+                                    f"[events.{defined_by[key]}]")
+            defined_by[key] = name
+            entries[key] = mapping
     return entries

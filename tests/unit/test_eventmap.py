@@ -1,0 +1,170 @@
+"""The event map: built-in Extole types (CONTRACT section 2), loose matching, override files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from relay.eventmap import EventMap, Mapping, type_key
+from relay.exceptions import EventMapError
+
+CONTRACT_TABLE = {
+    "created_share_link": "Created Share Link",
+    "share_link_created": "Created Share Link",
+    "extole_share_link_created": "Created Share Link",
+    "shared": "Shared",
+    "share": "Shared",
+    "extole_shared": "Shared",
+    "referred_signed_up": "Referred Signed Up",
+    "signed_up": "Referred Signed Up",
+    "registered": "Referred Signed Up",
+    "referred_converted": "Referred Converted",
+    "converted": "Referred Converted",
+    "extole_converted": "Referred Converted",
+    "subscribed": "Subscribed",
+    "unsubscribed": "Unsubscribed",
+    "earned_reward": "Earned Reward",
+    "reward_earned": "Earned Reward",
+}
+
+
+@pytest.fixture(scope="module")
+def builtin() -> EventMap:
+    return EventMap.load()
+
+
+@pytest.mark.parametrize(("extole_type", "braze_event"), CONTRACT_TABLE.items())
+def test_builtin_map_is_the_contract_table(builtin: EventMap, extole_type: str,
+                                           braze_event: str) -> None:
+    assert builtin.lookup(extole_type).braze_event == braze_event
+
+
+def test_subscription_types_set_email_subscribe(builtin: EventMap) -> None:
+    assert builtin.lookup("subscribed") == Mapping("Subscribed", "opted_in")
+    assert builtin.lookup("unsubscribed") == Mapping("Unsubscribed", "unsubscribed")
+    others = [t for t in CONTRACT_TABLE if t not in ("subscribed", "unsubscribed")]
+    assert all(builtin.lookup(t).email_subscribe is None for t in others)
+
+
+@pytest.mark.parametrize("spelling", [
+    "Share Link Created", "SHARE-LINK-CREATED", "share__link  created", "ShareLinkCreated",
+    " share_link_created ", "share-link_created", "Extole Share Link Created",
+])
+def test_types_match_ignoring_case_underscores_dashes_and_spaces(builtin: EventMap,
+                                                                 spelling: str) -> None:
+    assert builtin.lookup(spelling).braze_event == "Created Share Link"
+
+
+def test_type_key() -> None:
+    assert type_key("Reward-Earned  ") == type_key("reward_earned") == "rewardearned"
+    assert type_key("\tShare\nLink") == "sharelink"
+
+
+@pytest.mark.parametrize("extole_type", ["reward_fulfilled", "Custom Thing", "réclamé", "x"])
+def test_other_types_keep_their_own_name_unchanged(builtin: EventMap, extole_type: str) -> None:
+    assert builtin.lookup(extole_type) == Mapping(extole_type)
+
+
+def test_braze_events_lists_every_name(builtin: EventMap) -> None:
+    assert builtin.braze_events == sorted(set(CONTRACT_TABLE.values()))
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "events.toml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_override_file_adds_and_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[events.reward_fulfilled]
+braze_event = "Reward Fulfilled"
+aliases = ["Reward Delivered"]
+
+[events.shared]
+braze_event = "Referral Shared"
+
+[events.newsletter_opt_in]
+braze_event = "Newsletter Opt In"
+email_subscribe = "subscribed"
+""")
+    events = EventMap.load(path)
+    assert events.lookup("reward-fulfilled").braze_event == "Reward Fulfilled"
+    assert events.lookup("REWARD DELIVERED").braze_event == "Reward Fulfilled"
+    # The override replaces that type; the built-in's other aliases are left as they were.
+    assert events.lookup("shared").braze_event == "Referral Shared"
+    assert events.lookup("extole_shared").braze_event == "Shared"
+    assert events.lookup("newsletter opt in") == Mapping("Newsletter Opt In", "subscribed")
+    # Everything else is still the built-in map.
+    assert events.lookup("reward_earned").braze_event == "Earned Reward"
+    assert EventMap.load().lookup("shared").braze_event == "Shared"  # no lasting effect
+
+
+def test_override_file_wins_over_a_builtin_alias(tmp_path: Path) -> None:
+    events = EventMap.load(write(tmp_path, """
+[events.purchase]
+braze_event = "Purchase"
+aliases = ["converted"]
+"""))
+    assert events.lookup("converted").braze_event == "Purchase"
+    assert events.lookup("referred_converted").braze_event == "Referred Converted"
+
+
+def test_documented_example_file_loads() -> None:
+    events = EventMap.load("config/events.toml")
+    assert events.lookup("reward_fulfilled").braze_event == "Reward Fulfilled"
+    assert events.lookup("reward_redeemed").braze_event == "Reward Redeemed"
+    assert events.lookup("converted").braze_event == "Referred Converted"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "expected [events.<extole_type>] tables"),
+    ("events = 3", "expected [events.<extole_type>] tables"),
+    ("[events]\nshared = 'Shared'", "[events.shared] must be a table"),
+    ("[events.shared]\nbraze = 'x'", "[events.shared] has unknown keys: braze"),
+    ("[events.shared]\naliases = []", '[events.shared] needs braze_event = "<Braze event name>"'),
+    ("[events.shared]\nbraze_event = '  '",
+     '[events.shared] needs braze_event = "<Braze event name>"'),
+    ("[events.shared]\nbraze_event = 5",
+     '[events.shared] needs braze_event = "<Braze event name>"'),
+    ("[events.shared]\nbraze_event = 'S'\naliases = 'share'",
+     "[events.shared]: aliases must be a list of strings"),
+    ("[events.shared]\nbraze_event = 'S'\naliases = [1]",
+     "[events.shared]: aliases must be a list of strings"),
+    ("[events.shared]\nbraze_event = 'S'\nemail_subscribe = 'yes'",
+     "[events.shared]: email_subscribe must be one of opted_in, subscribed, unsubscribed"),
+    (f"[events.shared]\nbraze_event = '{'x' * 256}'",
+     "[events.shared]: braze_event is longer than 255 characters"),
+    ("[events.shared]\nbraze_event = 'S'\naliases = ['--']",
+     "[events.shared]: type '--' is empty once case, _, - and spaces are ignored"),
+    ("[events.a]\nbraze_event = 'A'\naliases = ['Shared']\n[events.shared]\nbraze_event = 'S'",
+     "[events.shared]: type 'shared' is already mapped by [events.a]"),
+    ("[events.shared\nbraze_event = 'S'", "cannot read"),
+])
+def test_invalid_files_raise_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(EventMapError) as caught:
+        EventMap.load(path)
+    error = str(caught.value)
+    assert error.startswith("RELAY_EVENT_MAP"), error
+    assert message in error
+    assert "\n" not in error
+
+
+def test_missing_and_undecodable_files(tmp_path: Path) -> None:
+    with pytest.raises(EventMapError, match=r"^RELAY_EVENT_MAP: cannot read .*missing\.toml"):
+        EventMap.load(str(tmp_path / "missing.toml"))
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"[events.caf\xe9]\nbraze_event = 'x'\n")
+    with pytest.raises(EventMapError, match=r"^RELAY_EVENT_MAP: cannot read "):
+        EventMap.load(str(path))
+
+
+def test_the_same_type_twice_in_one_entry_is_fine(tmp_path: Path) -> None:
+    events = EventMap.load(write(tmp_path, """
+[events.shared]
+braze_event = "Shared"
+aliases = ["Shared", "SHARED", "share"]
+"""))
+    assert events.lookup("share").braze_event == "Shared"

@@ -62,12 +62,22 @@ def _operator_error(error: Exception) -> OperatorError:
 
 
 class RelayGroup(FlaskGroup):
-    """Flask's group without loading the app to list or find commands.
+    """Flask's group without building the app unless a command asks for it.
 
-    FlaskGroup builds the app to look for `app.cli` commands; relay has none, and building it for
-    `relay --help` would read the settings (a traceback when one is invalid) and create
-    `instance/`. Commands that need the app build it themselves.
+    FlaskGroup builds the app to look for `app.cli` commands and before every command; relay has
+    no app commands, and its commands work from the settings. Building the app for `relay --help`
+    would read the settings (a traceback when one is invalid) and create `instance/`; building it
+    in `relay serve` would import prometheus-client before multiprocess mode is set up. A command
+    that needs an app context says so with `with_appcontext=True`.
     """
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("with_appcontext", False)
+        return super().command(*args, **kwargs)
+
+    def group(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", click.Group)
+        return click.Group.group(self, *args, **kwargs)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return click.Group.get_command(self, ctx, name)

@@ -50,8 +50,15 @@ def prepare_metrics_dir() -> str:
         return existing
     path = tempfile.mkdtemp(prefix="relay-metrics-")
     os.environ[MULTIPROC_ENV] = path
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    atexit.register(_remove_if_owner, path, os.getpid())
     return path
+
+
+def _remove_if_owner(path: str, owner: int) -> None:
+    """Gunicorn's workers inherit atexit handlers and exit through sys.exit: only the master,
+    which created the directory, may remove it."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def child_exit(_server: Any, worker: Any) -> None:

@@ -47,14 +47,18 @@ def check_database(settings: Settings) -> Check:
     shown = make_url(settings.database_url).render_as_string(hide_password=True)
     engine = make_engine(settings.database_url)
     try:
-        problem = health.schema_problem(migrate.current_revision(engine))
+        current = migrate.current_revision(engine)
+        problem = health.schema_problem(current)
     except Exception as error:  # noqa: BLE001 - any failure to connect is the answer
         return Check("database", f"{shown}: {health.describe_outage(error)}", problem=True)
     finally:
         engine.dispose()
     if problem:
         return Check("database", f"{shown}: {problem}", problem=True)
-    return Check("database", f"OK ({shown}, schema {migrate.head_revision()})")
+    if current != migrate.head_revision():
+        return Check("database", f"{shown}: schema {current} is newer than this relay: "
+                                 "install the new version", problem=True)
+    return Check("database", f"OK ({shown}, schema {current})")
 
 
 def check_webhook_secrets(settings: Settings) -> list[Check]:

@@ -31,10 +31,14 @@ def readyz() -> tuple[Response, int]:
     body: dict[str, Any] = {"status": "ok"}
     db = get_db()
     try:
-        problem = schema_problem(migrate.current_revision(db.engine))
+        current = migrate.current_revision(db.engine)
+        problem = schema_problem(current)
         if problem:
             body.update(status="unavailable", reason=problem)
         else:
+            if current != migrate.head_revision():
+                body["schema"] = (f"{current} is newer than this relay: restart it with the "
+                                  "new version")
             with db.session() as session:
                 body["braze"] = environment_report(session, current_app.config["RELAY_SETTINGS"])
     except (DatabaseUnavailable, SQLAlchemyError) as outage:
@@ -43,19 +47,28 @@ def readyz() -> tuple[Response, int]:
 
 
 def schema_problem(current: str | None) -> str | None:
-    """Why the schema is not the one this code needs, or None when it is."""
+    """Why this code cannot work on the schema, or None when it can.
+
+    A schema newer than the code (a revision it does not know) is no problem: upgrading runs
+    `relay db upgrade` first, then restarts, and migrations keep the previous release working,
+    so the processes still running the old code must stay ready meanwhile.
+    """
     head = migrate.head_revision()
     if current == head:
         return None
     if current is None:
         return f"database schema is missing (newest is {head}): run `relay db upgrade`"
+    if not _known(current):
+        return None
+    return f"database schema is at {current}, newest is {head}: run `relay db upgrade`"
+
+
+def _known(revision: str) -> bool:
     script = ScriptDirectory.from_config(migrate.alembic_config("sqlite://"))
     try:
-        script.get_revision(current)
+        return script.get_revision(revision) is not None
     except Exception:  # noqa: BLE001 - alembic raises several kinds for an unknown revision
-        return (f"database schema {current} is newer than this relay ({head}): "
-                "deploy the newer relay")
-    return f"database schema is at {current}, newest is {head}: run `relay db upgrade`"
+        return False
 
 
 def describe_outage(error: Exception) -> str:

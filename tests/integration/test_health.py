@@ -87,17 +87,17 @@ def test_database_without_alembic_version_is_not_ready(client: FlaskClient,
     assert "database schema is missing" in response.get_json()["reason"]
 
 
-def test_database_from_a_newer_relay_is_not_ready(client: FlaskClient,
-                                                  restore_schema: str) -> None:
+def test_old_code_on_a_newer_schema_stays_ready(client: FlaskClient,
+                                               restore_schema: str) -> None:
+    """Upgrading migrates first, then restarts: the old processes must keep receiving."""
     engine = create_engine(restore_schema)
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
     engine.dispose()
     response = client.get("/readyz")
-    assert response.status_code == 503
-    assert response.get_json()["reason"] == (
-        f"database schema 9999_future is newer than this relay ({migrate.head_revision()}): "
-        "deploy the newer relay")
+    assert response.status_code == 200
+    assert response.get_json()["schema"] == (
+        "9999_future is newer than this relay: restart it with the new version")
 
 
 def closed_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shlex
 import sys
@@ -42,7 +43,9 @@ def write_local_env(path: Path | None = None) -> bool:
         "# BRAZE_STAGING_API_KEY=",
         "",
     ]
-    with open(path, "x", encoding="utf-8") as handle:
+    # Created with owner-only permissions from the start: the secrets are never readable by others.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
     path.chmod(0o600)
     return True

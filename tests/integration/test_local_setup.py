@@ -1,0 +1,136 @@
+"""`relay init` (what `make run` does first): a secured local setup and a curl that works."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dotenv import dotenv_values
+from flask import Flask
+from sqlalchemy import select
+
+from relay import create_app, localsetup
+from relay.authentication import sign
+from relay.cli import cli
+from relay.db import get_db
+from relay.models import OutboxEvent
+from relay.settings import Settings, load_settings
+
+ENV_KEYS = ("EXTOLE_WEBHOOK_SECRET", "EXTOLE_STAGING_WEBHOOK_SECRET", "RELAY_ADMIN_USER",
+            "RELAY_ADMIN_PASSWORD", "RELAY_SECRET_KEY")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clean working directory and no relay variables in the environment."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(("RELAY_", "BRAZE_", "EXTOLE_")):
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+def run_init() -> str:
+    result = CliRunner().invoke(cli, ["init"], env={"FLASK_RUN_FROM_CLI": None})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def curl_parts(output: str) -> tuple[str, dict[str, str], bytes]:
+    [line] = [line for line in output.splitlines() if line.strip().startswith("curl ")]
+    words = shlex.split(line)
+    url = words[words.index("-X") + 2]
+    headers = dict(words[i + 1].split(": ", 1) for i, w in enumerate(words) if w == "-H")
+    body = words[words.index("--data-binary") + 1].encode()
+    return url, headers, body
+
+
+def test_init_writes_random_secrets_once(workdir: Path) -> None:
+    output = run_init()
+    env_file = workdir / "instance" / ".env"
+    assert "wrote instance/.env with new random secrets" in output
+    values = dotenv_values(env_file)
+    assert all(values.get(key) for key in ENV_KEYS)
+    assert values["RELAY_ADMIN_USER"] == "admin"
+    assert values["EXTOLE_WEBHOOK_SECRET"] != values["EXTOLE_STAGING_WEBHOOK_SECRET"]
+    assert len(values["EXTOLE_WEBHOOK_SECRET"] or "") >= 32
+    assert len(values["RELAY_SECRET_KEY"] or "") >= 32
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    # The password and secrets are not printed: the output says where to find them.
+    for key in ("RELAY_ADMIN_PASSWORD", "RELAY_SECRET_KEY", "EXTOLE_STAGING_WEBHOOK_SECRET"):
+        assert (values[key] or "") not in output
+    assert "admin page: http://127.0.0.1:8000/admin/ (user admin" in output
+
+    first = env_file.read_bytes()
+    second_output = run_init()
+    assert "instance/.env exists: kept as it is" in second_output
+    assert env_file.read_bytes() == first
+
+
+def test_two_setups_get_different_secrets(tmp_path: Path) -> None:
+    one, two = tmp_path / "a" / ".env", tmp_path / "b" / ".env"
+    assert localsetup.write_local_env(one) and localsetup.write_local_env(two)
+    assert not localsetup.write_local_env(one)
+    first, second = dotenv_values(one), dotenv_values(two)
+    assert all(first[key] != second[key] for key in ENV_KEYS if key != "RELAY_ADMIN_USER")
+
+
+def test_existing_env_file_is_never_overwritten(workdir: Path) -> None:
+    env_file = workdir / "instance" / ".env"
+    env_file.parent.mkdir()
+    env_file.write_text("EXTOLE_WEBHOOK_SECRET=mine\n")
+    output = run_init()
+    assert env_file.read_text() == "EXTOLE_WEBHOOK_SECRET=mine\n"
+    assert "kept as it is" in output
+    _, headers, body = curl_parts(output)
+    assert headers["X-Extole-Signature"] == sign(body, "mine")
+
+
+def test_the_printed_curl_is_accepted(workdir: Path, database_url: str) -> None:
+    output = run_init()
+    settings = load_settings(cwd=workdir)
+    url, headers, body = curl_parts(output)
+    assert url == "http://127.0.0.1:8000/webhooks/extole/production"
+    assert headers["Content-Type"] == "application/json"
+
+    app: Flask = create_app(replace(settings, database_url=database_url), TESTING=True)
+    try:
+        client = app.test_client()
+        response = client.post(url.removeprefix("http://127.0.0.1:8000"), data=body,
+                               headers=headers)
+        assert response.status_code == 202, response.get_data(as_text=True)
+        answer = response.get_json()
+        assert (answer["accepted"], answer["duplicates"], answer["rejected"]) == (1, 0, [])
+        with get_db(app).session() as session:
+            [event] = session.scalars(select(OutboxEvent)).all()
+        assert (event.extole_event_id, event.braze_event, event.status) == (
+            "local-test-0001", "Earned Reward", "pending")
+        # Tampering with the body breaks the signature: the curl is really signed.
+        tampered = client.post("/webhooks/extole/production", data=body.replace(b"50", b"51"),
+                               headers=headers)
+        assert tampered.status_code == 401
+        # The staging secret written by init opens staging, and only staging.
+        staging = settings.extole_staging_webhook_secret or ""
+        response = client.post("/webhooks/extole/staging", data=body,
+                               headers={**headers, "X-Extole-Signature":
+                                        sign(body, staging)})
+        assert response.status_code == 202
+        response = client.post("/webhooks/extole/production", data=body,
+                               headers={"Content-Type": "application/json",
+                                        "Authorization": f"Bearer {staging}"})
+        assert response.status_code == 401
+    finally:
+        app.extensions["relay.db"].dispose()
+
+
+def test_instructions_without_secrets_say_what_is_missing() -> None:
+    text = localsetup.instructions(Settings())
+    assert text.splitlines() == [
+        "relay will serve on http://127.0.0.1:8000",
+        "BRAZE_API_KEY is not set: events are stored and wait (see instance/.env)",
+    ]

@@ -108,6 +108,8 @@ def format_age(seconds: float | None) -> str:
 
 def pretty_json(value: Any) -> str:
     """Indented JSON for display; a string that is JSON is re-indented, other text kept as is."""
+    if value is None:
+        return "—"
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):

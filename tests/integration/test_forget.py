@@ -296,3 +296,22 @@ def test_scrub_keeps_structure(person: Callable[..., privacy.Person]) -> None:
     assert ann.scrub_text("not json: ann@example.com") == f"not json: {privacy.ERASED}"
     assert ann.scrub_text(None) is None
 
+
+
+def test_a_forgotten_pending_event_is_never_sent(app: Flask, db: Database, post_webhook: Any,
+                                                 settings: Any) -> None:
+    import responses
+
+    from relay.worker import Worker
+
+    assert post_webhook(sample("reward_earned.json")).status_code == 202
+    forget(db, email=ANN_EMAIL)
+    worker = Worker(settings, db)
+    try:
+        with responses.RequestsMock():  # any request to Braze would fail the test
+            worker.run_once()
+    finally:
+        worker.close()
+    with db.session() as session:
+        [event] = session.scalars(select(OutboxEvent))
+    assert (event.status, event.last_error) == ("dead", "no identifier")

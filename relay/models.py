@@ -87,6 +87,8 @@ class OutboxEvent(Base):
         Index("ix_events_extole_event_id", "extole_event_id"),
         Index("ix_events_received_at", "received_at"),
         Index("ix_events_lease_expires_at", "lease_expires_at"),
+        # The admin's live stream asks "what changed since" twice a second.
+        Index("ix_events_updated_at", "updated_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -603,6 +603,20 @@ def shift_failure_clock(session: Session, environment: str, seconds: float) -> i
     return len(rows)
 
 
+def renew_leases(session: Session, owner: str, ids: Sequence[int], lease_seconds: float,
+                 now: datetime | None = None) -> int:
+    """Extend the leases this worker still holds on the events it is delivering."""
+    now = now or utcnow()
+    result = session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(list(ids)), OutboxEvent.lease_owner == owner,
+               OutboxEvent.status == Status.PENDING.value)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)
+
+
 def sweep_expired_leases(session: Session, now: datetime | None = None) -> int:
     """Clear leases of workers that died; their events are claimable again (at-least-once)."""
     now = now or utcnow()

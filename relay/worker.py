@@ -7,6 +7,7 @@ RELAY_POLL_INTERVAL seconds remains the safety net either way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 from typing import Any
@@ -84,8 +86,33 @@ class Worker:
                                       limit=self.settings.worker_batch_size,
                                       lease_seconds=self.settings.lease_seconds)
         if events:
-            self.delivery.deliver(events)
+            with self._keeping_leases(events):
+                self.delivery.deliver(events)
         return len(events)
+
+    @contextlib.contextmanager
+    def _keeping_leases(self, events: list[Any]) -> Iterator[None]:
+        """Renew the batch's leases while it is delivered: a slow batch (rate-limit pacing, a
+        slow Braze) must not be claimed by another worker meanwhile; only a dead worker's
+        leases expire."""
+        ids = [event.id for event in events]
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.settings.lease_seconds / 3):
+                try:
+                    with self.db.session() as session:
+                        outbox.renew_leases(session, self.owner, ids, self.settings.lease_seconds)
+                except DatabaseUnavailable as outage:
+                    log.warning("leases not renewed: %s", outage)
+
+        keeper = threading.Thread(target=renew, name="relay-lease", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            keeper.join()
 
     def drain(self, max_seconds: float = MAX_DRAIN_SECONDS, again: Any = None) -> int:
         """Deliver until nothing is due (or time is up, so other jobs get their turn)."""

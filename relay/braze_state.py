@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from relay.db import utcnow
@@ -21,9 +22,15 @@ OK, MISSING, REFUSED = "ok", "missing", "refused"
 def _state(session: Session, environment: str) -> EnvironmentState:
     state = session.get(EnvironmentState, environment, with_for_update=False)
     if state is None:
-        state = EnvironmentState(environment=environment, key_state=OK, updated_at=utcnow())
-        session.add(state)
-        session.flush()
+        # Concurrent first writers (two threads' 429s at once, two workers) must not collide on
+        # the primary key: a plain INSERT would fail one of them and roll its answer back.
+        dialect = session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        session.execute(insert(EnvironmentState)
+                        .values(environment=environment, key_state=OK, updated_at=utcnow())
+                        .on_conflict_do_nothing(index_elements=["environment"]))
+        state = session.scalars(select(EnvironmentState)
+                                .where(EnvironmentState.environment == environment)).one()
     return state
 
 

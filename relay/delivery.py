@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -173,7 +173,11 @@ class Delivery:
             jobs.extend((environment, c) for c in
                         chunk(planned, self.settings.braze_max_objects, email_identifier))
         if self.pool is not None and len(jobs) > 1:
-            for future in [self.pool.submit(self.send, env, c) for env, c in jobs]:
+            futures = [self.pool.submit(self.send, env, c) for env, c in jobs]
+            # Every chunk ends before the batch does, even when one raised: a chunk left running
+            # would race the next claim of its own events once their leases expire.
+            wait(futures)
+            for future in futures:
                 future.result()
         else:
             for environment, batch in jobs:

@@ -140,6 +140,8 @@ class BrazeClient:
         self._lock = threading.Lock()
         # Braze limits each endpoint separately, so the pacing state is per endpoint.
         self._rate: dict[str, dict[str, float | None]] = {}
+        # Requests sent and not answered yet: each will take one from what Braze said remains.
+        self._in_flight: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"BrazeClient(endpoint={self.endpoint!r}, environment={self.environment!r})"
@@ -176,17 +178,26 @@ class BrazeClient:
         return text.replace(self._api_key, "[redacted]")
 
     def _pace(self, path: str) -> None:
-        """Wait for the window to reset when the last answer said it is (nearly) used up."""
+        """Wait for the window to reset when the last answer said it is (nearly) used up,
+        counting this client's requests still in flight (concurrent threads share the window);
+        then count this request as in flight."""
         with self._lock:
             state = dict(self._rate.get(path, {}))
-        remaining, limit, reset = state.get("remaining"), state.get("limit"), state.get("reset")
-        if remaining is None or reset is None:
-            return
-        if remaining >= max(1.0, (limit or 0) * 0.01):
-            return
-        wait = reset - self._clock()
-        if wait > 0:
-            self._sleep(min(wait, MAX_PACING_SLEEP))
+            in_flight = self._in_flight.get(path, 0)
+            remaining, limit = state.get("remaining"), state.get("limit")
+            reset = state.get("reset")
+            wait = reset - self._clock() if reset is not None else 0.0
+            if remaining is None or wait <= 0 or remaining - in_flight >= max(
+                    1.0, (limit or 0) * 0.01):
+                self._in_flight[path] = in_flight + 1
+                return
+        self._sleep(min(wait, MAX_PACING_SLEEP))
+        with self._lock:
+            self._in_flight[path] = self._in_flight.get(path, 0) + 1
+
+    def _answered(self, path: str) -> None:
+        with self._lock:
+            self._in_flight[path] = max(0, self._in_flight.get(path, 0) - 1)
 
     def _remember_rate(self, path: str, headers: Any, status: int, reset_at: float | None) -> None:
         state = {"limit": _float(headers.get("X-RateLimit-Limit")),
@@ -229,6 +240,9 @@ class BrazeClient:
             error = self._scrub(f"connection error: {exc}")
         except requests.RequestException as exc:
             error = self._scrub(f"request failed: {type(exc).__name__}: {exc}")
+        finally:
+            if status is None:
+                self._answered(path)
         duration_ms = (time.perf_counter() - t0) * 1000.0
         log.info("braze POST %s status=%s duration_ms=%.1f environment=%s",
                  path, status if status is not None else "-", duration_ms, self.environment)
@@ -243,6 +257,7 @@ class BrazeClient:
         assert status is not None
         reset_at = self._reset_at(response.headers) if status == 429 else None
         self._remember_rate(path, response.headers, status, reset_at)
+        self._answered(path)
         data = self._json(text)
 
         if 200 <= status < 300:

@@ -53,12 +53,13 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]
 
 
 @pytest.fixture
-def database(pg_admin_url: str) -> Iterator[tuple[str, Db]]:
+def database(pg_admin_url: str, procs: Processes) -> Iterator[tuple[str, Db]]:
     url = create_database(pg_admin_url)
     db = Db(url)
     try:
         yield url, db
     finally:
+        procs.close()  # nothing may still be using the database when it is dropped
         db.dispose()
         drop_database(pg_admin_url, url)
 

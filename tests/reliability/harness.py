@@ -199,12 +199,17 @@ class Processes:
         return server
 
     def worker(self, env: dict[str, str], name: str = "worker") -> Proc:
+        return self.workers(env, [name])[0]
+
+    def workers(self, env: dict[str, str], names: Sequence[str]) -> list[Proc]:
+        """Start `relay worker` processes together, then wait until each has started."""
         if self._worker_argv is None:
             self._worker_argv = worker_command()
-        proc = self.start(name, self._worker_argv, env)
-        wait_until(lambda: self._dead(proc) or " started on " in proc.log(), 60,
-                   f"{name} to start")
-        return proc
+        started = [self.start(name, self._worker_argv, env) for name in names]
+        for proc in started:
+            wait_until(lambda p=proc: self._dead(p) or " started on " in p.log(), 60,
+                       f"{proc.name} to start")
+        return started
 
     def _dead(self, proc: Proc) -> bool:
         if not proc.alive():

@@ -50,7 +50,7 @@ def test_two_receivers_two_workers_duplicates_at_once(
     env = relay_env(url, box)
     receivers = [procs.server(env, workers=2, name="receiver-a"),
                  procs.server(env, workers=2, name="receiver-b")]
-    workers = [procs.worker(env, name="worker-a"), procs.worker(env, name="worker-b")]
+    workers = procs.workers(env, ["worker-a", "worker-b"])
 
     events = [make_event(f"{tag}-e{i}", f"{tag}-p{i % PEOPLE}", seq=i) for i in range(EVENTS)]
     duplicated = set(rng.sample(range(EVENTS), DUPLICATED))

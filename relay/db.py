@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 from sqlalchemy import Engine, create_engine, event, exc
@@ -20,9 +22,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from relay.exceptions import DatabaseUnavailable
 
+if TYPE_CHECKING:
+    from relay.notifier import Notifier
+
 SQLITE_BUSY_TIMEOUT_MS = 5000
 PG_CONNECT_TIMEOUT_S = 3
 POOL_TIMEOUT_S = 5
+PING_AFTER_IDLE_S = 1.0
 
 
 def utcnow() -> datetime:
@@ -46,9 +52,35 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 10)
-    return create_engine(
-        url, pool_pre_ping=True, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S}, **kwargs
+    engine = create_engine(
+        url, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S}, **kwargs
     )
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """pool_pre_ping, but only for connections idle longer than PING_AFTER_IDLE_S.
+
+    A connection handed back moments ago is as good as the answer it just gave; pinging it would
+    add a round trip to every webhook. A connection that breaks anyway (the server restarted
+    within that second) fails its statement, which becomes a 503 and invalidates the pool.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is not None and time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:  # noqa: BLE001 - any failure: take a new connection
+            raise exc.DisconnectionError(f"connection failed its ping: {error}") from error
 
 
 def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
@@ -67,6 +99,8 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._notifier: Notifier | None = None
+        self._notifier_lock = threading.Lock()
 
     @property
     def dialect(self) -> str:
@@ -86,7 +120,20 @@ class Database:
                 raise DatabaseUnavailable(_describe(error)) from error
             raise
 
+    def notifier(self) -> Notifier | None:
+        """The NOTIFY sender that wakes worker processes (PostgreSQL only), made on first use."""
+        if self._notifier is None and self.dialect == "postgresql":
+            with self._notifier_lock:
+                if self._notifier is None:
+                    from relay.notifier import Notifier
+                    from relay.outbox import NOTIFY_CHANNEL
+
+                    self._notifier = Notifier(self.engine, NOTIFY_CHANNEL)
+        return self._notifier
+
     def dispose(self) -> None:
+        if self._notifier is not None:
+            self._notifier.close()
         self.engine.dispose()
 
 

@@ -63,12 +63,16 @@ def store_webhook(
     environment: str,
     event_map: EventMap,
 ) -> Receipt:
-    """Record the request and its events in the caller's transaction."""
+    """Record the request and its events in the caller's transaction.
+
+    The caller wakes the workers after the commit (`relay.notifier`): a NOTIFY inside this
+    transaction would serialise every commit on PostgreSQL's notification queue lock.
+    """
     now = inbound.received_at
-    session.add(inbound)
-    session.flush()
     receipt = Receipt()
-    insert = dialect_insert(session)
+    # Normalised first, so the inbound row goes in with its final counts in the usual case
+    # (an UPDATE follows only when a duplicate turns up).
+    prepared: list[tuple[Any, Event | None, str | None]] = []
     for index, item in enumerate(items):
         try:
             event = normalise(item, event_map, now)
@@ -77,16 +81,28 @@ def store_webhook(
         except RejectedEvent as rejection:
             reason = str(rejection)
             receipt.rejected.append({"index": index, "error": reason})
-            session.add(_rejected_row(item, environment, inbound.id, reason, now))
+            prepared.append((item, None, reason))
             continue
-        row = _event_row(event, environment, inbound.id, now)
-        statement = (
-            insert(OutboxEvent)
-            .values(**row)
-            .on_conflict_do_nothing(index_elements=["environment", "dedup_key"])
-            .returning(OutboxEvent.id)
-        )
-        new_id = session.execute(statement).scalar()
+        prepared.append((item, event, None))
+    inbound.accepted = len(prepared) - len(receipt.rejected)
+    inbound.duplicates = 0
+    inbound.rejected = len(receipt.rejected)
+    # Core, not the ORM's unit of work: this is the hot path of every webhook.
+    connection = session.connection()
+    inbound_table = InboundRequest.__table__
+    inbound.id = connection.execute(
+        _INSERT_INBOUND,
+        {c.key: getattr(inbound, c.key) for c in inbound_table.columns if c.key != "id"},
+    ).scalar_one()
+    insert_event = _insert_event(connection.dialect.name)
+    for item, event, reason in prepared:
+        if event is None:
+            session.add(_rejected_row(item, environment, inbound.id, reason or "", now))
+            session.flush()  # keeps the outbox ids in request order
+            continue
+        # One statement object, values as parameters: compiled once, not per webhook.
+        new_id = connection.execute(
+            insert_event, _event_row(event, environment, inbound.id, now)).scalar()
         if new_id is None:
             receipt.duplicates += 1
             continue
@@ -94,15 +110,30 @@ def store_webhook(
         receipt.ids.append(new_id)
         for note in event.trimmed:
             log.info("event %s (%s): %s", new_id, event.extole_event_id, note)
-    session.flush()
-    inbound.accepted = receipt.accepted
-    inbound.duplicates = receipt.duplicates
-    inbound.rejected = len(receipt.rejected)
-    if receipt.accepted and session.get_bind().dialect.name == "postgresql":
-        # Delivered to listening workers only when this transaction commits.
-        session.execute(text("SELECT pg_notify(:channel, :env)"),
-                        {"channel": NOTIFY_CHANNEL, "env": environment})
+    if receipt.duplicates:
+        inbound.accepted, inbound.duplicates = receipt.accepted, receipt.duplicates
+        connection.execute(
+            inbound_table.update().where(inbound_table.c.id == inbound.id)
+            .values(accepted=receipt.accepted, duplicates=receipt.duplicates)
+        )
     return receipt
+
+
+_INSERT_INBOUND = InboundRequest.__table__.insert().returning(InboundRequest.__table__.c.id)
+_INSERT_EVENT: dict[str, Any] = {}
+
+
+def _insert_event(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT (environment, dedup_key) DO NOTHING RETURNING id, built once."""
+    if dialect not in _INSERT_EVENT:
+        table = OutboxEvent.__table__
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        _INSERT_EVENT[dialect] = (
+            insert(table)
+            .on_conflict_do_nothing(index_elements=["environment", "dedup_key"])
+            .returning(table.c.id)
+        )
+    return _INSERT_EVENT[dialect]
 
 
 def _event_row(event: Event, environment: str, inbound_id: int, now: datetime) -> dict[str, Any]:

@@ -63,10 +63,19 @@ def receive(environment: str) -> tuple[Response, int]:
     except Refusal as refusal:
         return _refuse(inbound, refusal)
     metrics.WEBHOOKS.labels(environment, "accepted").inc()
-    waker = current_app.extensions.get("relay.waker")
-    if waker is not None and receipt.accepted:
-        waker.wake()
+    if receipt.accepted:
+        _wake_workers(environment)
     return jsonify(receipt.as_json()), 202
+
+
+def _wake_workers(environment: str) -> None:
+    """After the commit: the in-process worker directly, other processes by a NOTIFY."""
+    waker = current_app.extensions.get("relay.waker")
+    if waker is not None:
+        waker.wake()
+    notifier = get_db().notifier()
+    if notifier is not None:
+        notifier.poke(environment)
 
 
 def _checked_items(settings: Settings, environment: str, inbound: InboundRequest) -> list[Any]:

@@ -63,6 +63,19 @@ class Waker:
         with self._lock:
             self._running = False
 
+    def finish(self) -> bool:
+        """End a run, unless a wake-up arrived since the last look: then False, run on.
+
+        Checked under the lock, so a wake-up between the drain's last look and the end of the
+        run is never lost (it would otherwise wait for the next poll).
+        """
+        with self._lock:
+            if self._again:
+                self._again = False
+                return False
+            self._running = False
+            return True
+
 
 def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> BackgroundScheduler:
     scheduler = BackgroundScheduler(
@@ -71,10 +84,16 @@ def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> Backgro
 
     def deliver() -> None:
         waker.begin()
+        finished = False
         try:
-            worker.drain(again=waker.look_again)
+            while not worker.stopping.is_set():
+                worker.drain(again=waker.look_again)
+                if waker.finish():
+                    finished = True
+                    break
         finally:
-            waker.end()
+            if not finished:
+                waker.end()
 
     def purge() -> None:
         from relay import retention

@@ -38,6 +38,21 @@ reliability: $(VENV)/.installed-test
 	RELAY_RELIABILITY_REPORT=tests/reliability/REPORT.md \
 		$(BIN)/pytest -m reliability tests/reliability -p no:cacheprovider
 
+# Benchmarks (bench/README.md): bounded in time and count, traffic to 127.0.0.1 only, fresh
+# PostgreSQL databases on 127.0.0.1:5432 created and dropped; rewrites bench/RESULTS.md.
+BENCH_SECONDS ?= 30
+BENCH_ROUNDS ?= 3
+bench: $(VENV)/.installed
+	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 \
+		|| { apt-get update -qq && apt-get install -y -qq wrk; }
+	$(BIN)/python -m bench.ingest --db postgresql --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS)
+	$(BIN)/python -m bench.ingest --db sqlite --rounds 1 --seconds $(BENCH_SECONDS) --no-bare
+	$(BIN)/python -m bench.delivery --db postgresql --runs $(BENCH_ROUNDS)
+	$(BIN)/python -m bench.delivery --db sqlite --runs 1
+	$(BIN)/python -m bench.latency --runs $(BENCH_ROUNDS) --seconds 20
+	$(BIN)/python -m bench.backlog --drain 30
+	$(BIN)/python -m bench.report
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check relay migrations tests scripts wsgi.py
 

@@ -29,12 +29,40 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 
 from relay.models import OutboxEvent
+from relay.scheduler import DELIVER_JOB, Waker
 from relay.settings import Settings
 from relay.worker import Worker, start_in_process
 from tests.support import BRAZE_URL, PROD_KEY, PROD_SECRET, sample, signed
 
 WAIT_SECONDS = 120.0
 CLI = "from relay.cli import main; main()"
+
+
+class FakeScheduler:
+    running = True
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+
+    def modify_job(self, job_id: str, **_changes: Any) -> None:
+        self.runs.append(job_id)
+
+
+def test_a_wake_up_is_never_lost_whenever_it_arrives() -> None:
+    waker, scheduler = Waker(), FakeScheduler()
+    waker.attach(scheduler)  # type: ignore[arg-type]
+    waker.wake()  # idle: run the delivery job now
+    assert scheduler.runs == [DELIVER_JOB]
+    waker.begin()
+    waker.wake()  # while draining: the drain looks again instead
+    assert scheduler.runs == [DELIVER_JOB]
+    assert waker.look_again() is True
+    assert waker.look_again() is False
+    waker.wake()  # after the drain's last look, before the run ends: the run goes on
+    assert waker.finish() is False
+    assert waker.finish() is True
+    waker.wake()  # the run has ended: a new one
+    assert scheduler.runs == [DELIVER_JOB, DELIVER_JOB]
 
 
 def test_in_process_delivery_is_woken_by_the_receiver(
@@ -159,9 +187,10 @@ def sandbox(processes: Processes) -> Iterator[str]:
 
 
 def worker_env(postgres_url: str, sandbox: str, **extra: str) -> dict[str, str]:
-    return base_env(RELAY_DATABASE_URL=postgres_url, BRAZE_REST_ENDPOINT=sandbox,
-                    BRAZE_API_KEY=PROD_KEY, RELAY_POLL_INTERVAL="0.2",
-                    RELAY_WORKER_BATCH_SIZE="100", **extra)
+    values = {"RELAY_DATABASE_URL": postgres_url, "BRAZE_REST_ENDPOINT": sandbox,
+              "BRAZE_API_KEY": PROD_KEY, "RELAY_POLL_INTERVAL": "0.2",
+              "RELAY_WORKER_BATCH_SIZE": "100"}
+    return base_env(**{**values, **extra})
 
 
 def counts(engine: Engine) -> dict[str, int]:
@@ -274,3 +303,23 @@ def test_a_worker_killed_mid_request_loses_nothing(
     seen = stats(sandbox)
     assert set(seen["event_ids"]) == {f"k-{p}" for p in range(10)}
     assert set(seen["event_ids"].values()) == {2}
+
+
+@pytest.mark.slow
+def test_a_worker_process_is_woken_by_the_receivers_notify(
+        postgres_url: str, engine: Engine, sandbox: str, processes: Processes,
+        client: FlaskClient) -> None:
+    # The poll is an hour away: only PostgreSQL's NOTIFY can wake the worker within the wait.
+    post_events(client, [{"type": "shared", "event_id": "n-0",
+                          "event_time": "2026-11-20T10:00:00Z", "partner_user_id": "cust-0"}])
+    worker = processes.start("worker", ["worker"],
+                             worker_env(postgres_url, sandbox, RELAY_POLL_INTERVAL="3600"))
+    # Its first run, at start, delivers what was there; then it idles, listening.
+    wait_for(lambda: counts(engine) == {"delivered": 1}, lambda: processes.log(worker), 60)
+    wait_for(lambda: "listening for new events" in processes.log(worker),
+             lambda: processes.log(worker), 30)
+    time.sleep(1.0)  # let that first run end: what follows is the wake-up's doing
+    post_events(client, [{"type": "shared", "event_id": "n-1",
+                          "event_time": "2026-11-20T10:00:01Z", "partner_user_id": "cust-1"}])
+    wait_for(lambda: counts(engine) == {"delivered": 2}, lambda: processes.log(worker), 30)
+    assert set(stats(sandbox)["event_ids"]) == {"n-0", "n-1"}

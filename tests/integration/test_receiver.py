@@ -22,6 +22,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, select, text
+from sqlalchemy import event as event_api
+from sqlalchemy.exc import OperationalError
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
@@ -751,8 +753,8 @@ def _settings_for(url: str) -> Settings:
 
 @pytest.fixture
 def unreachable_app() -> Iterator[Flask]:
-    application = create_app(_settings_for("postgresql+psycopg://postgres@127.0.0.1:1/x"),
-                             TESTING=True)
+    application = create_app(
+        _settings_for("postgresql+psycopg://postgres:db-pass-XYZ@127.0.0.1:1/x"), TESTING=True)
     yield application
     application.extensions["relay.db"].dispose()
 
@@ -767,6 +769,28 @@ def test_unreachable_postgresql_is_503(unreachable_app: Flask,
     assert response.get_json() == DB_DOWN
     assert any("not stored" in r.getMessage() and "OperationalError" in r.getMessage()
                for r in caplog.records)
+    assert "db-pass-XYZ" not in caplog.text  # the database password is not logged
+
+
+def test_failed_commit_is_503_and_stores_nothing(app: Flask, client: FlaskClient) -> None:
+    """A 2xx only after the commit: when the commit itself fails, the answer is 503."""
+    engine = get_db(app).engine
+
+    def fail_commit(_connection: Any) -> None:
+        raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    body = encode(event("commit-1"))
+    event_api.listen(engine, "commit", fail_commit)
+    try:
+        response = client.post("/webhooks/extole/production", data=body, headers=signed(body))
+    finally:
+        event_api.remove(engine, "commit", fail_commit)
+    assert (response.status_code, response.get_json()) == (503, DB_DOWN)
+    assert events(app) == []
+    assert inbound(app) == []
+    # Extole's retry is then stored as the first copy, not a duplicate.
+    again = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
+    assert (again["accepted"], again["duplicates"]) == (1, 0)
 
 
 def test_refusals_keep_their_status_when_the_database_is_down(unreachable_app: Flask) -> None:

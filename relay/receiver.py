@@ -118,6 +118,11 @@ def _read_within(limit: int, inbound: InboundRequest) -> bytes:
         raw = _read_body(limit + 1)
     except ClientDisconnected:
         raise Refusal(400, "bad_request", "body ended before its Content-Length") from None
+    except Exception as error:  # noqa: BLE001 - the server's body reader failed
+        # Broken chunked framing (gunicorn's InvalidChunkSize, ChunkMissingTerminator), a reset
+        # connection: the client's doing, answered 400, never a 500.
+        raise Refusal(400, "bad_request",
+                      f"body could not be read ({type(error).__name__})") from None
     inbound.body_size = len(raw)
     if len(raw) > limit:
         raise Refusal(413, "too_large", f"body larger than {limit} bytes")

@@ -287,7 +287,7 @@ def test_a_worker_killed_mid_request_loses_nothing(
                 OutboxEvent.lease_owner.is_not(None))) or 0)
 
     wait_for(lambda: leased() == 10, lambda: (counts(engine), processes.log(doomed)), 60)
-    time.sleep(1.0)  # the request is in flight: the sandbox answers after 3 s
+    time.sleep(1.5)  # the request is in flight: the sandbox answers after 3 s
     doomed.kill()
     doomed.wait(timeout=15)
     assert counts(engine) == {"pending": 10}

@@ -60,7 +60,7 @@ class Settings:
     retention_days: int = 30
     # Tunables beyond the contract's table, documented in the README.
     worker_batch_size: int = 500
-    worker_threads: int = 4
+    worker_threads: int = 8
     lease_seconds: int = 120
     poll_interval: float = 1.0
     braze_connect_timeout: float = 5.0

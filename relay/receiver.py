@@ -146,16 +146,38 @@ def _read_body(at_most: int) -> bytes:
 
 def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Any:
     inbound.status_code, inbound.outcome = 202, "accepted"
-    try:
-        with get_db().session() as session:
-            return store_webhook(session, inbound, items, environment,
-                                 current_app.extensions["relay.event_map"])
-    except (DatabaseUnavailable, SQLAlchemyError) as outage:
-        # Any database error (unreachable, locked, schema not migrated, ...) is answered 503 so
-        # that Extole retries: never a 500, never a 2xx before the commit.
-        log.warning("webhook for %s not stored: %s", environment, _describe(outage))
-        raise Refusal(503, "db_unavailable",
-                      "database unavailable: the event was not stored, retry later") from None
+    for attempt in range(1, STORE_ATTEMPTS + 1):
+        try:
+            with get_db().session() as session:
+                return store_webhook(session, inbound, items, environment,
+                                     current_app.extensions["relay.event_map"])
+        except (DatabaseUnavailable, SQLAlchemyError) as outage:
+            if attempt < STORE_ATTEMPTS and _transient(outage):
+                # Two webhooks sharing events in opposite orders can deadlock on PostgreSQL;
+                # the one chosen as victim is simply run again (its rows were rolled back).
+                log.info("webhook for %s: %s, trying again", environment, _describe(outage))
+                continue
+            # Any database error (unreachable, locked, schema not migrated, ...) is answered 503
+            # so that Extole retries: never a 500, never a 2xx before the commit.
+            log.warning("webhook for %s not stored: %s", environment, _describe(outage))
+            raise Refusal(503, "db_unavailable",
+                          "database unavailable: the event was not stored, retry later") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+STORE_ATTEMPTS = 3
+# SQLSTATE class 40, transaction rollback: serialization failure, deadlock detected.
+_TRANSIENT_SQLSTATES = ("40001", "40P01")
+
+
+def _transient(error: BaseException) -> bool:
+    """A deadlock or serialization failure: the transaction may simply be run again."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
 
 
 def _refuse(inbound: InboundRequest, refusal: Refusal) -> tuple[Response, int]:

@@ -19,7 +19,10 @@ log = logging.getLogger(__name__)
 TRACK_PATH = "/users/track"
 EXPORT_IDS_PATH = "/users/export/ids"
 MAX_PACING_SLEEP = 60.0
-_BAD_REQUEST = frozenset({400, 404, 413, 415, 422})
+# Problems with the objects sent: splitting the batch isolates them. 404 (wrong endpoint) and
+# 415 (wrong content type) are about the relay's configuration, not the events: they are
+# retried like an outage so a misconfiguration never kills a backlog.
+_BAD_REQUEST = frozenset({400, 413, 422})
 _MESSAGE_LIMIT = 500
 
 

@@ -124,7 +124,18 @@ def test_refused_key(client: BrazeClient, mocked: responses.RequestsMock, status
     assert info.value.exchange is not None and info.value.exchange.status == status
 
 
-@pytest.mark.parametrize("status", [400, 404, 413, 415, 422])
+@pytest.mark.parametrize("status", [404, 415])
+def test_configuration_problems_are_retried_not_fatal(client: BrazeClient,
+                                                      mocked: responses.RequestsMock,
+                                                      status: int) -> None:
+    mocked.post(TRACK_URL, status=status, json={"message": "not here"})
+    with pytest.raises(ServerError) as info:
+        client.track({"events": [EVENT]})
+    assert info.value.status == status
+    assert "not here" in str(info.value)
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
 def test_request_shaped_problems(client: BrazeClient, mocked: responses.RequestsMock,
                                  status: int) -> None:
     mocked.post(TRACK_URL, status=status, json={"message": "Max Input Length Exceeded"})

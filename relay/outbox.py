@@ -641,12 +641,22 @@ def shift_failure_clock(session: Session, environment: str, seconds: float) -> i
 
 def renew_leases(session: Session, owner: str, ids: Sequence[int], lease_seconds: float,
                  now: datetime | None = None) -> int:
-    """Extend the leases this worker still holds on the events it is delivering."""
+    """Extend the leases this worker still holds on the events it is delivering.
+
+    Rows locked by a transaction recording their outcome are skipped, never waited for: the
+    renewal then cannot deadlock with it (an UPDATE of many rows locks them in scan order while
+    that transaction locks its rows one by one), and those rows are being finished anyway.
+    """
     now = now or utcnow()
-    result = session.execute(
-        update(OutboxEvent)
+    held = (
+        select(OutboxEvent.id)
         .where(OutboxEvent.id.in_(list(ids)), OutboxEvent.lease_owner == owner,
                OutboxEvent.status == Status.PENDING.value)
+        .with_for_update(skip_locked=True)
+    )
+    result = session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(held.scalar_subquery()))
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )

@@ -194,7 +194,7 @@ def run_worker(settings: Settings, metrics_port: int | None = None) -> None:
     if metrics_port:
         from relay.metrics import serve_worker_metrics
 
-        serve_worker_metrics(metrics_port)
+        serve_worker_metrics(metrics_port, db=db)
     listener = None
     if db.dialect == "postgresql":
         listener = threading.Thread(target=listen_for_events,

@@ -45,12 +45,14 @@ BENCH_ROUNDS ?= 3
 bench: $(VENV)/.installed
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk >/dev/null 2>&1 \
 		|| { apt-get update -qq && apt-get install -y -qq wrk; }
-	$(BIN)/python -m bench.ingest --db postgresql --rounds $(BENCH_ROUNDS) --seconds $(BENCH_SECONDS)
-	$(BIN)/python -m bench.ingest --db sqlite --rounds 1 --seconds $(BENCH_SECONDS) --no-bare
-	$(BIN)/python -m bench.delivery --db postgresql --runs $(BENCH_ROUNDS)
-	$(BIN)/python -m bench.delivery --db sqlite --runs 1
+	$(BIN)/python -m bench.ingest --db postgresql --rounds $(BENCH_ROUNDS) \
+		--seconds $(BENCH_SECONDS) --steady-seconds 20
+	$(BIN)/python -m bench.ingest --db sqlite --rounds 1 --seconds $(BENCH_SECONDS) --no-bare \
+		--steady-seconds 20
+	$(BIN)/python -m bench.delivery --db postgresql --runs $(BENCH_ROUNDS) --timeout 90
+	$(BIN)/python -m bench.delivery --db sqlite --runs 1 --timeout 45
 	$(BIN)/python -m bench.latency --runs $(BENCH_ROUNDS) --seconds 20
-	$(BIN)/python -m bench.backlog --drain 30
+	$(BIN)/python -m bench.backlog --drain 20
 	$(BIN)/python -m bench.report
 
 lint: $(VENV)/.installed-test

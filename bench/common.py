@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -152,6 +153,8 @@ class Child:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
         self._log.close()
+        if not os.environ.get("RELAY_BENCH_KEEP_LOGS"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Child:
         return self
@@ -183,8 +186,9 @@ def gunicorn(name: str, app: str, port: int, env: dict[str, str]) -> Child:
     try:
         wait_http(port, "/healthz")
     except RuntimeError:
+        output = child.output()[-3000:]
         child.stop()
-        raise RuntimeError(f"{name} did not start:\n{child.output()[-3000:]}") from None
+        raise RuntimeError(f"{name} did not start:\n{output}") from None
     return child
 
 

@@ -66,10 +66,14 @@ def ingest(lines: list[str], database: str) -> None:
     lines.append(HEAD)
     lines.append(row("accepted webhooks/s at saturation", f["saturation_accepted_per_s"],
                      2000, True, "/s"))
-    lines.append(row(f"p99 latency at {data['rate']:.0f} requests/s", f["steady_p99_ms"], 25,
-                     False, " ms", 1))
-    lines.append(row(f"p50 latency at {data['rate']:.0f} requests/s", f["steady_p50_ms"], None,
-                     False, " ms", 1))
+    if "steady_p99_ms" in f:
+        lines.append(row(f"p99 latency at {data['rate']:.0f} requests/s", f["steady_p99_ms"], 25,
+                         False, " ms", 1))
+        lines.append(row(f"p50 latency at {data['rate']:.0f} requests/s", f["steady_p50_ms"],
+                         None, False, " ms", 1))
+    else:
+        lines.append(f"| p99 latency at {data['rate']:.0f} requests/s | ≤ 25.0 ms | not "
+                     "measured: saturation is below this rate | | | | |")
     if "ratio" in f:
         lines.append(row("ratio to bare Flask 202 (same run)", f["ratio"], 0.5, True, "", 2))
         lines.append(row("bare Flask 202 requests/s", f["bare_per_s"], None, True, "/s"))
@@ -100,10 +104,14 @@ def delivery(lines: list[str], database: str) -> None:
         lines.append("Not run.\n")
         return
     f = data["figures"]
+    from relay.settings import Settings
+
+    defaults = Settings()
     lines.append(f"{data['events']:,} pending events (external_id, 4 per person) drained by one "
-                 "`relay worker` (defaults: batch 500, 4 Braze threads, 75 objects per request) "
-                 "into the stand-in; from the worker's start to the last event marked "
-                 "delivered.\n")
+                 f"`relay worker` (defaults: batch {defaults.worker_batch_size}, "
+                 f"{defaults.worker_threads} Braze threads, {defaults.braze_max_objects} objects "
+                 "per request) into the stand-in; from the worker's start to the last event "
+                 "marked delivered.\n")
     lines.append(HEAD)
     lines.append(row("events delivered/s", f["events_per_s"], 5000, True, "/s"))
     lines.append(row("Braze /users/track requests/s", f["braze_requests_per_s"], None, True,
@@ -116,6 +124,10 @@ def delivery(lines: list[str], database: str) -> None:
                  f"{'met' if most <= 75 else '**missed**'} |")
     share = f["braze_requests_per_s"]["median"] / 1000
     lines.append("")
+    partial = [r for r in data["runs"] if not r.get("complete", True)]
+    if partial:
+        lines.append(f"{len(partial)} of {len(data['runs'])} runs reached the time limit before "
+                     "the last event: their rate is the events delivered over the time run.\n")
     lines.append(f"At the median rate the relay uses {share:.0%} of Braze's 1,000 requests/s "
                  f"for /users/track.\n")
     lines.append(machine_line(data) + "\n")

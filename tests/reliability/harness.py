@@ -40,7 +40,21 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RELAY = str(BIN / "relay")
 PYTHON = sys.executable
-PG_BIN = Path(os.environ.get("RELAY_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _pg_bin() -> Path:
+    """initdb and pg_ctl: RELAY_PG_BIN, else the newest /usr/lib/postgresql/<version>/bin."""
+    if os.environ.get("RELAY_PG_BIN"):
+        return Path(os.environ["RELAY_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 PROD_SECRET = "reliability-prod-secret-5f1c"
 STAGING_SECRET = "reliability-staging-secret-9a2e"

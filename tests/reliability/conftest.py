@@ -82,6 +82,13 @@ def pytest_runtest_makereport(
     result = yield
     setattr(item, f"rep_{result.when}", result)
     row: Row | None = getattr(item, "reliability_row", None)
+    if row is None and result.failed:
+        # Failed before the scenario made its row (a fixture, PostgreSQL): the report says so.
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        if module.startswith("test_s") and module[6:7].isdigit():
+            row = Row(int(module[6]), item.name.removeprefix("test_").replace("_", " "))
+            ROWS.setdefault(row.number, row)
+            item.reliability_row = row  # type: ignore[attr-defined]
     if row is not None:
         row.duration += result.duration
         if result.when == "call" or result.failed:

@@ -69,6 +69,8 @@ def test_hostile_input(database: tuple[str, Db], procs: Processes,
     lock = threading.Lock()
     rss_warm: dict[int, int] = {}
 
+    # Per client thread, its previous request: a connection failure names what came before on
+    # the same kept-alive connection (how the unannounced close after a 413 was found).
     last: dict[int, tuple[str, int | None, float]] = {}
 
     def fire(attack: Attack, clients: Clients) -> None:

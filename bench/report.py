@@ -86,6 +86,12 @@ def ingest(lines: list[str], database: str) -> None:
     if database == "postgresql" and all(c is not None for c in db):
         lines.append(f"| PostgreSQL CPU per webhook | | {fmt(sorted(db)[len(db) // 2], 2)} ms | "
                      f"{fmt(min(db), 2)} ms | {fmt(max(db), 2)} ms | {len(db)} | |")
+    if database == "postgresql" and all(c is not None for c in cpu + db):
+        per_request = sorted(c + d for c, d in zip(cpu, db, strict=True))[len(cpu) // 2]
+        cores = data["machine"]["cores"]
+        lines.append(f"| CPU-bound ceiling on {cores} dedicated cores "
+                     f"({cores} s / CPU per webhook) | | {1000 * cores / per_request:,.0f}/s "
+                     "| | | | |")
     bare_cpu = [r["bare"].get("server_cpu_ms_per_request") for r in data["rounds"]
                 if "bare" in r]
     if bare_cpu and all(c is not None for c in bare_cpu):
@@ -119,6 +125,15 @@ def delivery(lines: list[str], database: str) -> None:
     lines.append(row("events per request", f["events_per_request"], None, True, "", 1))
     lines.append(row("worker CPU per event", f["worker_cpu_ms_per_event"], None, False, " ms",
                      3))
+    db_cpu = sorted(r["db_cpu_ms_per_event"] for r in data["runs"])
+    worker_cpu = sorted(r["worker_cpu_ms_per_event"] for r in data["runs"])
+    if database == "postgresql":
+        lines.append(f"| PostgreSQL CPU per event | | {db_cpu[len(db_cpu) // 2]:.3f} ms | "
+                     f"{db_cpu[0]:.3f} ms | {db_cpu[-1]:.3f} ms | {len(db_cpu)} | |")
+        per_event = worker_cpu[len(worker_cpu) // 2] + db_cpu[len(db_cpu) // 2]
+        cores = data["machine"]["cores"]
+        lines.append(f"| CPU-bound ceiling on {cores} dedicated cores | | "
+                     f"{1000 * cores / per_event:,.0f}/s | | | | |")
     most = f["max_objects_seen"]
     lines.append(f"| most objects in one request | ≤ 75 | {most} | | | | "
                  f"{'met' if most <= 75 else '**missed**'} |")

@@ -77,7 +77,20 @@ class Waker:
             return True
 
 
+class _BusyDeliveryFilter(logging.Filter):
+    """While a delivery run goes on (it runs on as long as wake-ups arrive), the interval
+    trigger finding it busy is the design, not a problem: APScheduler's warning about it is
+    dropped instead of being printed every poll interval under steady traffic."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (DELIVER_JOB in str(record.args)
+                    and "maximum number of running instances" in str(record.msg))
+
+
 def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> BackgroundScheduler:
+    apscheduler_log = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(f, _BusyDeliveryFilter) for f in apscheduler_log.filters):
+        apscheduler_log.addFilter(_BusyDeliveryFilter())
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1,
                                       "misfire_grace_time": 30})

@@ -106,23 +106,18 @@ def store_webhook(
     for item, event, reason in prepared:
         if event is None:
             session.add(_rejected_row(item, environment, inbound.id, reason or "", now))
-    session.flush()
-    # Rows are locked in dedup-key order, so two webhooks sharing events in opposite orders
-    # cannot deadlock; `ids` are still reported in request order.
-    new_ids: dict[int, int] = {}
-    usable = [(index, event) for index, (_, event, _) in enumerate(prepared) if event is not None]
-    for index, event in sorted(usable, key=lambda pair: pair[1].dedup_key):
+            session.flush()  # keeps the outbox ids in request order
+            continue
         # One statement object, values as parameters: compiled once, not per webhook.
         new_id = connection.execute(
             insert_event, _event_row(event, environment, inbound.id, now)).scalar()
         if new_id is None:
             receipt.duplicates += 1
             continue
-        new_ids[index] = new_id
+        receipt.accepted += 1
+        receipt.ids.append(new_id)
         for note in event.trimmed:
             log.info("event %s (%s): %s", new_id, event.extole_event_id, note)
-    receipt.ids = [new_ids[index] for index in sorted(new_ids)]
-    receipt.accepted = len(receipt.ids)
     if receipt.duplicates:
         inbound.accepted, inbound.duplicates = receipt.accepted, receipt.duplicates
         connection.execute(

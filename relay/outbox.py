@@ -103,6 +103,7 @@ def store_webhook(
         {c.key: getattr(inbound, c.key) for c in inbound_table.columns if c.key != "id"},
     ).scalar_one()
     insert_event = _insert_event(connection.dialect.name)
+    _lock_dedup_keys(connection, environment, [e.dedup_key for _, e, _ in prepared if e])
     for item, event, reason in prepared:
         if event is None:
             session.add(_rejected_row(item, environment, inbound.id, reason or "", now))
@@ -125,6 +126,26 @@ def store_webhook(
             .values(accepted=receipt.accepted, duplicates=receipt.duplicates)
         )
     return receipt
+
+
+_LOCK_KEYS = text(
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) "
+    "FROM unnest(CAST(:keys AS text[])) AS key"
+)
+
+
+def _lock_dedup_keys(connection: Any, environment: str, keys: list[str]) -> None:
+    """Lock a webhook's events in one global order before inserting any of them.
+
+    The inserts go in request order (the receipt's ids follow the request); two webhooks
+    sharing events in opposite orders would otherwise each hold a row the other one waits for:
+    a deadlock. Transaction-scoped advisory locks, taken in sorted order, serialise them first.
+    A single event needs none (it waits for at most one row and holds nothing else); SQLite
+    has one writer at a time.
+    """
+    if len(keys) < 2 or connection.dialect.name != "postgresql":
+        return
+    connection.execute(_LOCK_KEYS, {"keys": sorted({f"{environment} {k}" for k in keys})})
 
 
 # Both rows in one statement: the inbound id is drawn first, the event inserted (or found to be

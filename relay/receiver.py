@@ -153,8 +153,8 @@ def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Any:
                                      current_app.extensions["relay.event_map"])
         except (DatabaseUnavailable, SQLAlchemyError) as outage:
             if attempt < STORE_ATTEMPTS and _transient(outage):
-                # Two webhooks sharing events in opposite orders can deadlock on PostgreSQL;
-                # the one chosen as victim is simply run again (its rows were rolled back).
+                # A deadlock or serialization failure (store_webhook orders its locks, but
+                # other writers may not): the victim's rows were rolled back; run it again.
                 log.info("webhook for %s: %s, trying again", environment, _describe(outage))
                 continue
             # Any database error (unreachable, locked, schema not migrated, ...) is answered 503

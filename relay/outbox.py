@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
+from sqlalchemy import Engine, Select, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
@@ -69,14 +69,9 @@ def store_webhook(
 
     The caller wakes the workers after the commit (`relay.notifier`): a NOTIFY inside this
     transaction would serialise every commit on PostgreSQL's notification queue lock.
-    On PostgreSQL a single usable event (Extole's default) is stored by one statement instead
-    (`_store_one_pg`), still in the caller's transaction.
+    The receiver tries `store_single` first: Extole's usual webhook, one event, on PostgreSQL.
     """
     now = inbound.received_at
-    if len(items) == 1 and session.get_bind().dialect.name == "postgresql":
-        receipt = _store_one_pg(session, inbound, items[0], environment, event_map)
-        if receipt is not None:
-            return receipt
     receipt = Receipt()
     # Normalised first, so the inbound row goes in with its final counts in the usual case
     # (an UPDATE follows only when a duplicate turns up).
@@ -187,10 +182,16 @@ SELECT (SELECT id FROM stored) AS inbound_id, (SELECT id FROM event) AS event_id
 """)
 
 
-def _store_one_pg(session: Session, inbound: InboundRequest, item: Any, environment: str,
-                  event_map: EventMap) -> Receipt | None:
-    """One usable event on PostgreSQL in one statement; None when it is unusable (the general
-    path records the rejection)."""
+def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment: str,
+                 event_map: EventMap) -> Receipt | None:
+    """One usable event on PostgreSQL, both rows by one statement in autocommit mode.
+
+    One round trip instead of four (BEGIN, insert, insert, COMMIT) and no session: the statement
+    is atomic by itself. None when this path does not apply (SQLite, an unusable event: the
+    general path records the rejection).
+    """
+    if engine.dialect.name != "postgresql":
+        return None
     now = inbound.received_at
     try:
         event = normalise(item, event_map, now)
@@ -206,7 +207,7 @@ def _store_one_pg(session: Session, inbound: InboundRequest, item: Any, environm
         if column.key not in ("id", "accepted", "duplicates", "rejected"):
             value = getattr(inbound, column.key)
             params[f"i_{column.key}"] = json.dumps(value) if column.key == "headers" else value
-    inbound_id, new_id = _execute_raw(session, _STORE_ONE_SQL, params)
+    inbound_id, new_id = _execute_autocommit(engine, _STORE_ONE_SQL, params)
     inbound.id = inbound_id
     receipt = Receipt()
     if new_id is None:
@@ -225,22 +226,34 @@ def _store_one_pg(session: Session, inbound: InboundRequest, item: Any, environm
 _STORE_ONE_SQL = str(_STORE_ONE_PG.compile(dialect=postgresql.psycopg.dialect()))
 
 
-def _execute_raw(session: Session, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
-    """One statement on the session's DBAPI connection, in the session's transaction (the caller
-    commits); driver errors become SQLAlchemy's, as if run through SQLAlchemy."""
+def _execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
+    """One statement, committed by itself, on a pooled DBAPI connection; driver errors become
+    SQLAlchemy's (a lost connection is invalidated), as if run through SQLAlchemy."""
     import psycopg
 
-    connection = session.connection()
     try:
-        with connection.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
+        pooled = engine.raw_connection()
+    except psycopg.Error as error:  # the pool hands on the driver's connect error unwrapped
+        raise DBAPIError.instance(None, None, error, psycopg.Error,
+                                  connection_invalidated=True) from error
+    try:
+        dbapi = pooled.dbapi_connection
+        dbapi.autocommit = True  # type: ignore[union-attr]
+        try:
+            with dbapi.cursor() as cursor:  # type: ignore[union-attr]
+                cursor.execute(sql, params)
+                row = cursor.fetchone()
+        finally:
+            if not dbapi.closed:  # type: ignore[union-attr]
+                dbapi.autocommit = False  # type: ignore[union-attr]
     except psycopg.Error as error:
         lost = isinstance(error, psycopg.OperationalError)
         if lost:
-            connection.invalidate(error)
+            pooled.invalidate(error)
         raise DBAPIError.instance(sql, params, error, psycopg.Error, hide_parameters=True,
                                   connection_invalidated=lost) from error
+    finally:
+        pooled.close()
     return tuple(row)
 
 

@@ -20,7 +20,7 @@ from relay.db import get_db, utcnow
 from relay.exceptions import DatabaseUnavailable
 from relay.extole import InvalidBody, parse_body, storable_text
 from relay.models import InboundRequest
-from relay.outbox import store_webhook
+from relay.outbox import store_single, store_webhook
 from relay.settings import ENVIRONMENTS, Settings
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,14 @@ def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Any:
     inbound.status_code, inbound.outcome = 202, "accepted"
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
+            event_map = current_app.extensions["relay.event_map"]
+            if len(items) == 1:
+                receipt = store_single(get_db().engine, inbound, items[0], environment,
+                                       event_map)
+                if receipt is not None:
+                    return receipt
             with get_db().session() as session:
-                return store_webhook(session, inbound, items, environment,
-                                     current_app.extensions["relay.event_map"])
+                return store_webhook(session, inbound, items, environment, event_map)
         except (DatabaseUnavailable, SQLAlchemyError) as outage:
             if attempt < STORE_ATTEMPTS and _transient(outage):
                 # A deadlock or serialization failure (store_webhook orders its locks, but

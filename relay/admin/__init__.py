@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 SESSION_LIFETIME = timedelta(hours=12)
 CONTENT_SECURITY_POLICY = (
@@ -46,6 +47,21 @@ def init_app(app: Flask) -> None:
     bp.register_blueprint(api.bp, url_prefix="/api")
     bp.register_blueprint(stream.bp)
     app.register_blueprint(bp)
+    for code in (404, 405):
+        app.register_error_handler(code, _http_error)
+
+
+def _http_error(error: HTTPException) -> Response | HTTPException:
+    """An API client gets JSON for an unknown route or method too, like every other answer."""
+    if _wants_json():
+        from relay.admin.auth import json_error
+
+        response = json_error(error.code or 500, f"{error.name}: {request.method} "
+                              f"{request.path[:200]}")
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response
+    return error
 
 
 def _wants_json() -> bool:

@@ -313,6 +313,19 @@ def test_unknown_event_is_404_json(client: FlaskClient, path: str) -> None:
     assert "no event with id" in retried.json["error"]
 
 
+def test_unknown_api_route_and_method_are_json(client: FlaskClient) -> None:
+    answer = client.get("/admin/api/nothing-here", headers=basic())
+    assert (answer.status_code, answer.json) == (
+        404, {"error": "Not Found: GET /admin/api/nothing-here"})
+    answer = client.delete("/admin/api/events", headers=basic())
+    assert answer.status_code == 405
+    assert answer.json == {"error": "Method Not Allowed: DELETE /admin/api/events"}
+    assert set(answer.headers["Allow"].split(", ")) >= {"GET"}
+    # Pages keep their HTML answers.
+    page = client.get("/admin/nothing-here", headers=basic())
+    assert page.status_code == 404 and page.mimetype == "text/html"
+
+
 def test_retry_makes_a_dead_event_due_now(app: Flask, client: FlaskClient,
                                           dead_event: int) -> None:
     before = utcnow()

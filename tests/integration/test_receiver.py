@@ -781,7 +781,8 @@ def test_failed_commit_is_503_and_stores_nothing(app: Flask, client: FlaskClient
     def fail_commit(_connection: Any) -> None:
         raise OperationalError("COMMIT", {}, Exception("disk I/O error"))
 
-    body = encode(event("commit-1"))
+    # Two events: the session's path, with its own COMMIT, on both databases.
+    body = encode([event("commit-1"), event("commit-2")])
     event_api.listen(engine, "commit", fail_commit)
     try:
         response = client.post("/webhooks/extole/production", data=body, headers=signed(body))
@@ -792,7 +793,33 @@ def test_failed_commit_is_503_and_stores_nothing(app: Flask, client: FlaskClient
     assert inbound(app) == []
     # Extole's retry is then stored as the first copy, not a duplicate.
     again = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
+    assert (again["accepted"], again["duplicates"]) == (2, 0)
+
+
+def test_failed_commit_of_a_single_event_is_503_and_stores_nothing(
+        app: Flask, client: FlaskClient) -> None:
+    """One event on PostgreSQL is one autocommitted statement: a failure at its commit (here a
+    deferred constraint trigger, which runs at commit time) is a 503 with nothing stored."""
+    if get_db(app).dialect != "postgresql":
+        pytest.skip("the single-statement path is PostgreSQL's")
+    with get_db(app).engine.begin() as connection:
+        connection.execute(text(
+            "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$"))
+        connection.execute(text(
+            "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON events "
+            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit()"))
+    body = encode(event("commit-single"))
+    response = client.post("/webhooks/extole/production", data=body, headers=signed(body))
+    assert (response.status_code, response.get_json()) == (503, DB_DOWN)
+    assert events(app) == []
+    assert inbound(app) == []
+    with get_db(app).engine.begin() as connection:
+        connection.execute(text("DROP TRIGGER refuse_at_commit ON events"))
+    again = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
     assert (again["accepted"], again["duplicates"]) == (1, 0)
+    [stored] = events(app)
+    assert stored.extole_event_id == "commit-single"
 
 
 def test_refusals_keep_their_status_when_the_database_is_down(unreachable_app: Flask) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, defer
 
 from relay import metrics
 from relay.db import utcnow
@@ -610,6 +610,8 @@ def claim_due(
         .where(OutboxEvent.id.in_(due.scalar_subquery()))
         .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
         .returning(OutboxEvent)
+        # Delivery never reads the raw payload: it is neither sent back nor decoded.
+        .options(defer(OutboxEvent.payload, raiseload=True))
         .execution_options(synchronize_session=False)
     )
     events = list(session.scalars(statement))

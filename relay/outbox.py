@@ -619,11 +619,26 @@ def claim_due(
     return events
 
 
-def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]]) -> int:
-    """Apply per-row values, only to rows this worker still holds the lease on."""
+def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]]) -> set[int]:
+    """Apply per-row values, only to rows this worker still holds the lease on; answers their ids.
+
+    The rows still held are locked first, so the caller logs and counts only what it changed:
+    a worker whose lease expired (another one owns the event now) changes nothing.
+    """
     if not rows:
-        return 0
+        return set()
     table = OutboxEvent.__table__
+    held_query = select(table.c.id).where(table.c.id.in_([r["row_id"] for r in rows]),
+                                          table.c.lease_owner == owner)
+    if session.get_bind().dialect.name == "postgresql":
+        held_query = held_query.order_by(table.c.id).with_for_update()
+    held = set(session.scalars(held_query))
+    if len(held) < len(rows):
+        log.warning("%d of %d events were no longer leased by %s: left to their new owner",
+                    len(rows) - len(held), len(rows), owner)
+    rows = [r for r in rows if r["row_id"] in held]
+    if not rows:
+        return held
     columns = [key for key in rows[0] if key != "row_id"]
     statement = (
         table.update()
@@ -631,12 +646,8 @@ def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]]) ->
         .values({column: bindparam(f"v_{column}") for column in columns})
     )
     params = [{"row_id": r["row_id"], **{f"v_{c}": r[c] for c in columns}} for r in rows]
-    result = session.connection().execute(statement, params)
-    changed = result.rowcount if result.rowcount is not None and result.rowcount >= 0 else len(rows)
-    if changed < len(rows):
-        log.warning("%d of %d events were no longer leased by %s: left to their new owner",
-                    len(rows) - changed, len(rows), owner)
-    return changed
+    session.connection().execute(statement, params)
+    return held
 
 
 def _transition(events: Sequence[OutboxEvent], status: Status, note: str = "") -> None:
@@ -653,13 +664,13 @@ def _transition(events: Sequence[OutboxEvent], status: Status, note: str = "") -
 def mark_delivered(session: Session, owner: str, events: Sequence[OutboxEvent],
                    identities: dict[int, dict[str, Any]], now: datetime | None = None) -> None:
     now = now or utcnow()
-    _guarded_update(session, owner, [
+    held = _guarded_update(session, owner, [
         {"row_id": e.id, "status": Status.DELIVERED.value, "delivered_at": now,
          "identity": identities.get(e.id), "lease_owner": None, "lease_expires_at": None,
          "last_error": None, "updated_at": now}
         for e in events
     ])
-    _transition(events, Status.DELIVERED)
+    _transition([e for e in events if e.id in held], Status.DELIVERED)
 
 
 def mark_dead(session: Session, owner: str, reasons: dict[int, str],
@@ -667,14 +678,15 @@ def mark_dead(session: Session, owner: str, reasons: dict[int, str],
               now: datetime | None = None) -> None:
     now = now or utcnow()
     dead = [e for e in events if e.id in reasons]
-    _guarded_update(session, owner, [
+    held = _guarded_update(session, owner, [
         {"row_id": e.id, "status": Status.DEAD.value, "last_error": reasons[e.id][:2000],
          "identity": (identities or {}).get(e.id, e.identity), "lease_owner": None,
          "lease_expires_at": None, "updated_at": now}
         for e in dead
     ])
     for event in dead:
-        _transition([event], Status.DEAD, reasons[event.id][:200])
+        if event.id in held:
+            _transition([event], Status.DEAD, reasons[event.id][:200])
 
 
 def mark_failed(session: Session, owner: str, events: Sequence[OutboxEvent], error: str,
@@ -699,7 +711,9 @@ def mark_failed(session: Session, owner: str, events: Sequence[OutboxEvent], err
                        last_error=error[:2000])
             retrying.append(event)
         rows.append(row)
-    _guarded_update(session, owner, rows)
+    held = _guarded_update(session, owner, rows)
+    retrying = [e for e in retrying if e.id in held]
+    dead = [e for e in dead if e.id in held]
     for event in retrying:
         log.info("event %s (%s): attempt %d failed, retry at %s: %s", event.id,
                  event.extole_event_id, (event.attempts or 0) + 1,
@@ -720,14 +734,14 @@ def release(session: Session, owner: str, events: Sequence[OutboxEvent], until: 
     """
     now = now or utcnow()
     wait = max(until - now, timedelta(0)) if credit_wait else timedelta(0)
-    _guarded_update(session, owner, [
+    held = _guarded_update(session, owner, [
         {"row_id": e.id, "next_attempt_at": until, "lease_owner": None, "lease_expires_at": None,
          "first_failure_at": e.first_failure_at + wait if e.first_failure_at else None,
          "last_error": reason[:2000], "updated_at": now}
         for e in events
     ])
-    if events:
-        log.info("%d events wait until %s without counting an attempt: %s", len(events),
+    if held:
+        log.info("%d events wait until %s without counting an attempt: %s", len(held),
                  until.isoformat(timespec="seconds"), reason[:200])
 
 

@@ -4,6 +4,7 @@ recorded Braze requests; waits that never count toward RELAY_RETRY_MAX_AGE; expi
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -23,6 +24,7 @@ from relay import braze_state, delivery, outbox
 from relay.db import utcnow
 from relay.exceptions import DatabaseUnavailable
 from relay.models import AttemptEvent, DeliveryAttempt, EnvironmentState, OutboxEvent
+from relay.retry import RetryPolicy
 from relay.settings import Settings
 from relay.worker import Worker
 from tests.support import BRAZE_URL, sample, sample_json
@@ -533,7 +535,8 @@ def test_events_of_a_worker_that_died_before_committing_are_sent_again(
 
 
 def test_a_worker_whose_lease_expired_cannot_overwrite_the_new_owner(
-        post_webhook: Any, app: Flask) -> None:
+        post_webhook: Any, app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay.outbox")
     post_webhook([shared(1)])
     db = app.extensions["relay.db"]
     start = utcnow()
@@ -549,7 +552,15 @@ def test_a_worker_whose_lease_expired_cannot_overwrite_the_new_owner(
     assert new.id == old.id
     with db.session() as session:
         outbox.mark_dead(session, "old-worker", {old.id: "late answer"}, [old])
+        outbox.mark_delivered(session, "old-worker", [old], {})
+        assert outbox.mark_failed(session, "old-worker", [old], "late failure",
+                                  RetryPolicy(1, 60, 3600)) == ([], [])
     assert (event(app, "f-1").status, event(app, "f-1").lease_owner) == ("pending", "new-worker")
+    # The late worker logs no transition it did not make, only that the lease was lost.
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if "->" in line or "retry at" in line]
+    assert lines.count("1 of 1 events were no longer leased by old-worker: left to their new "
+                       "owner") == 3
     with db.session() as session:
         outbox.mark_delivered(session, "new-worker", [new], {new.id: {"external_id": "cust-1"}})
     assert event(app, "f-1").status == "delivered"

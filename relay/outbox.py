@@ -619,11 +619,14 @@ def claim_due(
     return events
 
 
-def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]]) -> set[int]:
-    """Apply per-row values, only to rows this worker still holds the lease on; answers their ids.
+def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]],
+                    shared: dict[str, Any] | None = None) -> set[int]:
+    """Apply `shared` values and each row's own, only to rows this worker still holds the lease
+    on; answers their ids.
 
     The rows still held are locked first, so the caller logs and counts only what it changed:
-    a worker whose lease expired (another one owns the event now) changes nothing.
+    a worker whose lease expired (another one owns the event now) changes nothing. Rows with no
+    values of their own (only "row_id") are changed by one set-based statement.
     """
     if not rows:
         return set()
@@ -636,17 +639,22 @@ def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]]) ->
     if len(held) < len(rows):
         log.warning("%d of %d events were no longer leased by %s: left to their new owner",
                     len(rows) - len(held), len(rows), owner)
-    rows = [r for r in rows if r["row_id"] in held]
-    if not rows:
-        return held
-    columns = [key for key in rows[0] if key != "row_id"]
-    statement = (
-        table.update()
-        .where(table.c.id == bindparam("row_id"), table.c.lease_owner == owner)
-        .values({column: bindparam(f"v_{column}") for column in columns})
-    )
-    params = [{"row_id": r["row_id"], **{f"v_{c}": r[c] for c in columns}} for r in rows]
-    session.connection().execute(statement, params)
+    shared = shared or {}
+    plain = [r["row_id"] for r in rows if r["row_id"] in held and len(r) == 1]
+    if plain:
+        session.execute(table.update()
+                        .where(table.c.id.in_(plain), table.c.lease_owner == owner)
+                        .values(shared))
+    own = [r for r in rows if r["row_id"] in held and len(r) > 1]
+    if own:
+        columns = [key for key in own[0] if key != "row_id"]
+        statement = (
+            table.update()
+            .where(table.c.id == bindparam("row_id"), table.c.lease_owner == owner)
+            .values({**shared, **{column: bindparam(f"v_{column}") for column in columns}})
+        )
+        session.connection().execute(statement, [
+            {"row_id": r["row_id"], **{f"v_{c}": r[c] for c in columns}} for r in own])
     return held
 
 
@@ -664,12 +672,19 @@ def _transition(events: Sequence[OutboxEvent], status: Status, note: str = "") -
 def mark_delivered(session: Session, owner: str, events: Sequence[OutboxEvent],
                    identities: dict[int, dict[str, Any]], now: datetime | None = None) -> None:
     now = now or utcnow()
+    # Usually the identity is the event's own external_id: written by SQL from the row itself,
+    # so the whole chunk is one statement with no per-row values.
+    table = OutboxEvent.__table__
+    postgres = session.get_bind().dialect.name == "postgresql"
+    build = "jsonb_build_object" if postgres else "json_object"
+    shared = {"status": Status.DELIVERED.value, "delivered_at": now, "lease_owner": None,
+              "lease_expires_at": None, "last_error": None, "updated_at": now,
+              "identity": getattr(func, build)("external_id", table.c.external_id)}
     held = _guarded_update(session, owner, [
-        {"row_id": e.id, "status": Status.DELIVERED.value, "delivered_at": now,
-         "identity": identities.get(e.id), "lease_owner": None, "lease_expires_at": None,
-         "last_error": None, "updated_at": now}
+        {"row_id": e.id} if e.external_id and identities.get(e.id) == {"external_id": e.external_id}
+        else {"row_id": e.id, "identity": identities.get(e.id)}
         for e in events
-    ])
+    ], shared)
     _transition([e for e in events if e.id in held], Status.DELIVERED)
 
 

@@ -298,6 +298,13 @@ def test_every_braze_request_is_recorded_once_and_linked_to_its_events(
     assert links == [(export_id, "bt-0003", "lookup"),
                      (first_id, "bt-0001", "delivered"), (first_id, "bt-0003", "delivered"),
                      (second_id, "bt-0002", "delivered")]
+    # The identity each event was delivered under: its own external_id (written by SQL for the
+    # whole chunk) or what the lookup found, side by side in one chunk.
+    stored = {e.extole_event_id: e for e in events(app)}
+    assert [(stored[n].external_id, stored[n].identity) for n in ("bt-0001", "bt-0002", "bt-0003")
+            ] == [("cust-3001", {"external_id": "cust-3001"}),
+                  ("cust-3001", {"external_id": "cust-3001"}),
+                  (None, {"user_alias": {"alias_name": "dee@example.net", "alias_label": "email"}})]
 
 
 # -- environments and keys -------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,23 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+# C0 and C1 controls (newlines included) and the bidirectional overrides and isolates: text that
+# came from a webhook (an Extole event id) could otherwise forge a log line or disguise one.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record, whatever its arguments contain; a traceback still follows it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return _UNSAFE.sub(_escape, super().formatMessage(record))
 
 
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -55,8 +73,6 @@ def configure(log_format: str = "text", level: int = logging.INFO) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.setLevel(level)
     logger.propagate = True

@@ -43,6 +43,24 @@ def test_text_lines(relay_logger: logging.Logger, capsys: pytest.CaptureFixture[
                         r"event 7 \(ev-7\): pending -> delivered\n", line), line
 
 
+def test_text_lines_escape_what_could_forge_or_disguise_a_line(
+        relay_logger: logging.Logger, capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("text")
+    hostile = "ev-8\n2026-11-26 00:00:00,000 INFO relay.outbox: forged\r\x1b[2J\u202egnp.exe\x85"
+    logging.getLogger("relay.outbox").info("event %s (%s): pending -> delivered", 8, hostile)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("relay.worker").exception("failed")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith(
+        "INFO relay.outbox: event 8 (ev-8\\x0a2026-11-26 00:00:00,000 INFO relay.outbox: forged"
+        "\\x0d\\x1b[2J\\u202egnp.exe\\x85): pending -> delivered"), lines[0]
+    assert lines[1].endswith("ERROR relay.worker: failed")
+    assert lines[2] == "Traceback (most recent call last):"  # tracebacks keep their lines
+    assert lines[-1] == "ValueError: boom"
+
+
 def test_json_lines_carry_extra_fields(relay_logger: logging.Logger,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     logs.configure("json")

@@ -50,7 +50,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m bench.ingest --db sqlite --rounds 1 --seconds $(BENCH_SECONDS) --no-bare \
 		--steady-seconds 20
 	$(BIN)/python -m bench.delivery --db postgresql --runs $(BENCH_ROUNDS) --timeout 90
-	$(BIN)/python -m bench.delivery --db sqlite --runs 1 --timeout 45
+	$(BIN)/python -m bench.delivery --db sqlite --runs 1 --timeout 90
 	$(BIN)/python -m bench.latency --runs $(BENCH_ROUNDS) --seconds 20
 	$(BIN)/python -m bench.backlog --drain 20
 	$(BIN)/python -m bench.report

@@ -634,7 +634,9 @@ def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]],
     held_query = select(table.c.id).where(table.c.id.in_([r["row_id"] for r in rows]),
                                           table.c.lease_owner == owner)
     if session.get_bind().dialect.name == "postgresql":
-        held_query = held_query.order_by(table.c.id).with_for_update()
+        # FOR NO KEY UPDATE: the lock the UPDATE itself takes, so this adds no new conflicts
+        # (FOR UPDATE would also block foreign-key checks of rows referencing these events).
+        held_query = held_query.order_by(table.c.id).with_for_update(key_share=True)
     held = set(session.scalars(held_query))
     if len(held) < len(rows):
         log.warning("%d of %d events were no longer leased by %s: left to their new owner",
@@ -675,11 +677,11 @@ def mark_delivered(session: Session, owner: str, events: Sequence[OutboxEvent],
     # Usually the identity is the event's own external_id: written by SQL from the row itself,
     # so the whole chunk is one statement with no per-row values.
     table = OutboxEvent.__table__
-    postgres = session.get_bind().dialect.name == "postgresql"
-    build = "jsonb_build_object" if postgres else "json_object"
+    build = (func.jsonb_build_object if session.get_bind().dialect.name == "postgresql"
+             else func.json_object)
     shared = {"status": Status.DELIVERED.value, "delivered_at": now, "lease_owner": None,
               "lease_expires_at": None, "last_error": None, "updated_at": now,
-              "identity": getattr(func, build)("external_id", table.c.external_id)}
+              "identity": build("external_id", table.c.external_id)}
     held = _guarded_update(session, owner, [
         {"row_id": e.id} if e.external_id and identities.get(e.id) == {"external_id": e.external_id}
         else {"row_id": e.id, "identity": identities.get(e.id)}

@@ -810,12 +810,15 @@ def test_failed_commit_of_a_single_event_is_503_and_stores_nothing(
             "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON events "
             "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit()"))
     body = encode(event("commit-single"))
-    response = client.post("/webhooks/extole/production", data=body, headers=signed(body))
+    try:
+        response = client.post("/webhooks/extole/production", data=body, headers=signed(body))
+    finally:  # the database is shared by the session's tests
+        with get_db(app).engine.begin() as connection:
+            connection.execute(text("DROP TRIGGER refuse_at_commit ON events"))
+            connection.execute(text("DROP FUNCTION refuse_at_commit()"))
     assert (response.status_code, response.get_json()) == (503, DB_DOWN)
     assert events(app) == []
     assert inbound(app) == []
-    with get_db(app).engine.begin() as connection:
-        connection.execute(text("DROP TRIGGER refuse_at_commit ON events"))
     again = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
     assert (again["accepted"], again["duplicates"]) == (1, 0)
     [stored] = events(app)

@@ -1,11 +1,11 @@
-"""End-to-end latency: from the receiver's 202 to the Braze stand-in receiving the event.
+"""End-to-end latency: from the receiver's 200 to the Braze stand-in receiving the event.
 
 Per run, on a fresh PostgreSQL database: gunicorn with the production settings serves the
 receiver; `relay worker` runs as its own process, woken by LISTEN/NOTIFY; the stand-in records
 the wall-clock time each event arrives (by `extole_event_id`). An open-loop client posts signed
 single-event webhooks at a steady rate (default 200/s) and notes the wall-clock time of each
-202. Latency = arrival at the stand-in - 202 at the client (both on this machine's clock; it can
-be slightly negative when the worker delivers before the 202 has reached the client).
+200. Latency = arrival at the stand-in - 200 at the client (both on this machine's clock; it can
+be slightly negative when the worker delivers before the 200 has reached the client).
 
 Usage: python -m bench.latency [--runs 3] [--seconds 20] [--rate 200]
 """
@@ -50,14 +50,14 @@ def one_run(rate: float, seconds: float, warmup: float = 3.0) -> dict[str, Any]:
     latencies, missing = [], 0
     results = results[skipped:]
     for result in results:
-        if result.status != 202:
+        if result.status != 200:
             continue
         arrived = receipts.get(f"{run}-{result.index}")
         if arrived is None:
             missing += 1
             continue
         latencies.append((arrived - result.answered_at) * 1000)
-    errors = sum(1 for r in results if r.status != 202)
+    errors = sum(1 for r in results if r.status != 200)
     statuses: dict[str, int] = {}
     for result in results:
         statuses[str(result.status)] = statuses.get(str(result.status), 0) + 1
@@ -69,7 +69,7 @@ def one_run(rate: float, seconds: float, warmup: float = 3.0) -> dict[str, Any]:
             "max_ms": max(latencies) if latencies else None,
             "min_ms": min(latencies) if latencies else None,
             "ingest_p99_ms": common.percentile(
-                [r.latency * 1000 for r in results if r.status == 202], 99),
+                [r.latency * 1000 for r in results if r.status == 200], 99),
             "load_average": cpu["load_average"]}
 
 

@@ -75,8 +75,8 @@ def ingest(lines: list[str], database: str) -> None:
         lines.append(f"| p99 latency at {data['rate']:.0f} requests/s | ≤ 25.0 ms | not "
                      "measured: saturation is below this rate | | | | |")
     if "ratio" in f:
-        lines.append(row("ratio to bare Flask 202 (same run)", f["ratio"], 0.5, True, "", 2))
-        lines.append(row("bare Flask 202 requests/s", f["bare_per_s"], None, True, "/s"))
+        lines.append(row("ratio to bare Flask 200 (same run)", f["ratio"], 0.5, True, "", 2))
+        lines.append(row("bare Flask 200 requests/s", f["bare_per_s"], None, True, "/s"))
     cpu = [r["relay"].get("server_cpu_ms_per_request") for r in data["rounds"]]
     db = [r["relay"].get("db_cpu_ms_per_request") for r in data["rounds"]]
     if all(c is not None for c in cpu):
@@ -157,7 +157,7 @@ def latency(lines: list[str]) -> None:
     f = data["figures"]
     lines.append(f"{data['rate']:.0f} events/s for {data['seconds']:.0f} s per run (after a 3 s "
                  "warm-up), gunicorn receiver + `relay worker` in its own process woken by "
-                 "LISTEN/NOTIFY, PostgreSQL; from the 202 at the client to the event's arrival "
+                 "LISTEN/NOTIFY, PostgreSQL; from the 200 at the client to the event's arrival "
                  "at the Braze stand-in.\n")
     lines.append(HEAD)
     lines.append(row("p50", f["p50_ms"], 200, False, " ms"))
@@ -165,7 +165,7 @@ def latency(lines: list[str]) -> None:
     lost = sum(r["missing"] for r in data["runs"])
     errors = sum(r["errors"] for r in data["runs"])
     lines.append("")
-    lines.append(f"Events acknowledged but not delivered within 30 s: {lost}; non-202 answers: "
+    lines.append(f"Events acknowledged but not delivered within 30 s: {lost}; non-200 answers: "
                  f"{errors}.\n")
     lines.append(machine_line(data) + "\n")
 

@@ -28,7 +28,7 @@ bp = Blueprint("receiver", __name__)
 
 
 class Refusal(Exception):
-    """An answer other than 202, with the outcome recorded in the inbound log."""
+    """An answer other than 200, with the outcome recorded in the inbound log."""
 
     def __init__(self, status: int, outcome: str, message: str) -> None:
         super().__init__(message)
@@ -65,7 +65,7 @@ def receive(environment: str) -> tuple[Response, int]:
     metrics.WEBHOOKS.labels(environment, "accepted").inc()
     if receipt.accepted:
         _wake_workers(environment)
-    return jsonify(receipt.as_json()), 202
+    return jsonify(receipt.as_json()), 200
 
 
 def _wake_workers(environment: str) -> None:
@@ -145,7 +145,7 @@ def _read_body(at_most: int) -> bytes:
 
 
 def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Any:
-    inbound.status_code, inbound.outcome = 202, "accepted"
+    inbound.status_code, inbound.outcome = 200, "accepted"
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
             event_map = current_app.extensions["relay.event_map"]

@@ -30,7 +30,7 @@ def db(database_url: str) -> Iterator[Database]:
 def inbound(session: Session, received_at: datetime) -> int:
     row = InboundRequest(received_at=received_at, environment="production", method="POST",
                          path="/webhooks/extole/production", headers={}, body=b"{}", body_size=2,
-                         status_code=202, outcome="accepted")
+                         status_code=200, outcome="accepted")
     session.add(row)
     session.flush()
     return row.id

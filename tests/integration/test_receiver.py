@@ -93,7 +93,7 @@ def assert_refused(app: Flask, response: Any, status: int, error: str, outcome: 
 
 
 def receipt(response: Any) -> dict[str, Any]:
-    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.status_code == 200, response.get_data(as_text=True)
     body: dict[str, Any] = response.get_json()
     return body
 
@@ -403,7 +403,7 @@ def test_every_key_type_is_accepted(app: Flask, client: FlaskClient, environment
         methods.append(method)
     rows = inbound(app)
     assert [(r.auth_method, r.outcome, r.status_code, r.environment) for r in rows] == [
-        (method, "accepted", 202, environment) for method in methods]
+        (method, "accepted", 200, environment) for method in methods]
     stored = events(app)
     assert [e.extole_event_id for e in stored] == [
         f"{environment}-{i}" for i in range(len(methods))]
@@ -560,7 +560,7 @@ def test_byte_order_mark_is_tolerated(app: Flask, client: FlaskClient) -> None:
     assert row.body == body  # the raw bytes are kept untouched
 
 
-# --- 5. 202 -----------------------------------------------------------------------------------
+# --- 5. 200 -----------------------------------------------------------------------------------
 
 
 def test_one_object_is_accepted_and_stored(app: Flask, client: FlaskClient) -> None:
@@ -572,7 +572,7 @@ def test_one_object_is_accepted_and_stored(app: Flask, client: FlaskClient) -> N
     assert (stored.environment, stored.status, stored.dedup_key) == ("production", "pending",
                                                                       "one-1")
     [row] = inbound(app)
-    assert (row.status_code, row.outcome, row.error, row.auth_method) == (202, "accepted", None,
+    assert (row.status_code, row.outcome, row.error, row.auth_method) == (200, "accepted", None,
                                                                           "signature")
     assert (row.accepted, row.duplicates, row.rejected) == (1, 0, 0)
     assert (row.body, row.body_size, row.environment) == (body, len(body), "production")
@@ -598,7 +598,7 @@ def test_empty_array_is_202_with_zeros(app: Flask, post_webhook: Any) -> None:
     assert events(app) == []
     [row] = inbound(app)
     assert (row.status_code, row.outcome, row.accepted, row.duplicates, row.rejected) == (
-        202, "accepted", 0, 0, 0)
+        200, "accepted", 0, 0, 0)
 
 
 def test_duplicates_within_one_request(app: Flask, post_webhook: Any) -> None:
@@ -699,7 +699,7 @@ def test_unusable_items_are_stored_rejected_and_the_rest_accepted(
     assert [e.extole_event_id for e in stored if e.status == "pending"] == ["ok-1", "ok-2"]
     assert answer["ids"] == [e.id for e in stored if e.status == "pending"]
     [row] = inbound(app)
-    assert (row.accepted, row.duplicates, row.rejected, row.status_code) == (2, 0, 10, 202)
+    assert (row.accepted, row.duplicates, row.rejected, row.status_code) == (2, 0, 10, 200)
 
 
 def test_a_single_unusable_event_is_202_with_nothing_accepted(app: Flask,
@@ -933,7 +933,7 @@ def _post_concurrently(app: Flask, bodies: list[bytes]) -> list[Any]:
 def test_same_event_from_eight_threads_is_stored_once(app: Flask, round_: int) -> None:
     body = encode(event(f"race-{round_}"))
     answers = _post_concurrently(app, [body] * 8)
-    assert [a.status_code for a in answers] == [202] * 8
+    assert [a.status_code for a in answers] == [200] * 8
     receipts = [a.get_json() for a in answers]
     assert sum(r["accepted"] for r in receipts) == 1
     assert sum(r["duplicates"] for r in receipts) == 7
@@ -952,11 +952,11 @@ def test_overlapping_arrays_in_opposite_orders_store_each_event_once(app: Flask)
     forward = encode([event(n) for n in names])
     backward = encode([event(n) for n in reversed(names)])
     answers = _post_concurrently(app, [forward, backward] * 4)
-    assert {a.status_code for a in answers} <= {202, 503}
+    assert {a.status_code for a in answers} <= {200, 503}
     for answer in answers:
         if answer.status_code == 503:
             assert answer.get_json() == DB_DOWN
-    ok = [a.get_json() for a in answers if a.status_code == 202]
+    ok = [a.get_json() for a in answers if a.status_code == 200]
     assert ok, "at least one batch goes through"
     assert sum(r["accepted"] for r in ok) == len(names)
     assert sum(r["accepted"] + r["duplicates"] for r in ok) == len(names) * len(ok)
@@ -995,7 +995,7 @@ def test_webhooks_sharing_events_in_opposite_orders_both_answer_202_without_dead
         answers = _post_concurrently(app, [forward, backward])
     finally:
         event_api.remove(engine, "after_cursor_execute", meet)
-    assert [a.status_code for a in answers] == [202, 202]
+    assert [a.status_code for a in answers] == [200, 200]
     receipts = [a.get_json() for a in answers]
     assert sorted((r["accepted"], r["duplicates"]) for r in receipts) in (
         [(0, 3), (3, 0)], [(1, 2), (2, 1)])
@@ -1020,7 +1020,7 @@ def test_store_webhook_takes_row_locks_in_a_deadlock_free_order(app: Flask) -> N
             with get_db(app).session() as session:
                 row = InboundRequest(received_at=datetime.now(UTC).replace(tzinfo=None),
                                      environment="production", method="POST", path="/x",
-                                     headers={}, body_size=0, status_code=202,
+                                     headers={}, body_size=0, status_code=200,
                                      outcome="accepted", accepted=0, duplicates=0, rejected=0)
                 store_webhook(session, row, items, "production",
                               app.extensions["relay.event_map"])
@@ -1088,7 +1088,7 @@ def test_secrets_never_reach_any_table(app: Flask, client: FlaskClient) -> None:
                     for form in _secret_forms():
                         assert form not in shown, (table.name, form)
     rows = inbound(app)
-    assert {r.status_code for r in rows} == {202, 401, 404, 415, 400}
+    assert {r.status_code for r in rows} == {200, 401, 404, 415, 400}
     assert seen >= len(rows) + len(events(app)) == 49 + 10
 
 

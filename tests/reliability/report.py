@@ -97,7 +97,7 @@ def render(rows: list[Row], total_seconds: float) -> str:
         "(gunicorn `relay serve`, `relay worker`, `relay sandbox`, PostgreSQL) on 127.0.0.1 and",
         "breaks something. \"Events sent\" counts events posted, every copy and every refused",
         "attempt included (scenario 8: requests); \"Acknowledged\" counts those answered 2xx (a",
-        "duplicate copy is acknowledged too; scenario 8: the events its 202 answers accepted).",
+        "duplicate copy is acknowledged too; scenario 8: the events its 200 answers accepted).",
         "Every acknowledged event must end delivered (Braze received it) or dead with a reason.",
         "\"Duplicates at Braze\" counts Extole event ids the sandbox received more often than",
         "they were sent.",

@@ -90,7 +90,7 @@ def test_hostile_input(database: tuple[str, Db], procs: Processes,
                                   f"{t0 - prev[2] if prev else 0:.2f}: {error}"[:300])
             else:
                 status = answer.status_code
-                if status == 202:
+                if status == 200:
                     body = answer.json()
         with lock:
             results.append((attack, status, body))
@@ -122,8 +122,8 @@ def test_hostile_input(database: tuple[str, Db], procs: Processes,
     silent = [a.kind for a, s, _ in results if s is None and a.kind not in NO_ANSWER_OK]
     valid = {a.valid_id: (s, b) for a, s, b in results if a.valid_id}
     valid_refused = {k: s for k, (s, b) in valid.items()  # raw-socket answers have no body
-                     if s != 202 or (b is not None and b.get("accepted") != 1)}
-    accepted_ids = [i for _, s, b in results if s == 202 and b for i in b["ids"]]  # type: ignore
+                     if s != 200 or (b is not None and b.get("accepted") != 1)}
+    accepted_ids = [i for _, s, b in results if s == 200 and b for i in b["ids"]]  # type: ignore
     rows = {r.id: r for r in db.rows("SELECT id, extole_event_id, status, last_error FROM events")}
     unexplained = [i for i in accepted_ids if i not in rows or rows[i].status not in (
         "delivered", "dead") or (rows[i].status == "dead" and not rows[i].last_error)]
@@ -142,7 +142,7 @@ def test_hostile_input(database: tuple[str, Db], procs: Processes,
     growth = {pid: (rss_end[pid] - rss_warm.get(pid, rss_end[pid])) / 1024 for pid in rss_end}
 
     row.sent = len(results)
-    row.acknowledged = len(accepted_ids)  # events accepted by the 202 answers
+    row.acknowledged = len(accepted_ids)  # events accepted by the 200 answers
     row.delivered = outcome["delivered"]
     row.dead = outcome["dead"]
     row.duplicates = len(result.duplicates)

@@ -27,7 +27,7 @@ run: $(VENV)/.installed
 	$(BIN)/relay serve --host $(HOST) --port $(PORT) --with-worker
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check relay migrations tests scripts wsgi.py
+	$(BIN)/ruff check relay tests scripts wsgi.py
 	$(BIN)/pytest -m "not reliability"
 
 demo: $(VENV)/.installed
@@ -56,7 +56,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m bench.report
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check relay migrations tests scripts wsgi.py
+	$(BIN)/ruff check relay tests scripts wsgi.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

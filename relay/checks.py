@@ -41,16 +41,16 @@ def run_checks(settings: Settings, *, timeout: tuple[float, float] = PROBE_TIMEO
 
 
 def check_database(settings: Settings) -> Check:
-    from relay import health, migrate
-    from relay.db import make_engine
+    from relay import migrate
+    from relay.db import describe_error, make_engine
 
     shown = make_url(settings.database_url).render_as_string(hide_password=True)
     engine = make_engine(settings.database_url)
     try:
         current = migrate.current_revision(engine)
-        problem = health.schema_problem(current)
+        problem = migrate.schema_problem(current)
     except Exception as error:  # noqa: BLE001 - any failure to connect is the answer
-        return Check("database", f"{shown}: {health.describe_outage(error)}", problem=True)
+        return Check("database", f"{shown}: {describe_error(error)}", problem=True)
     finally:
         engine.dispose()
     if problem:

@@ -17,13 +17,15 @@ from typing import IO, Any
 import click
 from flask import Flask
 from flask.cli import FlaskGroup
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ProgrammingError, SQLAlchemyError
 
 from relay import create_app, localsetup, migrate
+from relay.db import describe_error
 from relay.exceptions import (
     DatabaseUnavailable,
     EventNotFound,
     InvalidTransition,
+    MigrationError,
     RelayError,
     SettingsError,
 )
@@ -36,6 +38,7 @@ EXIT_CODES: dict[type[Exception], int] = {
     EventNotFound: 3,
     InvalidTransition: 4,
     DatabaseUnavailable: 5,
+    MigrationError: 5,
 }
 
 
@@ -52,10 +55,9 @@ class OperatorError(click.ClickException):
 
 def _operator_error(error: Exception) -> OperatorError:
     if isinstance(error, SQLAlchemyError):
-        lines = str(getattr(error, "orig", None) or error).strip().splitlines()
-        detail = lines[0] if lines else type(error).__name__
-        return OperatorError(f"database error: {detail} (is the schema current? "
-                             "`relay db current`)", 5)
+        hint = " (is the schema current? `relay db current`)" if isinstance(
+            error, ProgrammingError) else ""
+        return OperatorError(describe_error(error) + hint, 5)
     code = next((c for kind, c in EXIT_CODES.items() if isinstance(error, kind)), 1)
     prefix = "invalid setting: " if isinstance(error, SettingsError) else ""
     return OperatorError(f"{prefix}{error}", code)

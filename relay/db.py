@@ -20,7 +20,7 @@ from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from relay.exceptions import DatabaseUnavailable
+from relay.exceptions import DatabaseUnavailable, RelayError
 
 if TYPE_CHECKING:
     from relay.notifier import Notifier
@@ -113,11 +113,9 @@ class Database:
         try:
             with self.sessions() as session, session.begin():
                 yield session
-        except (exc.OperationalError, exc.InterfaceError, exc.TimeoutError) as error:
-            raise DatabaseUnavailable(_describe(error)) from error
-        except exc.DBAPIError as error:
-            if error.connection_invalidated:
-                raise DatabaseUnavailable(_describe(error)) from error
+        except exc.SQLAlchemyError as error:
+            if is_outage(error):
+                raise DatabaseUnavailable(describe_error(error)) from error
             raise
 
     def notifier(self) -> Notifier | None:
@@ -137,10 +135,25 @@ class Database:
         self.engine.dispose()
 
 
-def _describe(error: Exception) -> str:
+def is_outage(error: BaseException) -> bool:
+    """The database could not be reached or the connection broke (as opposed to a statement the
+    database refused): callers answer 503 and try again later."""
+    if isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError):
+        return True
+    return isinstance(error, exc.DBAPIError) and error.connection_invalidated
+
+
+def describe_error(error: BaseException) -> str:
+    """One line naming a database failure, the same in logs, HTTP answers and the command line:
+    `database unavailable: ` for an outage, else `database error: `, then the driver's class
+    and the first line of its message (which never holds a password)."""
+    if isinstance(error, RelayError):
+        return str(error)
     original = getattr(error, "orig", None) or error
-    first_line = str(original).strip().splitlines()[0] if str(original).strip() else ""
-    return f"database unavailable: {type(original).__name__}: {first_line}"[:300]
+    lines = str(original).strip().splitlines()
+    detail = f": {lines[0]}" if lines else ""
+    kind = "database unavailable" if is_outage(error) else "database error"
+    return f"{kind}: {type(original).__name__}{detail}"[:300]
 
 
 def init_app(app: Flask) -> None:

@@ -18,6 +18,10 @@ class DatabaseUnavailable(RelayError):
     """The database is unavailable; retry later."""
 
 
+class MigrationError(RelayError):
+    """The database schema cannot be migrated by this relay."""
+
+
 class EventMapError(RelayError):
     """The event map file is not valid."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Blueprint, Flask, Response
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -19,10 +19,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
+from relay.db import Database, describe_error, get_db
 from relay.exceptions import DatabaseUnavailable
-
-if TYPE_CHECKING:
-    from relay.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +69,7 @@ class OutboxCollector(Collector):
                 counts = outbox.counts_by_status(session)
                 oldest = outbox.oldest_pending_age(session)
         except (DatabaseUnavailable, SQLAlchemyError) as error:
-            log.warning("outbox gauges left out of this scrape: %s",
-                        str(error).splitlines()[0][:300])
+            log.warning("outbox gauges left out of this scrape: %s", describe_error(error))
             return
         depth = GaugeMetricFamily("relay_outbox_events", "Events in the outbox, by status.",
                                   labels=["status"])
@@ -117,8 +114,6 @@ bp = Blueprint("metrics", __name__)
 
 @bp.get("/metrics")
 def scrape() -> Response:
-    from relay.db import get_db
-
     return Response(generate_latest(scrape_registry(get_db())), headers={
         "Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"})
 

@@ -1,7 +1,8 @@
 """The relay's tables, as SQLAlchemy 2.0 typed models.
 
-Alembic migrations (in `migrations/`) are the only source of the schema; a test checks that these
-models and the migrations agree. Times are naive UTC in every column, on SQLite and PostgreSQL.
+Alembic migrations (in `relay/migrations/`) are the only source of the schema; a test checks
+that these models and the migrations agree. Times are naive UTC in every column, on SQLite and
+PostgreSQL.
 """
 
 from __future__ import annotations

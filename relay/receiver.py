@@ -16,7 +16,7 @@ from werkzeug.exceptions import ClientDisconnected
 
 from relay import metrics
 from relay.authentication import AuthenticationFailed, authenticate, redact_headers
-from relay.db import get_db, utcnow
+from relay.db import describe_error, get_db, utcnow
 from relay.exceptions import DatabaseUnavailable
 from relay.extole import InvalidBody, parse_body, storable_text
 from relay.models import InboundRequest
@@ -160,11 +160,11 @@ def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Any:
             if attempt < STORE_ATTEMPTS and _transient(outage):
                 # A deadlock or serialization failure (store_webhook orders its locks, but
                 # other writers may not): the victim's rows were rolled back; run it again.
-                log.info("webhook for %s: %s, trying again", environment, _describe(outage))
+                log.info("webhook for %s: %s, trying again", environment, describe_error(outage))
                 continue
             # Any database error (unreachable, locked, schema not migrated, ...) is answered 503
             # so that Extole retries: never a 500, never a 2xx before the commit.
-            log.warning("webhook for %s not stored: %s", environment, _describe(outage))
+            log.warning("webhook for %s not stored: %s", environment, describe_error(outage))
             raise Refusal(503, "db_unavailable",
                           "database unavailable: the event was not stored, retry later") from None
     raise AssertionError("unreachable")  # pragma: no cover
@@ -195,14 +195,6 @@ def _refuse(inbound: InboundRequest, refusal: Refusal) -> tuple[Response, int]:
             with get_db().session() as session:
                 session.add(inbound)
         except (DatabaseUnavailable, SQLAlchemyError) as outage:
-            log.warning("inbound log not written (%s): %s", refusal.outcome, _describe(outage))
+            log.warning("inbound log not written (%s): %s", refusal.outcome, describe_error(outage))
     log.info("webhook %s refused %s: %s", inbound.path, refusal.status, refusal.message)
     return jsonify({"error": refusal.message}), refusal.status
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, DatabaseUnavailable):
-        return str(error)
-    original = getattr(error, "orig", None) or error
-    lines = str(original).strip().splitlines()
-    return f"{type(original).__name__}: {lines[0] if lines else ''}"[:300]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tests.support import (
     PROD_SECRET,
     STAGING_KEY,
     STAGING_SECRET,
+    fresh_database,
     signed,
 )
 
@@ -73,22 +73,17 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
+def postgres_server() -> None:
+    """Skips the test when the PostgreSQL test server cannot be reached."""
     if _pg_problem:
         pytest.skip(f"PostgreSQL unreachable: {_pg_problem}")
-    name = f"relay_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    migrate.upgrade(url)
-    yield url
-    with admin.connect() as connection:
-        connection.execute(text(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-        ), {"n": name})
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres_server: None) -> Iterator[str]:
+    """One migrated PostgreSQL database for the whole run, emptied before each test."""
+    with fresh_database("relay_test", migrated=True) as url:
+        yield url
 
 
 def truncate_all(url: str) -> None:

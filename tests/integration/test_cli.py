@@ -13,7 +13,7 @@ import pytest
 import responses
 from click.testing import CliRunner, Result
 from flask import Flask
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, text, update
 
 from relay import migrate
 from relay.cli import cli
@@ -146,6 +146,54 @@ def test_db_upgrade_then_current(clean_environment: None, tmp_path: Path) -> Non
     assert (result.exit_code, result.stdout) == (0, f"database at {migrate.head_revision()}\n")
     assert runner.invoke(cli, ["db", "current"], env=env).stdout == (
         f"{migrate.head_revision()} (newest)\n")
+
+
+def _future_schema(url: str) -> None:
+    """The database as a newer relay leaves it: at a revision this code does not know."""
+    migrate.upgrade(url)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+
+
+def test_db_upgrade_refuses_a_schema_newer_than_the_code(clean_environment: None,
+                                                         tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/newer.db"
+    _future_schema(url)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["db", "upgrade"], env={"RELAY_DATABASE_URL": url})
+    assert (result.exit_code, result.stdout) == (5, "")
+    assert result.stderr.splitlines() == [
+        "relay: database schema is at 9999_future, newer than this relay knows (its newest is "
+        f"{migrate.head_revision()}): install the newer relay"]
+
+
+def test_db_upgrade_of_a_file_that_is_no_database(clean_environment: None,
+                                                  tmp_path: Path) -> None:
+    (tmp_path / "broken.db").write_bytes(b"not a database " * 500)
+    result = CliRunner().invoke(cli, ["db", "upgrade"],
+                                env={"RELAY_DATABASE_URL": f"sqlite:///{tmp_path}/broken.db"})
+    assert (result.exit_code, result.stdout) == (5, "")
+    assert result.stderr.splitlines() == [
+        "relay: database error: DatabaseError: file is not a database"]
+
+
+def test_db_upgrade_with_postgresql_down(clean_environment: None) -> None:
+    url = f"postgresql+psycopg://relay@127.0.0.1:{closed_port()}/relay"
+    result = CliRunner().invoke(cli, ["db", "upgrade"], env={"RELAY_DATABASE_URL": url})
+    assert result.exit_code == 5
+    [line] = result.stderr.splitlines()
+    assert line.startswith("relay: database unavailable: OperationalError: ")
+    assert "refused" in line.lower()
+
+
+def test_db_upgrade_to_an_unknown_revision(clean_environment: None, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["db", "upgrade", "--revision", "nonesuch"],
+                                env={"RELAY_DATABASE_URL": f"sqlite:///{tmp_path}/r.db"})
+    assert result.exit_code == 5
+    assert result.stderr.splitlines() == [
+        "relay: migration to nonesuch failed: Can't locate revision identified by 'nonesuch'"]
 
 
 # --- events list / show -----------------------------------------------------------------------

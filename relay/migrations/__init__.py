@@ -1,0 +1,1 @@
+"""Alembic scripts, shipped inside the package; `relay.migrate` runs them."""

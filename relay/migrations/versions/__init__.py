@@ -1,0 +1,1 @@
+"""The migrations, one file per revision (Alembic reads them; nothing imports them)."""

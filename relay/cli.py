@@ -181,9 +181,16 @@ def db_current() -> None:
     from relay.db import make_engine
 
     engine = make_engine(load_settings().database_url)
-    current, head = migrate.current_revision(engine), migrate.head_revision()
-    engine.dispose()
-    state = "newest" if current == head else f"behind {head}: run `relay db upgrade`"
+    try:
+        current, head = migrate.current_revision(engine), migrate.head_revision()
+    finally:
+        engine.dispose()
+    if current == head:
+        state = "newest"
+    elif current is not None and not migrate.is_known(current):
+        state = f"newer than this relay's {head}: install the newer relay"
+    else:
+        state = f"behind {head}: run `relay db upgrade`"
     click.echo(f"{current or 'empty'} ({state})")
 
 

@@ -167,6 +167,10 @@ def test_db_upgrade_refuses_a_schema_newer_than_the_code(clean_environment: None
     assert result.stderr.splitlines() == [
         "relay: database schema is at 9999_future, newer than this relay knows (its newest is "
         f"{migrate.head_revision()}): install the newer relay"]
+    current = runner.invoke(cli, ["db", "current"], env={"RELAY_DATABASE_URL": url})
+    assert (current.exit_code, current.stdout) == (
+        0, f"9999_future (newer than this relay's {migrate.head_revision()}: install the newer "
+           "relay)\n")
 
 
 def test_db_upgrade_of_a_file_that_is_no_database(clean_environment: None,

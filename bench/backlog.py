@@ -3,10 +3,11 @@
 On a fresh PostgreSQL database, pending events are generated in SQL (`INSERT ... SELECT
 generate_series`, 250,000 persons). At 10,000 rows and again after growing the table to
 1,000,000 rows, the benchmark times, in this process:
-- one claim-and-mark cycle as the worker runs it: `outbox.claim_due` (500 events, lease) in one
-  transaction, then `outbox.mark_delivered` for them in another;
-- the admin's first page: `outbox.list_events(limit=50)` (all events, newest first) and the same
-  filtered on `status=pending`, each with `event_json` for every row as the page renders it.
+- one claim-and-mark cycle as the worker runs it: `outbox.leases.claim_due` (500 events, lease)
+  in one transaction, then `outbox.leases.mark_delivered` for them in another;
+- the admin's first page: `outbox.queries.list_events(limit=50)` (all events, newest first) and
+  the same filtered on `status=pending`, each with `event_json` for every row as the page renders
+  it.
 Then a `relay worker` drains the 1M backlog into the Braze stand-in for a bounded time while its
 resident memory is sampled.
 
@@ -30,7 +31,9 @@ PERSONS = 250_000
 
 def timings(url: str, cycles: int, pages: int) -> dict[str, Any]:
     from relay.db import Database
-    from relay.outbox import claim_due, event_json, list_events, mark_delivered
+    from relay.outbox.filters import EventFilter
+    from relay.outbox.leases import claim_due, mark_delivered
+    from relay.outbox.queries import event_json, list_events
 
     db = Database(url)
     claim_ms, mark_ms, cycle_ms = [], [], []
@@ -54,7 +57,7 @@ def timings(url: str, cycles: int, pages: int) -> dict[str, Any]:
         for name, status in (("all", None), ("pending", "pending")):
             t0 = time.perf_counter()
             with db.session() as session:
-                events, _cursor = list_events(session, status=status, limit=50)
+                events, _cursor = list_events(session, EventFilter(status=status), limit=50)
                 [event_json(e) for e in events]
             page_ms[name].append((time.perf_counter() - t0) * 1000)
     db.dispose()

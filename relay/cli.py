@@ -11,7 +11,6 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from typing import IO, Any
 
 import click
@@ -24,14 +23,16 @@ from relay.db import describe_error
 from relay.exceptions import (
     DatabaseUnavailable,
     EventNotFound,
+    FilterError,
     InvalidTransition,
     MigrationError,
     RelayError,
     SettingsError,
 )
+from relay.models import Status
 from relay.settings import ENVIRONMENTS, Settings, load_settings
 
-STATUSES = ("pending", "delivered", "dead", "skipped", "rejected")
+STATUSES = tuple(status.value for status in Status)
 # 1: a check or operation failed; 2: invalid setting or usage (as click); then one code per kind.
 EXIT_CODES: dict[type[Exception], int] = {
     SettingsError: 2,
@@ -219,12 +220,14 @@ def events() -> None:
 def events_list(status: str | None, environment: str | None, name: str | None, q: str | None,
                 limit: int, before: int | None) -> None:
     """List events, newest first, as a table."""
-    from relay import outbox
+    from relay.outbox import queries
+    from relay.outbox.filters import EventFilter
 
+    event_filter = EventFilter(status=status, environment=environment, name=name, q=q)
     with _database() as database, database.session() as session:
-        found, next_cursor = outbox.list_events(session, status=status, environment=environment,
-                                                name=name, q=q, limit=limit, cursor=before)
-        rows = [_event_row(outbox.event_json(event)) for event in found]
+        found, next_cursor = queries.list_events(session, event_filter, limit=limit,
+                                                 cursor=before)
+        rows = [_event_row(queries.event_json(event)) for event in found]
     if not rows:
         click.echo("no events match")
         return
@@ -255,10 +258,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int = 40
 @click.argument("event_id", type=int)
 def events_show(event_id: int) -> None:
     """Print one event with its inbound request and attempts (JSON)."""
-    from relay import outbox
+    from relay.outbox import queries
 
     with _database() as database, database.session() as session:
-        detail = outbox.event_detail(session, event_id)
+        detail = queries.event_detail(session, event_id)
     click.echo(json.dumps(detail, indent=2, ensure_ascii=False, default=str))
 
 
@@ -266,10 +269,10 @@ def events_show(event_id: int) -> None:
 @click.argument("event_id", type=int)
 def events_retry(event_id: int) -> None:
     """Make a dead or retrying event due now."""
-    from relay import outbox
+    from relay.outbox import operator
 
     with _database() as database, database.session() as session:
-        outbox.retry(session, event_id)
+        operator.retry(session, event_id)
     click.echo(f"event {event_id} is pending, due now")
 
 
@@ -290,33 +293,28 @@ def events_replay(event_id: int | None, status: str, environment: str | None, na
     pending and is sent again; the count is printed. Their history of attempts is kept.
     Replaying delivered events sends them to Braze a second time, so that asks first.
     """
-    from relay import outbox
+    from relay.outbox import operator
+    from relay.outbox.filters import EventFilter, parse_since
 
-    moment = _utc(since) if since else None
+    try:
+        moment = parse_since(since)
+    except FilterError as error:
+        raise click.BadParameter(str(error), param_hint="--since") from None
     with _database() as database:
         if event_id is not None:
             with database.session() as session:
-                outbox.replay(session, event_id)
+                operator.replay(session, event_id)
             click.echo(f"event {event_id} is pending, due now")
             return
-        filters = {"status": status, "environment": environment, "name": name, "q": q,
-                   "since": moment}
+        event_filter = EventFilter(status=status, environment=environment, name=name, q=q,
+                                   since=moment)
         if status != "dead" and not yes:
             with database.session() as session:
-                matching = outbox.count_matching(session, **filters)
+                matching = operator.count_matching(session, event_filter)
             click.confirm(f"Send {matching} {status} events to Braze again?", abort=True)
         with database.session() as session:
-            count = outbox.replay_matching(session, **filters)
+            count = operator.replay_matching(session, event_filter)
     click.echo(f"requeued {count} {status} event{'s' if count != 1 else ''}")
-
-
-def _utc(value: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"expected an ISO-8601 time such as 2026-11-20T14:00:00Z, "
-                                 f"got {value!r}", param_hint="--since") from None
-    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
 
 
 # --- personal data and retention ----------------------------------------------------------------

@@ -123,8 +123,7 @@ class Database:
         if self._notifier is None and self.dialect == "postgresql":
             with self._notifier_lock:
                 if self._notifier is None:
-                    from relay.notifier import Notifier
-                    from relay.outbox import NOTIFY_CHANNEL
+                    from relay.notifier import NOTIFY_CHANNEL, Notifier
 
                     self._notifier = Notifier(self.engine, NOTIFY_CHANNEL)
         return self._notifier

@@ -1,7 +1,7 @@
 """From claimed outbox events to Braze: identity resolution, batching, applying Braze's answers.
 
 Every Braze request is recorded once (body, status, answer, duration) and linked to the events it
-carried; every outcome becomes a status through `relay.outbox`, never a swallowed exception.
+carried; every outcome becomes a status through `relay.leases.leases`, never a swallowed exception.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from relay import braze_state, metrics, outbox
+from relay import braze_state, metrics
 from relay.braze import (
     BadRequest,
     BrazeClient,
@@ -29,10 +29,12 @@ from relay.braze import (
     Unauthorized,
 )
 from relay.db import Database, utcnow
+from relay.dialect import dialect_insert
 from relay.exceptions import DatabaseUnavailable
 from relay.extole import braze_time, canonical_json
 from relay.limiter import take_token
 from relay.models import AttemptEvent, DeliveryAttempt, IdentityCache, OutboxEvent
+from relay.outbox import leases
 from relay.retry import RetryPolicy
 from relay.settings import Settings
 
@@ -201,7 +203,7 @@ class Delivery:
                 dead.append(event)
         if dead:
             with self.db.session() as session:
-                outbox.mark_dead(session, self.owner, {e.id: NO_IDENTIFIER for e in dead}, dead)
+                leases.mark_dead(session, self.owner, {e.id: NO_IDENTIFIER for e in dead}, dead)
         if by_email:
             planned.extend(self._resolve_emails(environment, by_email))
         self._mark_stale(environment, planned)
@@ -250,7 +252,7 @@ class Delivery:
             wait = take_token(session, f"export:{environment}", self.settings.braze_export_rate)
         if wait > 0:
             with self.db.session() as session:
-                outbox.release(session, self.owner, events, utcnow() + timedelta(seconds=wait),
+                leases.release(session, self.owner, events, utcnow() + timedelta(seconds=wait),
                                "waiting for the Braze export limiter (BRAZE_EXPORT_RATE)")
             return None
         client = self.clients(environment)
@@ -261,7 +263,7 @@ class Delivery:
             until = max(_naive_utc(error.reset_at), utcnow() + timedelta(seconds=1))
             with self.db.session() as session:
                 self._record_in(session, environment, error.exchange, events, "rate limited")
-                outbox.release(session, self.owner, events, until,
+                leases.release(session, self.owner, events, until,
                                "waiting: Braze export rate limit")
             return None
         except BadRequest as error:
@@ -287,7 +289,7 @@ class Delivery:
                   "braze_id": braze_id, "found": found,
                   "expires_at": utcnow() + timedelta(seconds=self.settings.identity_ttl)}
         with self.db.session() as session:
-            insert = outbox.dialect_insert(session)
+            insert = dialect_insert(session)
             session.execute(insert(IdentityCache).values(**values).on_conflict_do_update(
                 index_elements=["environment", "email"], set_=values))
         return found, external_id, braze_id
@@ -306,7 +308,7 @@ class Delivery:
         if not oldest:
             return
         with self.db.session() as session:
-            newer = outbox.newer_delivered_attributes(session, environment, oldest)
+            newer = leases.newer_delivered_attributes(session, environment, oldest)
         for item in planned:
             times = newer.get(item.event.person_key or "", {})
             item.stale = frozenset(name for name, moment in times.items()
@@ -384,7 +386,7 @@ class Delivery:
             with self.db.session() as session:
                 self._record_in(session, environment, error.exchange, events, "rate limited")
                 braze_state.mark_rate_limited(session, environment, until)
-                outbox.release(session, self.owner, events, until,
+                leases.release(session, self.owner, events, until,
                                f"waiting: Braze rate limit ({what}) until {until:%H:%M:%S} UTC")
             return
         if isinstance(error, Unauthorized):
@@ -394,7 +396,7 @@ class Delivery:
                                                   KEY_PAUSE_SECONDS)
                 # No credit here: the resume credits the whole refusal to every retrying
                 # event (shift_failure_clock), these included; crediting both counted it twice.
-                outbox.release(session, self.owner, events, paused,
+                leases.release(session, self.owner, events, paused,
                                f"waiting: Braze refused the {environment} key ({error})",
                                credit_wait=False)
             log.warning("%s delivery paused: %s", environment, error)
@@ -409,7 +411,7 @@ class Delivery:
         events = [p.event for p in batch]
         with self.db.session() as session:
             self._record_in(session, environment, exchange, events, "failed")
-            outbox.mark_failed(session, self.owner, events, error, self.policy, rng=self.rng)
+            leases.mark_failed(session, self.owner, events, error, self.policy, rng=self.rng)
 
     def _apply(self, environment: str, exchange: Exchange | None, batch: list[Planned],
                outcome: Outcome, note: str | None = None) -> None:
@@ -424,14 +426,14 @@ class Delivery:
                 refused_for = braze_state.mark_ok(session, environment)
                 if refused_for:
                     # Waiting for a working key never counts toward RELAY_RETRY_MAX_AGE.
-                    outbox.shift_failure_clock(session, environment, refused_for)
+                    leases.shift_failure_clock(session, environment, refused_for)
                     log.info("%s delivery resumed after the key was refused for %.0f s",
                              environment, refused_for)
                 if outcome.delivered:
-                    outbox.mark_delivered(session, self.owner,
+                    leases.mark_delivered(session, self.owner,
                                           [p.event for p in outcome.delivered], identities)
                 if outcome.dead:
-                    outbox.mark_dead(session, self.owner, outcome.dead, events, identities)
+                    leases.mark_dead(session, self.owner, outcome.dead, events, identities)
         except DatabaseUnavailable:
             # Braze has these events; the lease will expire and they will be sent again.
             log.error("could not record Braze's answer for events %s: at-least-once applies",

@@ -30,6 +30,10 @@ class RejectedEvent(RelayError):
     """This event cannot be used."""
 
 
+class FilterError(RelayError):
+    """A filter parameter has an invalid value."""
+
+
 class EventNotFound(RelayError):
     """No event with that id."""
 

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from relay.db import Database, describe_error, get_db
 from relay.exceptions import DatabaseUnavailable
+from relay.outbox import queries
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,10 @@ class OutboxCollector(Collector):
         self.db = db
 
     def collect(self) -> Iterator[Metric]:
-        from relay import outbox
-
         try:
             with self.db.session() as session:
-                counts = outbox.counts_by_status(session)
-                oldest = outbox.oldest_pending_age(session)
+                counts = queries.counts_by_status(session)
+                oldest = queries.oldest_pending_age(session)
         except (DatabaseUnavailable, SQLAlchemyError) as error:
             log.warning("outbox gauges left out of this scrape: %s", describe_error(error))
             return

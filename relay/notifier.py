@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 log = logging.getLogger(__name__)
 
+NOTIFY_CHANNEL = "relay_events"
 DEFAULT_INTERVAL = 0.025
 
 

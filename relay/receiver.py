@@ -20,7 +20,7 @@ from relay.db import describe_error, get_db, utcnow
 from relay.exceptions import DatabaseUnavailable
 from relay.extole import InvalidBody, parse_body, storable_text
 from relay.models import InboundRequest
-from relay.outbox import store_single, store_webhook
+from relay.outbox.ingest import Receipt, store_single, store_webhook
 from relay.settings import ENVIRONMENTS, Settings
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def _read_body(at_most: int) -> bytes:
     return b"".join(chunks)
 
 
-def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Any:
+def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Receipt:
     inbound.status_code, inbound.outcome = 200, "accepted"
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:

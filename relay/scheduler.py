@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from relay.outbox import NOTIFY_CHANNEL
+from relay.notifier import NOTIFY_CHANNEL
 from relay.settings import Settings
 
 if TYPE_CHECKING:

@@ -22,11 +22,12 @@ from typing import Any
 
 from flask import Flask
 
-from relay import braze_state, outbox
+from relay import braze_state
 from relay.braze import BrazeClient
 from relay.db import Database, get_db, utcnow
 from relay.delivery import Delivery
 from relay.exceptions import DatabaseUnavailable
+from relay.outbox import leases
 from relay.scheduler import Waker, build_scheduler, listen_for_events
 from relay.settings import ENVIRONMENTS, Settings
 
@@ -70,7 +71,7 @@ class Worker:
                                   and self.settings.braze_endpoint(environment))
                 if not configured:
                     if environment == "staging":
-                        outbox.skip_unconfigured(session, environment,
+                        leases.skip_unconfigured(session, environment,
                                                  "BRAZE_STAGING_API_KEY is not set")
                     continue
                 if braze_state.blocked_until(session, environment) is None:
@@ -83,7 +84,7 @@ class Worker:
         if not environments:
             return 0
         with self.db.session() as session:
-            events = outbox.claim_due(session, self.owner, environments=environments,
+            events = leases.claim_due(session, self.owner, environments=environments,
                                       limit=self.settings.worker_batch_size,
                                       lease_seconds=self.settings.lease_seconds)
         if events:
@@ -103,7 +104,7 @@ class Worker:
             while not done.wait(self.settings.lease_seconds / 3):
                 try:
                     with self.db.session() as session:
-                        outbox.renew_leases(session, self.owner, ids, self.settings.lease_seconds)
+                        leases.renew_leases(session, self.owner, ids, self.settings.lease_seconds)
                 except DatabaseUnavailable as outage:
                     log.warning("leases not renewed: %s", outage)
 
@@ -151,7 +152,7 @@ class Worker:
 
     def sweep(self) -> None:
         with self.db.session() as session:
-            outbox.sweep_expired_leases(session, utcnow())
+            leases.sweep_expired_leases(session, utcnow())
 
     def close(self) -> None:
         self.stopping.set()

@@ -13,20 +13,13 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from relay import outbox
 from relay.admin import auth
-from relay.admin.filters import (
-    EventFilter,
-    FilterError,
-    parse_cursor,
-    parse_id,
-    parse_limit,
-    parse_since,
-)
+from relay.admin.params import parse_cursor, parse_id, parse_limit
 from relay.braze_state import environment_report
 from relay.db import get_db
-from relay.exceptions import DatabaseUnavailable, EventNotFound, InvalidTransition
-from relay.models import Status
+from relay.exceptions import DatabaseUnavailable, EventNotFound, FilterError, InvalidTransition
+from relay.outbox import operator, queries
+from relay.outbox.filters import EventFilter
 
 bp = Blueprint("api", __name__)
 
@@ -78,23 +71,23 @@ def list_events() -> Response:
     limit = parse_limit(request.args.get("limit"))
     cursor = parse_cursor(request.args.get("cursor"))
     with get_db().session() as session:
-        events, next_cursor = outbox.list_events(session, **event_filter.as_kwargs(),
-                                                 limit=limit, cursor=cursor)
-        body = {"events": [outbox.event_json(e) for e in events], "next_cursor": next_cursor}
+        events, next_cursor = queries.list_events(session, event_filter, limit=limit,
+                                                  cursor=cursor)
+        body = {"events": [queries.event_json(e) for e in events], "next_cursor": next_cursor}
     return jsonify(body)
 
 
 @bp.get("/events/<raw_id>")
 def event(raw_id: str) -> Response:
     with get_db().session() as session:
-        return jsonify(outbox.event_detail(session, _event_id(raw_id)))
+        return jsonify(queries.event_detail(session, _event_id(raw_id)))
 
 
 @bp.post("/events/<raw_id>/retry")
 def retry(raw_id: str) -> Response:
     """A dead or retrying event becomes due now; 409 says why when it is neither."""
     with get_db().session() as session:
-        body = outbox.event_json(outbox.retry(session, _event_id(raw_id)))
+        body = queries.event_json(operator.retry(session, _event_id(raw_id)))
     return jsonify(body)
 
 
@@ -102,7 +95,7 @@ def retry(raw_id: str) -> Response:
 def replay(raw_id: str) -> Response:
     """Send the event again, even if delivered; its attempt history is kept."""
     with get_db().session() as session:
-        body = outbox.event_json(outbox.replay(session, _event_id(raw_id)))
+        body = queries.event_json(operator.replay(session, _event_id(raw_id)))
     return jsonify(body)
 
 
@@ -118,17 +111,10 @@ def replay_matching() -> Response:
     unknown = sorted(set(data) - set(REPLAY_FIELDS))
     if unknown:
         raise FilterError(f"unknown field {unknown[0]!r}: use {', '.join(REPLAY_FIELDS)}")
-    event_filter = EventFilter.from_args({"status": Status.DEAD.value, **data})
-    since = parse_since(data.get("since"))
+    event_filter = EventFilter.from_args(data, with_since=True)
     with get_db().session() as session:
-        requeued = outbox.replay_matching(session, **_replay_kwargs(event_filter), since=since)
+        requeued = operator.replay_matching(session, event_filter)
     return jsonify({"requeued": requeued})
-
-
-def _replay_kwargs(event_filter: EventFilter) -> dict[str, Any]:
-    kwargs = event_filter.as_kwargs()
-    kwargs["status"] = kwargs["status"] or Status.DEAD.value
-    return kwargs
 
 
 class StatsCache:
@@ -155,8 +141,8 @@ class StatsCache:
 def _compute_stats() -> dict[str, Any]:
     with get_db().session() as session:
         return {
-            "counts": outbox.counts_by_status(session),
-            "oldest_pending_seconds": round(outbox.oldest_pending_age(session), 1),
+            "counts": queries.counts_by_status(session),
+            "oldest_pending_seconds": round(queries.oldest_pending_age(session), 1),
             "braze": environment_report(session, current_app.config["RELAY_SETTINGS"]),
         }
 

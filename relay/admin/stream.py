@@ -21,12 +21,12 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from relay import outbox
 from relay.admin import auth
-from relay.admin.filters import EventFilter, FilterError
 from relay.db import Database, get_db, utcnow
-from relay.exceptions import DatabaseUnavailable
+from relay.exceptions import DatabaseUnavailable, FilterError
 from relay.models import OutboxEvent
+from relay.outbox import queries
+from relay.outbox.filters import EventFilter
 
 bp = Blueprint("stream", __name__)
 
@@ -52,8 +52,7 @@ class ChangeFeed:
         self.seen: dict[int, datetime] = {}
 
     def poll(self, session: Session) -> list[dict[str, Any]]:
-        window = outbox.filter_events(select(OutboxEvent.id, OutboxEvent.updated_at),
-                                      **self.filter.as_kwargs())
+        window = self.filter.apply(select(OutboxEvent.id, OutboxEvent.updated_at))
         keys = session.execute(
             window.where(OutboxEvent.updated_at >= self.watermark - OVERLAP)
             .order_by(OutboxEvent.updated_at.desc(), OutboxEvent.id.desc())
@@ -70,7 +69,7 @@ class ChangeFeed:
             self.seen[event.id] = event.updated_at
         cutoff = self.watermark - OVERLAP
         self.seen = {key: moment for key, moment in self.seen.items() if moment >= cutoff}
-        return [outbox.event_json(event) for event in events]
+        return [queries.event_json(event) for event in events]
 
 
 def _start(raw: str | None, now: datetime) -> datetime:

@@ -19,13 +19,14 @@ from flask import (
     url_for,
 )
 
-from relay import outbox
 from relay.admin import auth, message_page
 from relay.admin.api import collect_stats
-from relay.admin.filters import EventFilter, FilterError, parse_cursor, parse_id, parse_since
+from relay.admin.params import parse_cursor, parse_id
 from relay.db import get_db, utcnow
-from relay.exceptions import DatabaseUnavailable, EventNotFound, InvalidTransition
+from relay.exceptions import DatabaseUnavailable, EventNotFound, FilterError, InvalidTransition
 from relay.models import Status
+from relay.outbox import operator, queries
+from relay.outbox.filters import EventFilter
 from relay.settings import ENVIRONMENTS
 
 bp = Blueprint("views", __name__)
@@ -84,9 +85,9 @@ def index() -> Any:
         event_filter, cursor, error = EventFilter(), None, str(problem)
     since = utcnow()  # taken before the query: the stream resumes from here, nothing slips by
     with get_db().session() as session:
-        events, next_cursor = outbox.list_events(session, **event_filter.as_kwargs(),
-                                                 limit=PAGE_SIZE, cursor=cursor)
-        rows = [outbox.event_json(event) for event in events]
+        events, next_cursor = queries.list_events(session, event_filter, limit=PAGE_SIZE,
+                                                  cursor=cursor)
+        rows = [queries.event_json(event) for event in events]
     stats = collect_stats()
     args = event_filter.query_args()
     without_status = {key: value for key, value in args.items() if key != "status"}
@@ -108,7 +109,7 @@ def index() -> Any:
 def event(raw_id: str) -> Any:
     event_id = _event_id(raw_id)
     with get_db().session() as session:
-        detail = outbox.event_detail(session, event_id)
+        detail = queries.event_detail(session, event_id)
     return render_template("event.html", event=detail, can_retry=can_retry(detail),
                            can_replay=detail["status"] != Status.REJECTED.value)
 
@@ -127,12 +128,12 @@ def _event_id(raw: str) -> int:
 
 @bp.post("/events/<raw_id>/retry")
 def retry(raw_id: str) -> Any:
-    return _act(raw_id, outbox.retry, "is due now and will be retried within seconds")
+    return _act(raw_id, operator.retry, "is due now and will be retried within seconds")
 
 
 @bp.post("/events/<raw_id>/replay")
 def replay(raw_id: str) -> Any:
-    return _act(raw_id, outbox.replay, "is queued to be sent to Braze again")
+    return _act(raw_id, operator.replay, "is queued to be sent to Braze again")
 
 
 def _act(raw_id: str, action: Any, done: str) -> Any:
@@ -151,20 +152,19 @@ def bulk_replay() -> Any:
     """Dead events matching the filter: the count first, then requeue on confirmation."""
     try:
         event_filter = EventFilter.from_args(
-            {key: request.values.get(key) for key in ("environment", "name", "q")}
-            | {"status": Status.DEAD.value})
-        since = parse_since(request.values.get("since"))
+            {key: request.values.get(key) for key in ("environment", "name", "q", "since")}
+            | {"status": Status.DEAD.value}, with_since=True)
     except FilterError as problem:
         return message_page(400, "Invalid filter", str(problem))
-    kwargs = event_filter.as_kwargs()
-    list_args = {k: v for k, v in event_filter.query_args().items() if k != "status"}
+    list_args = {k: v for k, v in event_filter.query_args().items()
+                 if k not in ("status", "since")}
     if request.method == "POST":
         with get_db().session() as session:
-            requeued = outbox.replay_matching(session, **kwargs, since=since)
+            requeued = operator.replay_matching(session, event_filter)
         flash(f"Requeued {requeued} dead event{'s' if requeued != 1 else ''} "
               f"({event_filter.describe()}).", "ok")
         return redirect(url_for("admin.views.index", **list_args))
     with get_db().session() as session:
-        count = outbox.count_matching(session, **kwargs, since=since)
+        count = operator.count_matching(session, event_filter)
     return render_template("replay.html", filter=event_filter, count=count,
                            since=request.values.get("since", ""), list_args=list_args)

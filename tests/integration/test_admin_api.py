@@ -15,10 +15,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import inspect, update
 
-from relay import braze_state, create_app, outbox
+from relay import braze_state, create_app
 from relay.db import get_db, utcnow
 from relay.exceptions import DatabaseUnavailable
 from relay.models import AttemptEvent, DeliveryAttempt, OutboxEvent
+from relay.outbox import queries
 from relay.settings import Settings
 
 PASSWORD = "admin-password"  # conftest's make_settings
@@ -467,7 +468,7 @@ def test_database_outage_is_503_json(client: FlaskClient, monkeypatch: pytest.Mo
     def down(*_args: Any, **_kwargs: Any) -> Any:
         raise DatabaseUnavailable("database unavailable: OperationalError: connection refused")
 
-    monkeypatch.setattr(outbox, "list_events", down)
+    monkeypatch.setattr(queries, "list_events", down)
     answer = client.get("/admin/api/events", headers=basic())
     assert answer.status_code == 503
     assert "database unavailable" in answer.json["error"]

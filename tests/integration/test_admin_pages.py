@@ -15,10 +15,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import update
 
-from relay import create_app, outbox
+from relay import create_app
 from relay.db import get_db, utcnow
 from relay.exceptions import DatabaseUnavailable
 from relay.models import AttemptEvent, DeliveryAttempt, OutboxEvent
+from relay.outbox import queries
 from relay.settings import Settings
 
 PASSWORD = "admin-password"
@@ -435,7 +436,7 @@ def test_database_outage_page_is_503(client: FlaskClient, monkeypatch: pytest.Mo
     def down(*_args: Any, **_kwargs: Any) -> Any:
         raise DatabaseUnavailable("database unavailable: OperationalError: gone")
 
-    monkeypatch.setattr(outbox, "event_detail", down)
+    monkeypatch.setattr(queries, "event_detail", down)
     answer = client.get("/admin/events/1")
     assert answer.status_code == 503
     assert "Database unavailable" in answer.text

@@ -17,10 +17,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import update
 
-from relay.admin.filters import EventFilter
 from relay.admin.stream import ChangeFeed
 from relay.db import get_db, utcnow
 from relay.models import OutboxEvent
+from relay.outbox.filters import EventFilter
 
 READ_LIMIT_SECONDS = 5.0
 

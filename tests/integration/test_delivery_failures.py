@@ -20,10 +20,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
 
-from relay import braze_state, delivery, outbox
+from relay import braze_state, delivery
 from relay.db import utcnow
 from relay.exceptions import DatabaseUnavailable
 from relay.models import AttemptEvent, DeliveryAttempt, EnvironmentState, OutboxEvent
+from relay.outbox import leases
 from relay.retry import RetryPolicy
 from relay.settings import Settings
 from relay.worker import Worker
@@ -510,7 +511,7 @@ def test_events_of_a_worker_that_died_before_committing_are_sent_again(
     def crash(*_args: Any, **_kwargs: Any) -> None:
         raise DatabaseUnavailable("simulated: the worker died before recording Braze's answer")
 
-    monkeypatch.setattr(outbox, "mark_delivered", crash)
+    monkeypatch.setattr(leases, "mark_delivered", crash)
     dying.drain(max_seconds=5)
     monkeypatch.undo()
     assert braze.sent_ids() == [["f-1", "f-2"]]  # Braze has them
@@ -541,19 +542,19 @@ def test_a_worker_whose_lease_expired_cannot_overwrite_the_new_owner(
     db = app.extensions["relay.db"]
     start = utcnow()
     with db.session() as session:
-        [old] = outbox.claim_due(session, "old-worker", environments=["production"], limit=10,
+        [old] = leases.claim_due(session, "old-worker", environments=["production"], limit=10,
                                  lease_seconds=30, now=start)
     with db.session() as session:
-        assert outbox.claim_due(session, "new-worker", environments=["production"], limit=10,
+        assert leases.claim_due(session, "new-worker", environments=["production"], limit=10,
                                 lease_seconds=30, now=start + timedelta(seconds=10)) == []
     with db.session() as session:
-        [new] = outbox.claim_due(session, "new-worker", environments=["production"], limit=10,
+        [new] = leases.claim_due(session, "new-worker", environments=["production"], limit=10,
                                  lease_seconds=30, now=start + timedelta(seconds=31))
     assert new.id == old.id
     with db.session() as session:
-        outbox.mark_dead(session, "old-worker", {old.id: "late answer"}, [old])
-        outbox.mark_delivered(session, "old-worker", [old], {})
-        assert outbox.mark_failed(session, "old-worker", [old], "late failure",
+        leases.mark_dead(session, "old-worker", {old.id: "late answer"}, [old])
+        leases.mark_delivered(session, "old-worker", [old], {})
+        assert leases.mark_failed(session, "old-worker", [old], "late failure",
                                   RetryPolicy(1, 60, 3600)) == ([], [])
     assert (event(app, "f-1").status, event(app, "f-1").lease_owner) == ("pending", "new-worker")
     # The late worker logs no transition it did not make, only that the lease was lost.
@@ -562,6 +563,6 @@ def test_a_worker_whose_lease_expired_cannot_overwrite_the_new_owner(
     assert lines.count("1 of 1 events were no longer leased by old-worker: left to their new "
                        "owner") == 3
     with db.session() as session:
-        outbox.mark_delivered(session, "new-worker", [new], {new.id: {"external_id": "cust-1"}})
+        leases.mark_delivered(session, "new-worker", [new], {new.id: {"external_id": "cust-1"}})
     assert event(app, "f-1").status == "delivered"
     assert sample_json("reward_earned.json")  # the samples stay readable for other tests

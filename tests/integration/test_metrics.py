@@ -24,9 +24,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
-from relay import create_app, metrics, outbox
+from relay import create_app, metrics
 from relay.db import Database, get_db, utcnow
 from relay.models import OutboxEvent
+from relay.outbox import operator
+from relay.outbox.filters import EventFilter
 from relay.settings import Settings
 from tests.support import BRAZE_URL, sample
 
@@ -97,8 +99,8 @@ def test_operator_transitions_are_counted(app: Flask, client: FlaskClient,
         session.execute(update(OutboxEvent).values(status="dead"))
     before = scrape(client)
     with get_db(app).session() as session:
-        outbox.retry(session, 1)
-        outbox.replay_matching(session, status="dead")
+        operator.retry(session, 1)
+        operator.replay_matching(session, EventFilter(status="dead"))
     after = scrape(client)
     assert delta(before, after, "relay_events_total", environment="production",
                  status="pending") == 3

@@ -1007,7 +1007,7 @@ def test_webhooks_sharing_events_in_opposite_orders_both_answer_202_without_dead
 
 def test_store_webhook_takes_row_locks_in_a_deadlock_free_order(app: Flask) -> None:
     """Called directly, without the receiver's retry: neither transaction may be a victim."""
-    from relay.outbox import store_webhook
+    from relay.outbox.ingest import store_webhook
 
     names = [f"lk-{i}" for i in range(3)]
     batches = [[event(n) for n in names], [event(n) for n in reversed(names)]]

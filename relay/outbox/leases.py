@@ -1,0 +1,354 @@
+"""Leases and marks: what the delivery worker does to the outbox, the only writer of its status.
+
+A worker claims a batch of due events under a lease (`claim_due`), keeps the lease while it sends
+them (`renew_leases`), then records Braze's answer: `mark_delivered`, `mark_dead`, `mark_failed`
+(a counted failure, backed off), `release` (a wait that counts no attempt). Marks change only the
+rows the worker still holds, so one whose lease expired changes, logs and counts nothing. Leases
+of dead workers are swept (`sweep_expired_leases`) so their events come back (at-least-once).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy.orm import Session, aliased, defer
+
+from relay import metrics
+from relay.db import utcnow
+from relay.models import OutboxEvent, Status
+from relay.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+CLAIM_LOCK_KEY = 0x72656C6179  # "relay": serialises claimers so the per-person check sees leases
+
+
+def claim_due(
+    session: Session,
+    owner: str,
+    *,
+    environments: Sequence[str],
+    limit: int,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> list[OutboxEvent]:
+    """Lease a batch of due events in one short transaction.
+
+    Only the head of each person's line is claimable: an event waits while an earlier event
+    (by Extole event time) of the same person is still pending, so a retried `Subscribed`
+    can never land after a later `Unsubscribed`. PostgreSQL claims with FOR UPDATE SKIP LOCKED
+    under a transaction-scoped advisory lock; SQLite with one atomic UPDATE ... RETURNING.
+    """
+    if not environments:
+        return []
+    now = now or utcnow()
+    candidate = aliased(OutboxEvent, name="candidate")
+    earlier = aliased(OutboxEvent, name="earlier")
+    held_back = (
+        select(earlier.id)
+        .where(
+            earlier.environment == candidate.environment,
+            earlier.person_key == candidate.person_key,
+            earlier.status == Status.PENDING.value,
+            or_(
+                earlier.event_time < candidate.event_time,
+                and_(earlier.event_time == candidate.event_time, earlier.id < candidate.id),
+            ),
+        )
+        .exists()
+    )
+    due = (
+        select(candidate.id)
+        .where(
+            candidate.status == Status.PENDING.value,
+            candidate.next_attempt_at <= now,
+            or_(candidate.lease_expires_at.is_(None), candidate.lease_expires_at <= now),
+            candidate.environment.in_(list(environments)),
+            ~held_back,
+        )
+        .order_by(candidate.next_attempt_at, candidate.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
+        due = due.with_for_update(skip_locked=True)
+    statement = (
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(due.scalar_subquery()))
+        .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(OutboxEvent)
+        # Delivery never reads the raw payload: it is neither sent back nor decoded.
+        .options(defer(OutboxEvent.payload, raiseload=True))
+        .execution_options(synchronize_session=False)
+    )
+    events = list(session.scalars(statement))
+    events.sort(key=lambda e: (e.event_time or now, e.id))
+    return events
+
+
+def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]],
+                    shared: dict[str, Any] | None = None) -> set[int]:
+    """Apply `shared` values and each row's own, only to rows this worker still holds the lease
+    on; answers their ids.
+
+    The rows still held are locked first, so the caller logs and counts only what it changed:
+    a worker whose lease expired (another one owns the event now) changes nothing. Rows with no
+    values of their own (only "row_id") are changed by one set-based statement.
+    """
+    if not rows:
+        return set()
+    table = OutboxEvent.__table__
+    held_query = select(table.c.id).where(table.c.id.in_([r["row_id"] for r in rows]),
+                                          table.c.lease_owner == owner)
+    if session.get_bind().dialect.name == "postgresql":
+        # FOR NO KEY UPDATE: the lock the UPDATE itself takes, so this adds no new conflicts
+        # (FOR UPDATE would also block foreign-key checks of rows referencing these events).
+        held_query = held_query.order_by(table.c.id).with_for_update(key_share=True)
+    held = set(session.scalars(held_query))
+    if len(held) < len(rows):
+        log.warning("%d of %d events were no longer leased by %s: left to their new owner",
+                    len(rows) - len(held), len(rows), owner)
+    shared = shared or {}
+    plain = [r["row_id"] for r in rows if r["row_id"] in held and len(r) == 1]
+    if plain:
+        session.execute(table.update()
+                        .where(table.c.id.in_(plain), table.c.lease_owner == owner)
+                        .values(shared))
+    own = [r for r in rows if r["row_id"] in held and len(r) > 1]
+    if own:
+        columns = [key for key in own[0] if key != "row_id"]
+        statement = (
+            table.update()
+            .where(table.c.id == bindparam("row_id"), table.c.lease_owner == owner)
+            .values({**shared, **{column: bindparam(f"v_{column}") for column in columns}})
+        )
+        session.connection().execute(statement, [
+            {"row_id": r["row_id"], **{f"v_{c}": r[c] for c in columns}} for r in own])
+    return held
+
+
+def _transition(events: Sequence[OutboxEvent], status: Status, note: str = "") -> None:
+    for event in events:
+        log.info("event %s (%s): %s -> %s%s", event.id, event.extole_event_id, event.status,
+                 status.value, f" ({note})" if note else "")
+    counts: dict[str, int] = {}
+    for event in events:
+        counts[event.environment] = counts.get(event.environment, 0) + 1
+    for environment, count in counts.items():
+        metrics.EVENTS.labels(environment, status.value).inc(count)
+
+
+def mark_delivered(session: Session, owner: str, events: Sequence[OutboxEvent],
+                   identities: dict[int, dict[str, Any]], now: datetime | None = None) -> None:
+    now = now or utcnow()
+    # Usually the identity is the event's own external_id: written by SQL from the row itself,
+    # so the whole chunk is one statement with no per-row values.
+    table = OutboxEvent.__table__
+    build = (func.jsonb_build_object if session.get_bind().dialect.name == "postgresql"
+             else func.json_object)
+    shared = {"status": Status.DELIVERED.value, "delivered_at": now, "lease_owner": None,
+              "lease_expires_at": None, "last_error": None, "updated_at": now,
+              "identity": build("external_id", table.c.external_id)}
+    held = _guarded_update(session, owner, [
+        {"row_id": e.id} if e.external_id and identities.get(e.id) == {"external_id": e.external_id}
+        else {"row_id": e.id, "identity": identities.get(e.id)}
+        for e in events
+    ], shared)
+    _transition([e for e in events if e.id in held], Status.DELIVERED)
+
+
+def mark_dead(session: Session, owner: str, reasons: dict[int, str],
+              events: Sequence[OutboxEvent], identities: dict[int, dict[str, Any]] | None = None,
+              now: datetime | None = None) -> None:
+    now = now or utcnow()
+    dead = [e for e in events if e.id in reasons]
+    held = _guarded_update(session, owner, [
+        {"row_id": e.id, "status": Status.DEAD.value, "last_error": reasons[e.id][:2000],
+         "identity": (identities or {}).get(e.id, e.identity), "lease_owner": None,
+         "lease_expires_at": None, "updated_at": now}
+        for e in dead
+    ])
+    for event in dead:
+        if event.id in held:
+            _transition([event], Status.DEAD, reasons[event.id][:200])
+
+
+def mark_failed(session: Session, owner: str, events: Sequence[OutboxEvent], error: str,
+                policy: RetryPolicy, now: datetime | None = None,
+                rng: random.Random | None = None) -> tuple[list[int], list[int]]:
+    """A counted failure: back off, or become dead once the failures span RELAY_RETRY_MAX_AGE."""
+    now = now or utcnow()
+    rows, retrying, dead = [], [], []
+    for event in events:
+        attempts = (event.attempts or 0) + 1
+        first = event.first_failure_at or now
+        decision = policy.decide(attempts, first, now, rng)
+        row: dict[str, Any] = {"row_id": event.id, "attempts": attempts, "first_failure_at": first,
+                               "lease_owner": None, "lease_expires_at": None, "updated_at": now}
+        if decision.dead:
+            age = int((now - first).total_seconds())
+            reason = f"{error} (gave up after {attempts} attempts over {age} s)"
+            row.update(status=Status.DEAD.value, next_attempt_at=None, last_error=reason[:2000])
+            dead.append(event)
+        else:
+            row.update(status=Status.PENDING.value, next_attempt_at=decision.retry_at,
+                       last_error=error[:2000])
+            retrying.append(event)
+        rows.append(row)
+    held = _guarded_update(session, owner, rows)
+    retrying = [e for e in retrying if e.id in held]
+    dead = [e for e in dead if e.id in held]
+    for event in retrying:
+        log.info("event %s (%s): attempt %d failed, retry at %s: %s", event.id,
+                 event.extole_event_id, (event.attempts or 0) + 1,
+                 next(r["next_attempt_at"] for r in rows if r["row_id"] == event.id), error[:200])
+    for event in retrying:
+        metrics.EVENTS.labels(event.environment, "retrying").inc()
+    _transition(dead, Status.DEAD, error[:200])
+    return [e.id for e in retrying], [e.id for e in dead]
+
+
+def release(session: Session, owner: str, events: Sequence[OutboxEvent], until: datetime,
+            reason: str, now: datetime | None = None, *, credit_wait: bool = True) -> None:
+    """Give events back without counting an attempt (rate limit, refused key, export limiter).
+
+    The wait is added to `first_failure_at`, so it never counts toward RELAY_RETRY_MAX_AGE;
+    `credit_wait=False` when the caller credits the wait otherwise (a refused key: the whole
+    refusal is credited once, by `shift_failure_clock`, when the key works again).
+    """
+    now = now or utcnow()
+    wait = max(until - now, timedelta(0)) if credit_wait else timedelta(0)
+    held = _guarded_update(session, owner, [
+        {"row_id": e.id, "next_attempt_at": until, "lease_owner": None, "lease_expires_at": None,
+         "first_failure_at": e.first_failure_at + wait if e.first_failure_at else None,
+         "last_error": reason[:2000], "updated_at": now}
+        for e in events
+    ])
+    if held:
+        log.info("%d events wait until %s without counting an attempt: %s", len(held),
+                 until.isoformat(timespec="seconds"), reason[:200])
+
+
+def skip_unconfigured(session: Session, environment: str, reason: str, limit: int = 1000,
+                      now: datetime | None = None) -> int:
+    """Events of an environment without a Braze key are stored and marked skipped, never sent."""
+    now = now or utcnow()
+    ids = list(session.scalars(
+        select(OutboxEvent.id)
+        .where(OutboxEvent.environment == environment, OutboxEvent.status == Status.PENDING.value)
+        .limit(limit)
+    ))
+    if not ids:
+        return 0
+    session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(ids), OutboxEvent.status == Status.PENDING.value)
+        .values(status=Status.SKIPPED.value, last_error=reason, lease_owner=None,
+                lease_expires_at=None, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    log.info("%d %s events skipped: %s", len(ids), environment, reason)
+    metrics.EVENTS.labels(environment, Status.SKIPPED.value).inc(len(ids))
+    return len(ids)
+
+
+def shift_failure_clock(session: Session, environment: str, seconds: float) -> int:
+    """Credit a pause to every retrying event of an environment (it never counts as failing)."""
+    rows = session.execute(
+        select(OutboxEvent.id, OutboxEvent.first_failure_at).where(
+            OutboxEvent.environment == environment,
+            OutboxEvent.status == Status.PENDING.value,
+            OutboxEvent.first_failure_at.is_not(None),
+        )
+    ).all()
+    shift = timedelta(seconds=seconds)
+    table = OutboxEvent.__table__
+    if rows:
+        session.connection().execute(
+            table.update().where(table.c.id == bindparam("row_id"))
+            .values(first_failure_at=bindparam("first")),
+            [{"row_id": row_id, "first": first + shift} for row_id, first in rows],
+        )
+    return len(rows)
+
+
+def renew_leases(session: Session, owner: str, ids: Sequence[int], lease_seconds: float,
+                 now: datetime | None = None) -> int:
+    """Extend the leases this worker still holds on the events it is delivering.
+
+    Rows locked by a transaction recording their outcome are skipped, never waited for: the
+    renewal then cannot deadlock with it (an UPDATE of many rows locks them in scan order while
+    that transaction locks its rows one by one), and those rows are being finished anyway.
+    """
+    now = now or utcnow()
+    held = (
+        select(OutboxEvent.id)
+        .where(OutboxEvent.id.in_(list(ids)), OutboxEvent.lease_owner == owner,
+               OutboxEvent.status == Status.PENDING.value)
+        .with_for_update(skip_locked=True)
+    )
+    result = session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.id.in_(held.scalar_subquery()))
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return int(result.rowcount or 0)
+
+
+def sweep_expired_leases(session: Session, now: datetime | None = None) -> int:
+    """Clear leases of workers that died; their events are claimable again (at-least-once)."""
+    now = now or utcnow()
+    result = session.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.lease_expires_at.is_not(None), OutboxEvent.lease_expires_at < now)
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount:
+        log.warning("%d events came back from expired leases", result.rowcount)
+    return int(result.rowcount or 0)
+
+
+def newer_delivered_attributes(session: Session, environment: str,
+                               oldest: dict[str, datetime]) -> dict[str, dict[str, datetime]]:
+    """Per person, per attribute: the newest event time of a delivered event that set it.
+
+    Only delivered events newer than `oldest[person]` (the oldest event about to be sent for
+    that person) matter: theirs are the values an older event must not overwrite.
+    """
+    if not oldest:
+        return {}
+    delivered = (OutboxEvent.environment == environment,
+                 OutboxEvent.status == Status.DELIVERED.value)
+    # Usually nobody has a newer delivered event: one cheap grouped query says so.
+    latest = session.execute(
+        select(OutboxEvent.person_key, func.max(OutboxEvent.event_time))
+        .where(*delivered, OutboxEvent.person_key.in_(list(oldest)))
+        .group_by(OutboxEvent.person_key)
+    )
+    behind = {key: oldest[key] for key, moment in latest
+              if key is not None and moment is not None and moment > oldest[key]}
+    if not behind:
+        return {}
+    rows = session.execute(
+        select(OutboxEvent.person_key, OutboxEvent.event_time, OutboxEvent.attributes)
+        .where(*delivered, OutboxEvent.person_key.in_(list(behind)),
+               OutboxEvent.event_time > min(behind.values()))
+    )
+    newest: dict[str, dict[str, datetime]] = {}
+    for key, moment, attributes in rows:
+        if key is None or moment is None or moment <= behind[key]:
+            continue
+        per_person = newest.setdefault(key, {})
+        for name in attributes or {}:
+            if name not in per_person or per_person[name] < moment:
+                per_person[name] = moment
+    return newest
+
+

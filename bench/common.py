@@ -202,7 +202,7 @@ def standin(port: int, max_objects: int = 75, receipts: bool = False) -> Child:
 
 def worker(env: dict[str, str]) -> Child:
     """`relay worker`, as its own process (run_worker until the CLI command exists)."""
-    code = ("from relay.settings import load_settings; from relay.worker import run_worker; "
+    code = ("from relay.settings import load_settings; from relay.scheduler import run_worker; "
             "run_worker(load_settings())")
     return Child("worker", [PYTHON, "-c", code], env=env)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from relay import dialect
 from relay.db import utcnow
 from relay.models import EnvironmentState
 from relay.settings import ENVIRONMENTS, Settings
@@ -24,9 +24,7 @@ def _state(session: Session, environment: str) -> EnvironmentState:
     if state is None:
         # Concurrent first writers (two threads' 429s at once, two workers) must not collide on
         # the primary key: a plain INSERT would fail one of them and roll its answer back.
-        dialect = session.get_bind().dialect.name
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        session.execute(insert(EnvironmentState)
+        session.execute(dialect.insert(session, EnvironmentState)
                         .values(environment=environment, key_state=OK, updated_at=utcnow())
                         .on_conflict_do_nothing(index_elements=["environment"]))
         state = session.scalars(select(EnvironmentState)

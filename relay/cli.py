@@ -154,7 +154,7 @@ def serve(host: str, port: int, workers: int, threads: int, with_worker: bool) -
               help="Expose this worker's Prometheus metrics on this port.")
 def worker(metrics_port: int | None) -> None:
     """Deliver events to Braze until stopped (SIGTERM)."""
-    from relay.worker import run_worker
+    from relay.scheduler import run_worker
 
     run_worker(load_settings(), metrics_port=metrics_port)
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from relay.exceptions import DatabaseUnavailable, RelayError
 
 if TYPE_CHECKING:
-    from relay.notifier import Notifier
+    from relay.wakeup import Notifier
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 PG_CONNECT_TIMEOUT_S = 3
@@ -100,6 +100,7 @@ class Database:
         self.engine = make_engine(url, **engine_kwargs)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._notifier: Notifier | None = None
+        self._notifier_made = False
         self._notifier_lock = threading.Lock()
 
     @property
@@ -119,13 +120,15 @@ class Database:
             raise
 
     def notifier(self) -> Notifier | None:
-        """The NOTIFY sender that wakes worker processes (PostgreSQL only), made on first use."""
-        if self._notifier is None and self.dialect == "postgresql":
+        """The NOTIFY sender that wakes worker processes (`relay.wakeup`), made on first use;
+        None where the database has no NOTIFY."""
+        if not self._notifier_made:
             with self._notifier_lock:
-                if self._notifier is None:
-                    from relay.notifier import NOTIFY_CHANNEL, Notifier
+                if not self._notifier_made:
+                    from relay.wakeup import make_notifier
 
-                    self._notifier = Notifier(self.engine, NOTIFY_CHANNEL)
+                    self._notifier = make_notifier(self.engine)
+                    self._notifier_made = True
         return self._notifier
 
     def dispose(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from relay import braze_state, metrics
+from relay import braze_state, dialect, metrics
 from relay.braze import (
     BadRequest,
     BrazeClient,
@@ -29,7 +29,6 @@ from relay.braze import (
     Unauthorized,
 )
 from relay.db import Database, utcnow
-from relay.dialect import dialect_insert
 from relay.exceptions import DatabaseUnavailable
 from relay.extole import braze_time, canonical_json
 from relay.limiter import take_token
@@ -289,9 +288,8 @@ class Delivery:
                   "braze_id": braze_id, "found": found,
                   "expires_at": utcnow() + timedelta(seconds=self.settings.identity_ttl)}
         with self.db.session() as session:
-            insert = dialect_insert(session)
-            session.execute(insert(IdentityCache).values(**values).on_conflict_do_update(
-                index_elements=["environment", "email"], set_=values))
+            session.execute(dialect.upsert(session, IdentityCache, values,
+                                           ["environment", "email"]))
         return found, external_id, braze_id
 
     def _mark_stale(self, environment: str, planned: list[Planned]) -> None:

@@ -1,15 +1,182 @@
-"""Where SQLite and PostgreSQL differ, in one place.
+"""Where SQLite and PostgreSQL differ, in one place; every other module asks here.
+
+relay runs the same statements on both databases wherever it can. What differs: INSERT ... ON
+CONFLICT (each dialect has its own construct), building JSON in SQL, locks (PostgreSQL locks rows
+and takes advisory locks; SQLite has one writer at a time, so it needs none of them but must take
+its write lock before a read-then-write), searching bytes as text, and PostgreSQL's fast path of
+one autocommitted statement on the driver's own connection. Engines themselves (WAL and pragmas
+for SQLite, timeouts and pools for PostgreSQL) are configured in `relay.db`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
+from sqlalchemy import Connection, Engine, Select, Table, Text, cast, func, inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement, TextClause
+from sqlalchemy.sql.functions import Function
+
+POSTGRESQL = "postgresql"
+SQLITE = "sqlite"
+
+Bind = Session | Connection | Engine
+Insert = postgresql.Insert | sqlite.Insert
+Query = TypeVar("Query", bound=Select[Any])
 
 
-def dialect_insert(session: Session) -> Any:
-    """INSERT with ON CONFLICT support for the session's database."""
-    dialect = session.get_bind().dialect.name
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+def name(bind: Bind) -> str:
+    """`postgresql` or `sqlite`."""
+    if isinstance(bind, Session):
+        return bind.get_bind().dialect.name
+    return bind.dialect.name
+
+
+def is_postgresql(bind: Bind) -> bool:
+    return name(bind) == POSTGRESQL
+
+
+def is_sqlite(bind: Bind) -> bool:
+    return name(bind) == SQLITE
+
+
+# --- statements ---------------------------------------------------------------------------------
+
+
+def insert(bind: Bind | str, table: Table | type[Any]) -> Insert:
+    """INSERT with the dialect's ON CONFLICT support (`on_conflict_do_nothing/do_update`).
+    `bind` may be a dialect name, for statements built once and kept per dialect."""
+    dialect = bind if isinstance(bind, str) else name(bind)
+    return postgresql.insert(table) if dialect == POSTGRESQL else sqlite.insert(table)
+
+
+def upsert(bind: Bind, table: Table | type[Any], values: dict[str, Any],
+           keys: list[str]) -> Insert:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET values: the row ends up holding `values`."""
+    return insert(bind, table).values(**values).on_conflict_do_update(index_elements=keys,
+                                                                      set_=values)
+
+
+def json_object(bind: Bind, *pairs: Any) -> Function[Any]:
+    """A JSON object built in SQL from alternating keys and values."""
+    return func.jsonb_build_object(*pairs) if is_postgresql(bind) else func.json_object(*pairs)
+
+
+def searchable_bytes(bind: Bind,
+                     column: ColumnElement[Any]) -> tuple[ColumnElement[Any], Callable[[str], str]]:
+    """A bytes column as text a LIKE can search, and how a needle is spelled in that text.
+
+    PostgreSQL's bytea does not cast to characters; `encode(bytes, 'escape')` keeps ASCII
+    readable and never fails on bytes that are not UTF-8, so needles are escaped alike. SQLite
+    compares a BLOB cast to text directly.
+    """
+    if is_postgresql(bind):
+        return func.encode(column, "escape"), _bytea_escape
+    return cast(column, Text), str
+
+
+def _bytea_escape(text: str) -> str:
+    """What PostgreSQL's encode(bytes, 'escape') makes of this text's UTF-8 bytes."""
+    parts = []
+    for byte in text.encode("utf-8"):
+        if byte == 0x5C:
+            parts.append("\\\\")  # a backslash comes out doubled
+        elif byte == 0 or byte > 0x7F:
+            parts.append(f"\\{byte:03o}")
+        else:
+            parts.append(chr(byte))
+    return "".join(parts)
+
+
+# --- locks --------------------------------------------------------------------------------------
+
+
+def for_update(query: Query, bind: Bind, *, skip_locked: bool = False,
+               no_key: bool = False) -> Query:
+    """Lock the rows the query reads (PostgreSQL; SQLite has one writer at a time).
+
+    `no_key`: FOR NO KEY UPDATE, the lock an UPDATE of non-key columns takes itself, so it adds
+    no conflict of its own (FOR UPDATE would also block foreign-key checks of referencing rows).
+    `skip_locked`: leave rows another transaction holds instead of waiting for them.
+    """
+    if not is_postgresql(bind):
+        return query
+    return query.with_for_update(skip_locked=skip_locked, key_share=no_key)
+
+
+def lock_key(session: Session, key: int) -> None:
+    """A transaction-scoped advisory lock (PostgreSQL), held until commit: serialises the
+    transactions that take it. SQLite's single writer serialises them already."""
+    if is_postgresql(session):
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+_LOCK_TEXT_KEYS = text(
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) "
+    "FROM unnest(CAST(:keys AS text[])) AS key"
+)
+
+
+def lock_text_keys(connection: Connection, keys: Iterable[str]) -> None:
+    """Transaction-scoped advisory locks on text keys, taken in sorted order (PostgreSQL), so two
+    transactions locking overlapping keys cannot deadlock. SQLite: nothing to do."""
+    if is_postgresql(connection):
+        connection.execute(_LOCK_TEXT_KEYS, {"keys": sorted(set(keys))})
+
+
+def take_write_lock(session: Session, entity: type[Any], where: ColumnElement[bool]) -> None:
+    """SQLite: take the database's write lock now, with an UPDATE that changes nothing, so a
+    read-then-write cannot interleave with another process's (two would both read a value, then
+    both write). PostgreSQL locks the row itself with SELECT ... FOR UPDATE (`for_update`)."""
+    if is_sqlite(session):
+        key = inspect(entity).primary_key[0]
+        session.execute(update(entity).where(where).values({key.name: key}))
+
+
+# --- PostgreSQL's single-statement path ---------------------------------------------------------
+
+
+def driver_sql(statement: TextClause) -> str:
+    """A PostgreSQL statement in psycopg's own parameter style, for `execute_autocommit`."""
+    return str(statement.compile(dialect=postgresql.psycopg.dialect()))  # type: ignore[attr-defined]
+
+
+def execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
+    """One statement, committed by itself, on a pooled psycopg connection (PostgreSQL only).
+
+    It skips SQLAlchemy's per-statement machinery, which costs more CPU than the database does
+    for a small statement (psycopg prepares it after a few uses). Driver errors become
+    SQLAlchemy's, and a lost connection is invalidated, as if the statement ran through
+    SQLAlchemy.
+    """
+    import psycopg
+
+    try:
+        pooled = engine.raw_connection()
+    except psycopg.Error as error:  # the pool hands on the driver's connect error unwrapped
+        raise DBAPIError.instance(None, None, error, psycopg.Error,
+                                  connection_invalidated=True) from error
+    try:
+        dbapi = pooled.dbapi_connection
+        assert isinstance(dbapi, psycopg.Connection)
+        dbapi.autocommit = True
+        try:
+            with dbapi.cursor() as cursor:
+                cursor.execute(sql, params)  # type: ignore[call-overload]
+                row = cursor.fetchone()
+        finally:
+            if not dbapi.closed:
+                dbapi.autocommit = False
+    except psycopg.Error as error:
+        lost = isinstance(error, psycopg.OperationalError)
+        if lost:
+            pooled.invalidate(error)
+        raise DBAPIError.instance(sql, params, error, psycopg.Error, hide_parameters=True,
+                                  connection_invalidated=lost) from error
+    finally:
+        pooled.close()
+    assert row is not None
+    return tuple(row)

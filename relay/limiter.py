@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from relay import dialect
 from relay.models import RateLimiter
 from relay.settings import Rate
 
@@ -24,12 +25,10 @@ def take_token(session: Session, name: str, rate: Rate, now: float | None = None
     """Take one call from the bucket: 0.0 when granted, else the seconds to wait for one."""
     now = time.time() if now is None else now
     per_second = refill_rate(rate)
-    if session.get_bind().dialect.name == "sqlite":
-        # Take SQLite's write lock first, so two processes cannot both read a full bucket.
-        session.execute(update(RateLimiter).where(RateLimiter.name == name)
-                        .values(name=RateLimiter.name))
-    bucket = session.scalar(select(RateLimiter).where(RateLimiter.name == name)
-                            .with_for_update())
+    # Locked before it is read, so two processes cannot both read a full bucket.
+    dialect.take_write_lock(session, RateLimiter, RateLimiter.name == name)
+    bucket = session.scalar(dialect.for_update(select(RateLimiter).where(RateLimiter.name == name),
+                                               session))
     if bucket is None:
         session.add(RateLimiter(name=name, tokens=0.0, updated=now))
         session.flush()

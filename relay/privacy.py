@@ -25,6 +25,7 @@ from sqlalchemy import Text, cast, func, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from relay import dialect
 from relay.models import DeliveryAttempt, IdentityCache, InboundRequest, OutboxEvent
 
 log = logging.getLogger(__name__)
@@ -87,35 +88,24 @@ class Person:
         except ValueError:
             return self._pattern.sub(ERASED, text)
 
-    def contains(self, column: Any, *, binary: bool = False) -> ColumnElement[bool]:
+    def contains(self, column: Any) -> ColumnElement[bool]:
         """A superset filter in SQL: the column contains one of the spellings, any case."""
+        return or_(*(_icontains(cast(column, Text), n) for n in self._needles()))
+
+    def contains_bytes(self, column: Any, bind: dialect.Bind) -> ColumnElement[bool]:
+        """`contains` for a bytes column (a raw inbound body)."""
+        searchable, spelled = dialect.searchable_bytes(bind, column)
+        return or_(*(_icontains(searchable, spelled(n)) for n in self._needles()))
+
+    def _needles(self) -> set[str]:
         # Case folding beyond ASCII differs between databases (SQLite folds only ASCII), so SQL
         # looks for the longest ASCII part of each spelling.
-        needles = {_ascii_core(s) for s in self.spellings}
-        if binary:
-            # PostgreSQL's bytea does not cast to characters; `escape` keeps ASCII readable and
-            # never fails on bytes that are not UTF-8, so look for the needles escaped alike.
-            escaped = func.encode(column, "escape")
-            return or_(*(_icontains(escaped, _bytea_escape(n)) for n in needles))
-        return or_(*(_icontains(cast(column, Text), n) for n in needles))
+        return {_ascii_core(s) for s in self.spellings}
 
 
 def _ascii_core(text: str) -> str:
     runs = re.findall(r"[\x00-\x7f]+", text)
     return max(runs, key=len) if runs else ""
-
-
-def _bytea_escape(text: str) -> str:
-    """What PostgreSQL's encode(bytes, 'escape') makes of this text's UTF-8 bytes."""
-    parts = []
-    for byte in text.encode("utf-8"):
-        if byte == 0x5C:
-            parts.append("\\\\")  # a backslash comes out doubled
-        elif byte == 0 or byte > 0x7F:
-            parts.append(f"\\{byte:03o}")
-        else:
-            parts.append(chr(byte))
-    return "".join(parts)
 
 
 def _icontains(text: Any, needle: str) -> ColumnElement[bool]:
@@ -129,10 +119,9 @@ def forget(
     """Erase one person in the caller's transaction; answers how many rows of each table
     changed (identity cache: deleted)."""
     person = Person(email, external_id)
-    postgres = session.get_bind().dialect.name == "postgresql"
     counts = {
         "events": _forget_events(session, person),
-        "inbound_requests": _forget_inbound(session, person, postgres),
+        "inbound_requests": _forget_inbound(session, person),
         "delivery_attempts": _forget_attempts(session, person),
         "identity_cache": _forget_identity_cache(session, person),
     }
@@ -198,9 +187,9 @@ def _scrub_event(event: OutboxEvent, person: Person) -> int:
     return int(changed)
 
 
-def _forget_inbound(session: Session, person: Person, postgres: bool) -> int:
+def _forget_inbound(session: Session, person: Person) -> int:
     candidates = session.scalars(select(InboundRequest).where(or_(
-        person.contains(InboundRequest.body, binary=postgres),
+        person.contains_bytes(InboundRequest.body, session),
         person.contains(InboundRequest.headers),
         person.contains(InboundRequest.error),
         person.contains(InboundRequest.path),

@@ -22,6 +22,7 @@ from relay.extole import InvalidBody, parse_body, storable_text
 from relay.models import InboundRequest
 from relay.outbox.ingest import Receipt, store_single, store_webhook
 from relay.settings import ENVIRONMENTS, Settings
+from relay.wakeup import wake_after_commit
 
 log = logging.getLogger(__name__)
 bp = Blueprint("receiver", __name__)
@@ -64,18 +65,8 @@ def receive(environment: str) -> tuple[Response, int]:
         return _refuse(inbound, refusal)
     metrics.WEBHOOKS.labels(environment, "accepted").inc()
     if receipt.accepted:
-        _wake_workers(environment)
+        wake_after_commit(environment)
     return jsonify(receipt.as_json()), 200
-
-
-def _wake_workers(environment: str) -> None:
-    """After the commit: the in-process worker directly, other processes by a NOTIFY."""
-    waker = current_app.extensions.get("relay.waker")
-    if waker is not None:
-        waker.wake()
-    notifier = get_db().notifier()
-    if notifier is not None:
-        notifier.poke(environment)
 
 
 def _checked_items(settings: Settings, environment: str, inbound: InboundRequest) -> list[Any]:

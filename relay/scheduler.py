@@ -1,80 +1,38 @@
-"""APScheduler jobs: delivery (coalesced, one at a time), the lease sweeper, retention purge.
+"""What runs when: the delivery worker's jobs, and the processes that run them.
 
-New events wake the delivery job at once through a `Waker`: the receiver calls it in-process,
-and a LISTEN thread calls it on PostgreSQL notifications from other processes.
+Three APScheduler jobs: delivery (every RELAY_POLL_INTERVAL, and at once when `relay.wakeup`
+wakes it; coalesced, one run at a time), the lease sweeper (every SWEEP_SECONDS: events of dead
+workers come back) and the retention purge (daily, the first run 5 minutes after start). They run
+inside the web processes (`start_in_process`, for `relay serve --with-worker`) or in a process of
+their own (`run_worker`, for `relay worker`, which stops on SIGTERM after the batch in flight).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from flask import Flask
 
-from relay.notifier import NOTIFY_CHANNEL
+from relay import retention
+from relay.db import Database, get_db, utcnow
+from relay.outbox import leases
 from relay.settings import Settings
-
-if TYPE_CHECKING:
-    from relay.worker import Worker
+from relay.wakeup import WAKER_EXTENSION, Waker, start_listener
+from relay.worker import Worker
 
 log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 30
 PURGE_HOURS = 24
+FIRST_PURGE_AFTER = timedelta(minutes=5)
 DELIVER_JOB = "deliver"
-
-
-class Waker:
-    """Runs the delivery job now, or, if it is running, makes it look again before it stops."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running = False
-        self._again = False
-        self._scheduler: BackgroundScheduler | None = None
-
-    def attach(self, scheduler: BackgroundScheduler) -> None:
-        self._scheduler = scheduler
-
-    def wake(self) -> None:
-        with self._lock:
-            if self._running:
-                self._again = True
-                return
-        if self._scheduler is not None and self._scheduler.running:
-            try:
-                self._scheduler.modify_job(DELIVER_JOB, next_run_time=datetime.now().astimezone())
-            except Exception:  # noqa: BLE001 - the poll picks the events up anyway
-                log.debug("wake-up missed; polling will deliver", exc_info=True)
-
-    def begin(self) -> None:
-        with self._lock:
-            self._running, self._again = True, False
-
-    def look_again(self) -> bool:
-        """Called when a drain found nothing: True once per wake-up received meanwhile."""
-        with self._lock:
-            again, self._again = self._again, False
-            return again
-
-    def end(self) -> None:
-        with self._lock:
-            self._running = False
-
-    def finish(self) -> bool:
-        """End a run, unless a wake-up arrived since the last look: then False, run on.
-
-        Checked under the lock, so a wake-up between the drain's last look and the end of the
-        run is never lost (it would otherwise wait for the next poll).
-        """
-        with self._lock:
-            if self._again:
-                self._again = False
-                return False
-            self._running = False
-            return True
+WORKER_EXTENSION = "relay.worker"  # (Worker, scheduler) of `serve --with-worker`, on the app
 
 
 class _BusyDeliveryFilter(logging.Filter):
@@ -87,6 +45,41 @@ class _BusyDeliveryFilter(logging.Filter):
                     and "maximum number of running instances" in str(record.msg))
 
 
+def deliver(worker: Worker, waker: Waker) -> None:
+    """The delivery job: drain what is due, and go on while wake-ups keep arriving."""
+    waker.begin()
+    finished = False
+    try:
+        while not worker.stopping.is_set():
+            worker.drain(again=waker.look_again)
+            if waker.finish():
+                finished = True
+                break
+    finally:
+        if not finished:
+            waker.end()
+
+
+def sweep_leases(db: Database) -> int:
+    """The sweeper job: leases of workers that died expire, and their events come back."""
+    with db.session() as session:
+        return leases.sweep_expired_leases(session, utcnow())
+
+
+def purge(db: Database, retention_days: int) -> None:
+    """The retention job (`relay purge` runs the same now)."""
+    counts = retention.purge(db, retention_days)
+    log.info("retention purge: %s", counts)
+
+
+def _run_now(scheduler: BackgroundScheduler) -> Callable[[], None]:
+    def run_now() -> None:
+        if scheduler.running:
+            scheduler.modify_job(DELIVER_JOB, next_run_time=datetime.now().astimezone())
+
+    return run_now
+
+
 def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> BackgroundScheduler:
     apscheduler_log = logging.getLogger("apscheduler.scheduler")
     if not any(isinstance(f, _BusyDeliveryFilter) for f in apscheduler_log.filters):
@@ -94,50 +87,59 @@ def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> Backgro
     scheduler = BackgroundScheduler(
         timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1,
                                       "misfire_grace_time": 30})
-
-    def deliver() -> None:
-        waker.begin()
-        finished = False
-        try:
-            while not worker.stopping.is_set():
-                worker.drain(again=waker.look_again)
-                if waker.finish():
-                    finished = True
-                    break
-        finally:
-            if not finished:
-                waker.end()
-
-    def purge() -> None:
-        from relay import retention
-
-        counts = retention.purge(worker.db, settings.retention_days)
-        log.info("retention purge: %s", counts)
-
     now = datetime.now().astimezone()
-    scheduler.add_job(deliver, "interval", seconds=settings.poll_interval, id=DELIVER_JOB,
-                      next_run_time=now)
-    scheduler.add_job(worker.sweep, "interval", seconds=SWEEP_SECONDS, id="sweep_leases")
-    scheduler.add_job(purge, "interval", hours=PURGE_HOURS, id="retention_purge",
-                      next_run_time=now + timedelta(minutes=5))
-    waker.attach(scheduler)
+    scheduler.add_job(deliver, "interval", args=(worker, waker),
+                      seconds=settings.poll_interval, id=DELIVER_JOB, next_run_time=now)
+    scheduler.add_job(sweep_leases, "interval", args=(worker.db,), seconds=SWEEP_SECONDS,
+                      id="sweep_leases")
+    scheduler.add_job(purge, "interval", args=(worker.db, settings.retention_days),
+                      hours=PURGE_HOURS, id="retention_purge",
+                      next_run_time=now + FIRST_PURGE_AFTER)
+    waker.attach(_run_now(scheduler))
     return scheduler
 
 
-def listen_for_events(database_url: str, waker: Waker, stop: threading.Event) -> None:
-    """Wake the worker on every NOTIFY from a receiver; reconnect after outages."""
-    import psycopg
+def start_in_process(app: Flask) -> Worker:
+    """`relay serve --with-worker`: delivery threads inside this web process, woken in-process
+    by the receiver."""
+    settings: Settings = app.config["RELAY_SETTINGS"]
+    worker = Worker(settings, get_db(app))
+    waker = Waker()
+    scheduler = build_scheduler(worker, settings, waker)
+    scheduler.start()
+    app.extensions[WAKER_EXTENSION] = waker
+    app.extensions[WORKER_EXTENSION] = (worker, scheduler)
+    log.info("in-process delivery worker %s started", worker.owner)
+    return worker
 
-    conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    while not stop.is_set():
-        try:
-            with psycopg.connect(conninfo, autocommit=True, connect_timeout=3) as connection:
-                connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                log.info("listening for new events on PostgreSQL channel %s", NOTIFY_CHANNEL)
-                waker.wake()
-                while not stop.is_set():
-                    for _ in connection.notifies(timeout=1.0, stop_after=1):
-                        waker.wake()
-        except psycopg.Error as error:
-            log.warning("LISTEN connection lost (%s); polling meanwhile", type(error).__name__)
-            stop.wait(2.0)
+
+def run_worker(settings: Settings, metrics_port: int | None = None) -> None:
+    """`relay worker`: deliver until SIGTERM or SIGINT, then finish the batch in flight."""
+    from relay import logs
+
+    logs.configure(settings.log_format)
+    db = Database(settings.database_url)
+    worker = Worker(settings, db)
+    waker = Waker()
+    scheduler = build_scheduler(worker, settings, waker)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("worker %s stopping (signal %d)", worker.owner, signum)
+        worker.stopping.set()
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if metrics_port:
+        from relay.metrics import serve_worker_metrics
+
+        serve_worker_metrics(metrics_port, db=db)
+    start_listener(db, waker, stop)
+    scheduler.start()
+    log.info("worker %s started on %s", worker.owner, db.dialect)
+    stop.wait()
+    scheduler.shutdown(wait=True)
+    worker.close()
+    db.dispose()
+    log.info("worker %s stopped", worker.owner)

@@ -33,7 +33,7 @@ class RelayServer(BaseApplication):  # type: ignore[misc]
 
         app = create_app()
         if self.with_worker:
-            from relay.worker import start_in_process
+            from relay.scheduler import start_in_process
 
             start_in_process(app)
         return app

@@ -81,10 +81,6 @@ class Settings:
             return self.extole_webhook_secret
         return self.extole_staging_webhook_secret
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
     def __repr__(self) -> str:
         """Secrets are left out; a database password is masked."""
         shown = []

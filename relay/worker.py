@@ -1,8 +1,9 @@
 """The delivery worker: claims due events and hands them to `Delivery`, until none are due.
 
-It runs as `relay worker` (its own process; PostgreSQL LISTEN/NOTIFY wakes it) or inside the web
-processes with `relay serve --with-worker` (the receiver wakes it in-process). Polling every
-RELAY_POLL_INTERVAL seconds remains the safety net either way.
+It only claims and delivers: `relay.scheduler` runs it (as `relay worker`, or inside the web
+processes with `relay serve --with-worker`) with the other jobs, and `relay.wakeup` wakes it when
+events arrive. Leases are renewed while a batch is being sent, so only a dead worker's events go
+back to the others.
 """
 
 from __future__ import annotations
@@ -10,25 +11,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 from typing import Any
-
-from flask import Flask
 
 from relay import braze_state
 from relay.braze import BrazeClient
-from relay.db import Database, get_db, utcnow
+from relay.db import Database
 from relay.delivery import Delivery
 from relay.exceptions import DatabaseUnavailable
 from relay.outbox import leases
-from relay.scheduler import Waker, build_scheduler, listen_for_events
 from relay.settings import ENVIRONMENTS, Settings
 
 log = logging.getLogger(__name__)
@@ -150,62 +146,8 @@ class Worker:
                 break
         return total, claimed
 
-    def sweep(self) -> None:
-        with self.db.session() as session:
-            leases.sweep_expired_leases(session, utcnow())
-
     def close(self) -> None:
         self.stopping.set()
         self.pool.shutdown(wait=True)
         for client in self._clients.values():
             client.close()
-
-
-def start_in_process(app: Flask) -> Worker:
-    """`relay serve --with-worker`: delivery threads inside this web process."""
-    settings: Settings = app.config["RELAY_SETTINGS"]
-    worker = Worker(settings, get_db(app))
-    waker = Waker()
-    scheduler = build_scheduler(worker, settings, waker)
-    scheduler.start()
-    app.extensions["relay.waker"] = waker
-    app.extensions["relay.worker"] = (worker, scheduler)
-    log.info("in-process delivery worker %s started", worker.owner)
-    return worker
-
-
-def run_worker(settings: Settings, metrics_port: int | None = None) -> None:
-    """`relay worker`: deliver until SIGTERM or SIGINT, then finish the batch in flight."""
-    from relay import logs
-
-    logs.configure(settings.log_format)
-    db = Database(settings.database_url)
-    worker = Worker(settings, db)
-    waker = Waker()
-    scheduler = build_scheduler(worker, settings, waker)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("worker %s stopping (signal %d)", worker.owner, signum)
-        worker.stopping.set()
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    if metrics_port:
-        from relay.metrics import serve_worker_metrics
-
-        serve_worker_metrics(metrics_port, db=db)
-    listener = None
-    if db.dialect == "postgresql":
-        listener = threading.Thread(target=listen_for_events,
-                                    args=(settings.database_url, waker, stop),
-                                    name="relay-listen", daemon=True)
-        listener.start()
-    scheduler.start()
-    log.info("worker %s started on %s", worker.owner, db.dialect)
-    stop.wait()
-    scheduler.shutdown(wait=True)
-    worker.close()
-    db.dispose()
-    log.info("worker %s stopped", worker.owner)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
+from relay import dialect
 from relay.db import make_engine
 from relay.models import Base
 
@@ -29,7 +30,7 @@ def run_migrations_online() -> None:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
-            render_as_batch=connection.dialect.name == "sqlite",
+            render_as_batch=dialect.is_sqlite(connection),
         )
         with context.begin_transaction():
             context.run_migrations()

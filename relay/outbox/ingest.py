@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, text
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
 
+from relay import dialect
 from relay.eventmap import EventMap
 from relay.exceptions import RejectedEvent
 from relay.extole import Event, item_value, normalise
@@ -58,7 +57,7 @@ def store_webhook(
 ) -> Receipt:
     """Record the request and its events in the caller's transaction.
 
-    The caller wakes the workers after the commit (`relay.notifier`): a NOTIFY inside this
+    The caller wakes the workers after the commit (`relay.wakeup`): a NOTIFY inside this
     transaction would serialise every commit on PostgreSQL's notification queue lock.
     The receiver tries `store_single` first: Extole's usual webhook, one event, on PostgreSQL.
     """
@@ -88,7 +87,7 @@ def store_webhook(
         _INSERT_INBOUND,
         {c.key: getattr(inbound, c.key) for c in inbound_table.columns if c.key != "id"},
     ).scalar_one()
-    insert_event = _insert_event(connection.dialect.name)
+    insert_event = _insert_event(connection)
     _lock_dedup_keys(connection, environment, [e.dedup_key for _, e, _ in prepared if e])
     for item, event, reason in prepared:
         if event is None:
@@ -114,13 +113,7 @@ def store_webhook(
     return receipt
 
 
-_LOCK_KEYS = text(
-    "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) "
-    "FROM unnest(CAST(:keys AS text[])) AS key"
-)
-
-
-def _lock_dedup_keys(connection: Any, environment: str, keys: list[str]) -> None:
+def _lock_dedup_keys(connection: Connection, environment: str, keys: list[str]) -> None:
     """Lock a webhook's events in one global order before inserting any of them.
 
     The inserts go in request order (the receipt's ids follow the request); two webhooks
@@ -129,9 +122,8 @@ def _lock_dedup_keys(connection: Any, environment: str, keys: list[str]) -> None
     A single event needs none (it waits for at most one row and holds nothing else); SQLite
     has one writer at a time.
     """
-    if len(keys) < 2 or connection.dialect.name != "postgresql":
-        return
-    connection.execute(_LOCK_KEYS, {"keys": sorted({f"{environment} {k}" for k in keys})})
+    if len(keys) > 1:
+        dialect.lock_text_keys(connection, (f"{environment} {key}" for key in keys))
 
 
 # Both rows in one statement: the inbound id is drawn first, the event inserted (or found to be
@@ -181,7 +173,7 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
     is atomic by itself. None when this path does not apply (SQLite, an unusable event: the
     general path records the rejection).
     """
-    if engine.dialect.name != "postgresql":
+    if not dialect.is_postgresql(engine):
         return None
     now = inbound.received_at
     try:
@@ -198,7 +190,7 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
         if column.key not in ("id", "accepted", "duplicates", "rejected"):
             value = getattr(inbound, column.key)
             params[f"i_{column.key}"] = json.dumps(value) if column.key == "headers" else value
-    inbound_id, new_id = _execute_autocommit(engine, _STORE_ONE_SQL, params)
+    inbound_id, new_id = dialect.execute_autocommit(engine, _STORE_ONE_SQL, params)
     inbound.id = inbound_id
     receipt = Receipt()
     if new_id is None:
@@ -214,55 +206,24 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
 
 # The driver's own parameter style: executed on the DBAPI cursor (prepared by psycopg after a few
 # uses), skipping SQLAlchemy's per-statement machinery, which cost more CPU than the database.
-_STORE_ONE_SQL = str(_STORE_ONE_PG.compile(dialect=postgresql.psycopg.dialect()))
-
-
-def _execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
-    """One statement, committed by itself, on a pooled DBAPI connection; driver errors become
-    SQLAlchemy's (a lost connection is invalidated), as if run through SQLAlchemy."""
-    import psycopg
-
-    try:
-        pooled = engine.raw_connection()
-    except psycopg.Error as error:  # the pool hands on the driver's connect error unwrapped
-        raise DBAPIError.instance(None, None, error, psycopg.Error,
-                                  connection_invalidated=True) from error
-    try:
-        dbapi = pooled.dbapi_connection
-        dbapi.autocommit = True  # type: ignore[union-attr]
-        try:
-            with dbapi.cursor() as cursor:  # type: ignore[union-attr]
-                cursor.execute(sql, params)
-                row = cursor.fetchone()
-        finally:
-            if not dbapi.closed:  # type: ignore[union-attr]
-                dbapi.autocommit = False  # type: ignore[union-attr]
-    except psycopg.Error as error:
-        lost = isinstance(error, psycopg.OperationalError)
-        if lost:
-            pooled.invalidate(error)
-        raise DBAPIError.instance(sql, params, error, psycopg.Error, hide_parameters=True,
-                                  connection_invalidated=lost) from error
-    finally:
-        pooled.close()
-    return tuple(row)
+_STORE_ONE_SQL = dialect.driver_sql(_STORE_ONE_PG)
 
 
 _INSERT_INBOUND = InboundRequest.__table__.insert().returning(InboundRequest.__table__.c.id)
-_INSERT_EVENT: dict[str, Any] = {}
+_INSERT_EVENT: dict[str, dialect.Insert] = {}
 
 
-def _insert_event(dialect: str) -> Any:
+def _insert_event(connection: Connection) -> dialect.Insert:
     """INSERT ... ON CONFLICT (environment, dedup_key) DO NOTHING RETURNING id, built once."""
-    if dialect not in _INSERT_EVENT:
+    kind = dialect.name(connection)
+    if kind not in _INSERT_EVENT:
         table = OutboxEvent.__table__
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        _INSERT_EVENT[dialect] = (
-            insert(table)
+        _INSERT_EVENT[kind] = (
+            dialect.insert(kind, table)
             .on_conflict_do_nothing(index_elements=["environment", "dedup_key"])
             .returning(table.c.id)
         )
-    return _INSERT_EVENT[dialect]
+    return _INSERT_EVENT[kind]
 
 
 def _event_row(event: Event, environment: str, inbound_id: int, now: datetime) -> dict[str, Any]:

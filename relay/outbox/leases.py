@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, text, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, defer
 
-from relay import metrics
+from relay import dialect, metrics
 from relay.db import utcnow
 from relay.models import OutboxEvent, Status
 from relay.retry import RetryPolicy
@@ -74,9 +74,8 @@ def claim_due(
         .order_by(candidate.next_attempt_at, candidate.id)
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK_KEY})
-        due = due.with_for_update(skip_locked=True)
+    dialect.lock_key(session, CLAIM_LOCK_KEY)
+    due = dialect.for_update(due, session, skip_locked=True)
     statement = (
         update(OutboxEvent)
         .where(OutboxEvent.id.in_(due.scalar_subquery()))
@@ -103,12 +102,11 @@ def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]],
     if not rows:
         return set()
     table = OutboxEvent.__table__
-    held_query = select(table.c.id).where(table.c.id.in_([r["row_id"] for r in rows]),
-                                          table.c.lease_owner == owner)
-    if session.get_bind().dialect.name == "postgresql":
-        # FOR NO KEY UPDATE: the lock the UPDATE itself takes, so this adds no new conflicts
-        # (FOR UPDATE would also block foreign-key checks of rows referencing these events).
-        held_query = held_query.order_by(table.c.id).with_for_update(key_share=True)
+    held_query = (select(table.c.id)
+                  .where(table.c.id.in_([r["row_id"] for r in rows]), table.c.lease_owner == owner)
+                  .order_by(table.c.id))
+    # The lock the UPDATE itself takes (FOR NO KEY UPDATE), in id order: no new conflicts.
+    held_query = dialect.for_update(held_query, session, no_key=True)
     held = set(session.scalars(held_query))
     if len(held) < len(rows):
         log.warning("%d of %d events were no longer leased by %s: left to their new owner",
@@ -149,11 +147,9 @@ def mark_delivered(session: Session, owner: str, events: Sequence[OutboxEvent],
     # Usually the identity is the event's own external_id: written by SQL from the row itself,
     # so the whole chunk is one statement with no per-row values.
     table = OutboxEvent.__table__
-    build = (func.jsonb_build_object if session.get_bind().dialect.name == "postgresql"
-             else func.json_object)
     shared = {"status": Status.DELIVERED.value, "delivered_at": now, "lease_owner": None,
               "lease_expires_at": None, "last_error": None, "updated_at": now,
-              "identity": build("external_id", table.c.external_id)}
+              "identity": dialect.json_object(session, "external_id", table.c.external_id)}
     held = _guarded_update(session, owner, [
         {"row_id": e.id} if e.external_id and identities.get(e.id) == {"external_id": e.external_id}
         else {"row_id": e.id, "identity": identities.get(e.id)}
@@ -286,12 +282,11 @@ def renew_leases(session: Session, owner: str, ids: Sequence[int], lease_seconds
     that transaction locks its rows one by one), and those rows are being finished anyway.
     """
     now = now or utcnow()
-    held = (
+    held = dialect.for_update(
         select(OutboxEvent.id)
         .where(OutboxEvent.id.in_(list(ids)), OutboxEvent.lease_owner == owner,
-               OutboxEvent.status == Status.PENDING.value)
-        .with_for_update(skip_locked=True)
-    )
+               OutboxEvent.status == Status.PENDING.value),
+        session, skip_locked=True)
     result = session.execute(
         update(OutboxEvent)
         .where(OutboxEvent.id.in_(held.scalar_subquery()))

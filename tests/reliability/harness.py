@@ -163,7 +163,7 @@ def worker_command() -> list[str]:
     if probe.returncode == 0:
         return [RELAY, "worker"]
     return [PYTHON, "-c", "from relay.settings import load_settings; "
-            "from relay.worker import run_worker; run_worker(load_settings())"]
+            "from relay.scheduler import run_worker; run_worker(load_settings())"]
 
 
 class Processes:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
+from relay.exceptions import AuthenticationFailed
 from relay.extole import storable_text as _storable
 
 SIGNATURE_HEADER = "X-Extole-Signature"
@@ -21,10 +22,6 @@ KNOWN_SCHEMES = frozenset(
     {"basic", "bearer", "digest", "token", "negotiate", "ntlm", "hoba", "mutual", "vapid",
      "scram-sha-1", "scram-sha-256", "aws4-hmac-sha256", "oauth", "apikey"}
 )
-
-
-class AuthenticationFailed(Exception):
-    """Credentials are missing or wrong; the message is safe to return to the caller."""
 
 
 def sign(body: bytes, secret: str) -> str:

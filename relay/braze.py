@@ -1,4 +1,11 @@
-"""Braze REST client: one per environment, shared by the delivery threads of that environment."""
+"""Braze REST client: one per environment, shared by the delivery threads of that environment.
+
+The only code that talks to Braze: delivery (`track`, `export_ids_by_email`) and `relay
+check-config` (`check_key`) go through it, so every request has the same headers, timeouts,
+pacing, key scrubbing and errors. Its errors derive from `BrazeError` (a `RelayError`) and carry
+the `Exchange` (request and answer) so callers can record it; a transport failure is chained to
+the `requests` exception behind it (`__cause__`).
+"""
 
 from __future__ import annotations
 
@@ -14,10 +21,14 @@ from typing import Any
 
 import requests
 
+from relay.exceptions import RelayError
+
 log = logging.getLogger(__name__)
 
 TRACK_PATH = "/users/track"
 EXPORT_IDS_PATH = "/users/export/ids"
+# `check_key` asks for one made-up user: harmless, and it needs the permission email lookups need.
+CHECK_KEY_BODY = {"external_ids": ["relay-check-config"], "fields_to_export": ["external_id"]}
 MAX_PACING_SLEEP = 60.0
 # Problems with the objects sent: splitting the batch isolates them. 404 (wrong endpoint) and
 # 415 (wrong content type) are about the relay's configuration, not the events: they are
@@ -48,11 +59,11 @@ class TrackResult:
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
-class BrazeError(Exception):
+class BrazeError(RelayError):
     """Braze request failed."""
 
     def __init__(self, message: str | None = None, *, exchange: Exchange | None = None) -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
+        super().__init__(message)
         self.exchange = exchange
 
 
@@ -175,6 +186,12 @@ class BrazeClient:
             raise TransportError("Braze's export answer has no list of users", exchange=exchange)
         return users, exchange
 
+    def check_key(self) -> Exchange:
+        """A harmless request that needs this key and the permission delivery needs
+        (`/users/export/ids` for a user nobody has); raises as every call does."""
+        _, exchange = self._call(EXPORT_IDS_PATH, CHECK_KEY_BODY)
+        return exchange
+
     # -- internals -------------------------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
@@ -232,17 +249,18 @@ class BrazeClient:
         status: int | None = None
         text = ""
         error: str | None = None
+        failure: requests.RequestException | None = None
         try:
             response = self._session.post(self.endpoint + path, data=payload.encode("utf-8"),
                                           headers=self._headers, timeout=self._timeout,
                                           allow_redirects=False)
             status, text = response.status_code, self._scrub(response.text)
         except requests.Timeout as exc:
-            error = self._scrub(f"timeout: {exc}")
+            error, failure = self._scrub(f"timeout: {exc}"), exc
         except requests.ConnectionError as exc:
-            error = self._scrub(f"connection error: {exc}")
+            error, failure = self._scrub(f"connection error: {exc}"), exc
         except requests.RequestException as exc:
-            error = self._scrub(f"request failed: {type(exc).__name__}: {exc}")
+            error, failure = self._scrub(f"request failed: {type(exc).__name__}: {exc}"), exc
         finally:
             if status is None:
                 self._answered(path)
@@ -256,7 +274,7 @@ class BrazeClient:
                             started_at=started_at)
 
         if error is not None:
-            raise TransportError(error, exchange=exchange(error))
+            raise TransportError(error, exchange=exchange(error)) from failure
         assert status is not None
         reset_at = self._reset_at(response.headers) if status == 429 else None
         self._remember_rate(path, response.headers, status, reset_at)

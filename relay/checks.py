@@ -7,17 +7,22 @@ Keys and secrets never appear in the output, not even inside an answer Braze ech
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import requests
 from sqlalchemy.engine import make_url
 
+from relay.braze import (
+    EXPORT_IDS_PATH,
+    BrazeClient,
+    BrazeError,
+    RateLimited,
+    TransportError,
+)
 from relay.settings import Settings
 
-PROBE_PATH = "/users/export/ids"
-# Asks for one made-up user: harmless, and needs the permission delivery needs for email lookups.
-PROBE_BODY = {"external_ids": ["relay-check-config"], "fields_to_export": ["external_id"]}
 PROBE_TIMEOUT = (3.0, 10.0)
 
 
@@ -100,7 +105,7 @@ def check_braze(settings: Settings, *, timeout: tuple[float, float] = PROBE_TIME
             checks.append(Check(name, f"{key_variable} is set but {endpoint_variable} is not",
                                 problem=True))
         else:
-            problem = probe_braze(endpoint, key, timeout=timeout)
+            problem = probe_braze(endpoint, key, environment=environment, timeout=timeout)
             checks.append(Check(name, problem or "OK", problem=problem is not None))
     production, staging = settings.braze_api_key, settings.braze_staging_api_key
     if production and production == staging and (
@@ -110,33 +115,53 @@ def check_braze(settings: Settings, *, timeout: tuple[float, float] = PROBE_TIME
     return checks
 
 
-def probe_braze(endpoint: str, key: str, *,
+def probe_braze(endpoint: str, key: str, *, environment: str = "production",
                 timeout: tuple[float, float] = PROBE_TIMEOUT) -> str | None:
-    """None when Braze accepts the key, else the problem in a few words (never the key)."""
+    """None when Braze accepts the key, else the problem in a few words (never the key).
+
+    The probe is `BrazeClient.check_key`: the client delivery uses, so it sends what delivery
+    sends (headers, no redirects followed) and scrubs the key from whatever Braze echoes.
+    """
+    client = BrazeClient(endpoint, key, environment=environment, connect_timeout=timeout[0],
+                         read_timeout=timeout[1])
     try:
-        response = requests.post(f"{endpoint}{PROBE_PATH}", json=PROBE_BODY, timeout=timeout,
-                                 headers={"Authorization": f"Bearer {key}"})
-    except requests.exceptions.SSLError:
-        return f"TLS handshake with {endpoint} failed"
-    except requests.exceptions.Timeout:
-        return f"no answer from {endpoint} within {timeout[0] + timeout[1]:g} s"
-    except requests.exceptions.ConnectionError as error:
-        return _connection_problem(endpoint, error)
-    except requests.exceptions.RequestException as error:
-        return f"request to {endpoint} failed: {type(error).__name__}"
-    status = response.status_code
-    if status < 300:
-        return None
-    if status == 429:
+        client.check_key()
+    except RateLimited:
         return None  # rate limited: Braze knew the key
-    message = _scrub(_message(response), key)
+    except TransportError as error:
+        answered = error.exchange.status if error.exchange else None
+        if answered is not None and answered < 300:
+            return None  # a 2xx, whatever its body: the key was accepted
+        return _transport_problem(endpoint, error.__cause__, timeout)
+    except BrazeError as error:
+        exchange = error.exchange
+        status = exchange.status if exchange and exchange.status else 0
+        return _answer_problem(endpoint, status, _message(exchange.response_body if exchange
+                                                          else ""))
+    finally:
+        client.close()
+    return None
+
+
+def _transport_problem(endpoint: str, cause: BaseException | None,
+                       timeout: tuple[float, float]) -> str:
+    if isinstance(cause, requests.exceptions.SSLError):
+        return f"TLS handshake with {endpoint} failed"
+    if isinstance(cause, requests.exceptions.Timeout):
+        return f"no answer from {endpoint} within {timeout[0] + timeout[1]:g} s"
+    if isinstance(cause, requests.exceptions.ConnectionError):
+        return _connection_problem(endpoint, cause)
+    return f"request to {endpoint} failed: {type(cause).__name__}"
+
+
+def _answer_problem(endpoint: str, status: int, message: str) -> str:
     if status == 401:
         return "401 key refused"
     if status == 403:
-        return (f"403 key lacks permission for {PROBE_PATH} (it needs users.track and "
+        return (f"403 key lacks permission for {EXPORT_IDS_PATH} (it needs users.track and "
                 f"users.export.ids){message}")
     if status == 404:
-        return f"404 at {endpoint}{PROBE_PATH}: is this your instance's REST endpoint?"
+        return f"404 at {endpoint}{EXPORT_IDS_PATH}: is this your instance's REST endpoint?"
     return f"{status} from Braze{message}"
 
 
@@ -150,16 +175,13 @@ def _connection_problem(endpoint: str, error: Exception) -> str:
     return f"cannot connect to {endpoint}"
 
 
-def _message(response: requests.Response) -> str:
+def _message(answer: str) -> str:
+    """Braze's message (the client has scrubbed the key from it), in a few words."""
     try:
-        body: Any = response.json()
-    except ValueError:
-        body = response.text
+        body: Any = json.loads(answer)
+    except (ValueError, RecursionError):
+        body = answer
     if isinstance(body, dict):
         body = body.get("message") or body.get("errors") or body
     text = " ".join(str(body).split())[:200]
     return f": {text}" if text else ""
-
-
-def _scrub(text: str, key: str) -> str:
-    return text.replace(key, "[key]") if key else text

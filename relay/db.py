@@ -20,6 +20,7 @@ from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from relay.dialect import name as dialect_name
 from relay.exceptions import DatabaseUnavailable, RelayError
 
 if TYPE_CHECKING:
@@ -105,7 +106,8 @@ class Database:
 
     @property
     def dialect(self) -> str:
-        return self.engine.dialect.name
+        """`postgresql` or `sqlite` (`relay.dialect` holds what differs between them)."""
+        return dialect_name(self.engine)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:

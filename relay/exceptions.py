@@ -1,4 +1,11 @@
-"""The relay's own errors: one root, specific subclasses whose docstring is the default message."""
+"""The relay's own errors: one root, specific subclasses whose docstring is the default message.
+
+Every error the relay raises on purpose derives from `RelayError`, so a caller (the command line,
+an HTTP handler) can tell "the relay said no, for this reason" from a bug. The Braze client's
+errors live with the client (`relay.braze`), under `BrazeError`, itself a `RelayError`; the
+receiver's refusals (`relay.receiver.Refusal`) likewise. Driver errors are translated where they
+are met (`relay.db.describe_error` names a database failure in one line).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,15 @@ class RelayError(Exception):
         super().__init__(message or (self.__doc__ or "").strip())
 
 
+# --- configuration and the database -------------------------------------------------------------
+
+
 class SettingsError(RelayError):
     """A setting has an invalid value."""
+
+
+class EventMapError(RelayError):
+    """The event map file is not valid."""
 
 
 class DatabaseUnavailable(RelayError):
@@ -22,12 +36,22 @@ class MigrationError(RelayError):
     """The database schema cannot be migrated by this relay."""
 
 
-class EventMapError(RelayError):
-    """The event map file is not valid."""
+# --- webhooks -----------------------------------------------------------------------------------
+
+
+class AuthenticationFailed(RelayError):
+    """Credentials are missing or wrong; the message is safe to return to the caller."""
+
+
+class InvalidBody(RelayError):
+    """The body is not JSON we can use; the message is the 400 error text."""
 
 
 class RejectedEvent(RelayError):
     """This event cannot be used."""
+
+
+# --- operators ----------------------------------------------------------------------------------
 
 
 class FilterError(RelayError):

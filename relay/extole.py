@@ -18,7 +18,7 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from relay.eventmap import EventMap
-from relay.exceptions import RejectedEvent
+from relay.exceptions import InvalidBody, RejectedEvent
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +309,6 @@ def _json_kind(value: Any) -> str:
 MAX_DEPTH = 64
 
 
-class InvalidBody(ValueError):
-    """The body is not JSON we can use; the message is the 400 error text."""
-
-
 def _no_constants(name: str) -> Any:
     raise InvalidBody(f"body is not valid JSON: {name} is not a JSON number")
 
@@ -340,9 +336,7 @@ def parse_body(raw: bytes) -> Any:
         value = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     except RecursionError:
         raise InvalidBody("body is not valid JSON: nested too deeply to parse") from None
-    except ValueError as exc:
-        if isinstance(exc, InvalidBody):
-            raise
+    except ValueError as exc:  # InvalidBody, raised by the hooks above, is not one
         message = str(exc).splitlines()[0][:200]
         raise InvalidBody(f"body is not valid JSON: {message}") from None
     return sanitise(value)

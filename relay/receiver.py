@@ -15,10 +15,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import ClientDisconnected
 
 from relay import metrics
-from relay.authentication import AuthenticationFailed, authenticate, redact_headers
+from relay.authentication import authenticate, redact_headers
 from relay.db import describe_error, get_db, utcnow
-from relay.exceptions import DatabaseUnavailable
-from relay.extole import InvalidBody, parse_body, storable_text
+from relay.exceptions import AuthenticationFailed, DatabaseUnavailable, InvalidBody, RelayError
+from relay.extole import parse_body, storable_text
 from relay.models import InboundRequest
 from relay.outbox.ingest import Receipt, store_single, store_webhook
 from relay.settings import ENVIRONMENTS, Settings
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("receiver", __name__)
 
 
-class Refusal(Exception):
+class Refusal(RelayError):
     """An answer other than 200, with the outcome recorded in the inbound log."""
 
     def __init__(self, status: int, outcome: str, message: str) -> None:

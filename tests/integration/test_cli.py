@@ -499,7 +499,7 @@ def test_check_config_other_braze_answers(relay: Callable[..., Result]) -> None:
         result = relay("check-config", **braze_env())
     lines = result.stdout.splitlines()
     assert ("braze production: 403 key lacks permission for /users/export/ids (it needs "
-            "users.track and users.export.ids): Access denied for [key]") in lines
+            "users.track and users.export.ids): Access denied for [redacted]") in lines
     assert "braze staging: 500 from Braze: upstream broke" in lines
     assert result.exit_code == 1 and PROD_KEY not in result.output
 

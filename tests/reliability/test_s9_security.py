@@ -27,6 +27,7 @@ import requests
 
 import relay.admin.auth
 import relay.authentication
+import relay.exceptions
 from relay.authentication import authenticate, sign
 from tests.reliability.harness import (
     ADMIN_PASSWORD,
@@ -294,7 +295,7 @@ def test_security(database: tuple[str, Db], procs: Processes,
         before = len(calls)
         try:
             outcomes.append(authenticate(headers, probe, PROD_SECRET))
-        except relay.authentication.AuthenticationFailed:
+        except relay.exceptions.AuthenticationFailed:
             outcomes.append("refused")
         outcomes.append(len(calls) - before)
     monkeypatch.undo()
@@ -373,7 +374,7 @@ def _timing(secret: str, rounds: int = 3000) -> str:
     for _ in range(rounds):
         for name, value in (("first", first), ("last", last)):
             started = time.perf_counter_ns()
-            with contextlib.suppress(relay.authentication.AuthenticationFailed):
+            with contextlib.suppress(relay.exceptions.AuthenticationFailed):
                 authenticate({"X-Extole-Signature": value}, body, secret)
             samples[name].append(time.perf_counter_ns() - started)
     return (f"{statistics.median(samples['first']) / 1000:.1f} µs vs "

@@ -11,7 +11,8 @@ import pytest
 from werkzeug.datastructures import Headers
 
 from relay import authentication
-from relay.authentication import AuthenticationFailed, authenticate, redact_headers, sign
+from relay.authentication import authenticate, redact_headers, sign
+from relay.exceptions import AuthenticationFailed
 
 SECRET = "s3cret-key-0123"
 BODY = b'{"type":"shared","event_id":"a-1"}'

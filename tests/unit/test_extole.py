@@ -12,9 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.eventmap import EventMap
-from relay.exceptions import RejectedEvent
+from relay.exceptions import InvalidBody, RejectedEvent
 from relay.extole import (
-    InvalidBody,
     braze_time,
     canonical_json,
     content_hash,

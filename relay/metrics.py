@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay.db import Database, describe_error, get_db
-from relay.exceptions import DatabaseUnavailable
+from relay.exceptions import DatabaseUnavailable, RelayError
 from relay.outbox import queries
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,10 @@ def serve_worker_metrics(port: int, db: Database | None = None,
     """
     from prometheus_client import start_http_server
 
-    server = start_http_server(port, addr=host, registry=scrape_registry(db))
+    try:
+        server = start_http_server(port, addr=host, registry=scrape_registry(db))
+    except OSError as error:  # in use, not allowed: the operator's to fix, in one line
+        raise RelayError(f"cannot serve metrics on {host}:{port}: "
+                         f"{error.strerror or error}") from error
     log.info("worker metrics on http://%s:%d/metrics", host, port)
     return server[0] if isinstance(server, tuple) else server

@@ -119,6 +119,10 @@ def run_worker(settings: Settings, metrics_port: int | None = None) -> None:
 
     logs.configure(settings.log_format)
     db = Database(settings.database_url)
+    if metrics_port:  # first: a port in use ends the command before anything has started
+        from relay.metrics import serve_worker_metrics
+
+        serve_worker_metrics(metrics_port, db=db)
     worker = Worker(settings, db)
     waker = Waker()
     scheduler = build_scheduler(worker, settings, waker)
@@ -131,10 +135,6 @@ def run_worker(settings: Settings, metrics_port: int | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if metrics_port:
-        from relay.metrics import serve_worker_metrics
-
-        serve_worker_metrics(metrics_port, db=db)
     start_listener(db, waker, stop)
     scheduler.start()
     log.info("worker %s started on %s", worker.owner, db.dialect)

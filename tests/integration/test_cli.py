@@ -135,6 +135,18 @@ def test_database_without_schema_is_one_line(clean_environment: None, tmp_path: 
     assert "no such table: events" in line
 
 
+def test_worker_metrics_port_in_use_is_one_line(clean_environment: None, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # noqa: S104 - where the worker's metrics listen
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["worker", "--metrics-port", str(port)],
+                                    env={"RELAY_DATABASE_URL": f"sqlite:///{tmp_path}/r.db"})
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        f"relay: cannot serve metrics on 0.0.0.0:{port}: Address already in use"]
+
+
 # --- db -----------------------------------------------------------------------------------------
 
 

@@ -26,8 +26,8 @@ run: $(VENV)/.installed
 	$(BIN)/relay db upgrade
 	$(BIN)/relay serve --host $(HOST) --port $(PORT) --with-worker
 
-test: $(VENV)/.installed-test
-	$(BIN)/ruff check relay tests scripts wsgi.py
+# The type checker and the linter run first: CI runs `make test`.
+test: lint
 	$(BIN)/pytest -m "not reliability"
 
 demo: $(VENV)/.installed
@@ -55,8 +55,10 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m bench.backlog --drain 20
 	$(BIN)/python -m bench.report
 
+# ruff, then mypy (strict, configured in pyproject.toml) on relay/.
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check relay tests scripts wsgi.py
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

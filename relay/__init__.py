@@ -6,9 +6,10 @@ the event map, logging and one blueprint per concern.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask
+from flask.json.provider import DefaultJSONProvider
 
 from relay.settings import Settings, load_settings
 
@@ -29,7 +30,7 @@ def create_app(settings: Settings | None = None, **config: Any) -> Flask:
         JSON_SORT_KEYS=False,
     )
     app.config.update(config)
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    cast(DefaultJSONProvider, app.json).sort_keys = False
     logs.configure(settings.log_format)
     app.extensions["relay.event_map"] = EventMap.load(settings.event_map)
     db.init_app(app)
@@ -40,5 +41,7 @@ def create_app(settings: Settings | None = None, **config: Any) -> Flask:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
         n = settings.proxy_fix
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n)  # type: ignore
+        # Flask's documented way to wrap its WSGI callable.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n,  # type: ignore[method-assign]
+                                x_host=n)
     return app

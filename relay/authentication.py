@@ -12,6 +12,8 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
+from werkzeug.datastructures import Headers
+
 from relay.exceptions import AuthenticationFailed
 from relay.extole import storable_text as _storable
 
@@ -36,7 +38,7 @@ def _same(given: str | bytes, expected: str | bytes) -> bool:
     return hmac.compare_digest(given, expected)
 
 
-def authenticate(headers: Mapping[str, str], body: bytes, secret: str) -> str:
+def authenticate(headers: Headers | Mapping[str, str], body: bytes, secret: str) -> str:
     """Return the method that authenticated the request, or raise AuthenticationFailed."""
     signature = headers.get(SIGNATURE_HEADER)
     authorization = (headers.get("Authorization") or "").strip()
@@ -80,7 +82,7 @@ def authenticate(headers: Mapping[str, str], body: bytes, secret: str) -> str:
     raise AuthenticationFailed(f"{SIGNATURE_HEADER} does not match the body")
 
 
-def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
+def redact_headers(headers: Headers | Mapping[str, str]) -> dict[str, str]:
     """Headers for the inbound log: credentials replaced, a known scheme kept for diagnosis.
 
     NUL characters and lone surrogates (which PostgreSQL's JSONB refuses) become U+FFFD.

@@ -137,7 +137,8 @@ class BrazeClient:
                  connect_timeout: float = 5.0, read_timeout: float = 30.0,
                  session: requests.Session | None = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, log_requests: bool = True) -> None:
+        """`log_requests=False` for a caller that reports each outcome itself (check-config)."""
         if not api_key:
             raise ValueError(f"Braze API key for {environment} is empty")
         self.endpoint = endpoint.rstrip("/")
@@ -151,6 +152,7 @@ class BrazeClient:
         self._session = session or requests.Session()
         self._sleep = sleep
         self._clock = clock
+        self._log_requests = log_requests
         self._lock = threading.Lock()
         # Braze limits each endpoint separately, so the pacing state is per endpoint.
         self._rate: dict[str, dict[str, float | None]] = {}
@@ -265,8 +267,9 @@ class BrazeClient:
             if status is None:
                 self._answered(path)
         duration_ms = (time.perf_counter() - t0) * 1000.0
-        log.info("braze POST %s status=%s duration_ms=%.1f environment=%s",
-                 path, status if status is not None else "-", duration_ms, self.environment)
+        if self._log_requests:
+            log.info("braze POST %s status=%s duration_ms=%.1f environment=%s",
+                     path, status if status is not None else "-", duration_ms, self.environment)
 
         def exchange(err: str | None) -> Exchange:
             return Exchange(endpoint=path, request_body=payload, status=status,
@@ -312,6 +315,7 @@ class BrazeClient:
 
     @staticmethod
     def _message(data: Any, text: str) -> str:
-        if isinstance(data, dict) and isinstance(data.get("message"), str) and data["message"]:
-            return data["message"][:_MESSAGE_LIMIT]
+        message = data.get("message") if isinstance(data, dict) else None
+        if isinstance(message, str) and message:
+            return message[:_MESSAGE_LIMIT]
         return (text.strip() or "(empty answer)")[:_MESSAGE_LIMIT]

@@ -123,7 +123,7 @@ def probe_braze(endpoint: str, key: str, *, environment: str = "production",
     sends (headers, no redirects followed) and scrubs the key from whatever Braze echoes.
     """
     client = BrazeClient(endpoint, key, environment=environment, connect_timeout=timeout[0],
-                         read_timeout=timeout[1])
+                         read_timeout=timeout[1], log_requests=False)
     try:
         client.check_key()
     except RateLimited:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import click
 from flask import Flask
@@ -43,25 +43,16 @@ EXIT_CODES: dict[type[Exception], int] = {
 }
 
 
-class OperatorError(click.ClickException):
-    """A RelayError shown as one line, `relay: <message>`, with its kind's exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"relay: {self.format_message()}", err=True)
-
-
-def _operator_error(error: Exception) -> OperatorError:
+def _operator_line(error: Exception) -> tuple[str, int]:
+    """A RelayError (or a database error) as one line for `relay: <line>`, with its kind's exit
+    code."""
     if isinstance(error, SQLAlchemyError):
         hint = " (is the schema current? `relay db current`)" if isinstance(
             error, ProgrammingError) else ""
-        return OperatorError(describe_error(error) + hint, 5)
+        return describe_error(error) + hint, 5
     code = next((c for kind, c in EXIT_CODES.items() if isinstance(error, kind)), 1)
     prefix = "invalid setting: " if isinstance(error, SettingsError) else ""
-    return OperatorError(f"{prefix}{error}", code)
+    return f"{prefix}{error}", code
 
 
 class RelayGroup(FlaskGroup):
@@ -74,13 +65,18 @@ class RelayGroup(FlaskGroup):
     that needs an app context says so with `with_appcontext=True`.
     """
 
-    def command(self, *args: Any, **kwargs: Any) -> Any:
+    # Decorator factories only (`@cli.command()`), as Flask's AppGroup declares them too.
+    def command(  # type: ignore[override]
+            self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], click.Command]:
         kwargs.setdefault("with_appcontext", False)
         return super().command(*args, **kwargs)
 
-    def group(self, *args: Any, **kwargs: Any) -> Any:
+    def group(  # type: ignore[override]
+            self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], click.Group]:
         kwargs.setdefault("cls", click.Group)
-        return click.Group.group(self, *args, **kwargs)
+        decorator: Callable[[Callable[..., Any]], click.Group] = click.Group.group(
+            self, *args, **kwargs)
+        return decorator
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         return click.Group.get_command(self, ctx, name)
@@ -92,7 +88,9 @@ class RelayGroup(FlaskGroup):
         try:
             return super().invoke(ctx)
         except (RelayError, SQLAlchemyError) as error:
-            raise _operator_error(error) from None
+            line, code = _operator_line(error)
+            click.echo(f"relay: {line}", err=True)
+            ctx.exit(code)
 
 
 def _create_app() -> Flask:
@@ -378,7 +376,7 @@ def check_config() -> None:
         click.echo(str(check))
         problems += check.problem
     if problems:
-        raise OperatorError(f"{problems} problem{'s' if problems != 1 else ''} found", 1)
+        raise RelayError(f"{problems} problem{'s' if problems != 1 else ''} found")
 
 
 # --- local use ----------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flask import Flask, current_app
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -160,9 +160,16 @@ def describe_error(error: BaseException) -> str:
     return f"{kind}: {type(original).__name__}{detail}"[:300]
 
 
+def rowcount(result: Result[Any]) -> int:
+    """How many rows an UPDATE or DELETE run through a session changed (the session types its
+    results generically; they are cursor results)."""
+    return int(cast(CursorResult[Any], result).rowcount or 0)
+
+
 def init_app(app: Flask) -> None:
     app.extensions["relay.db"] = Database(app.config["RELAY_SETTINGS"].database_url)
 
 
 def get_db(app: Flask | None = None) -> Database:
-    return (app or current_app).extensions["relay.db"]
+    db: Database = (app or current_app).extensions["relay.db"]
+    return db

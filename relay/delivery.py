@@ -54,6 +54,15 @@ class Planned:
     # Attributes Braze already has newer values of (set by a later event already delivered).
     stale: frozenset[str] = frozenset()
 
+    @property
+    def time(self) -> datetime:
+        """When the event happened in Extole: every deliverable event has its time (only
+        rejected items, which are never delivered, have none)."""
+        moment = self.event.event_time
+        if moment is None:
+            raise ValueError(f"event {self.event.id} has no event time")
+        return moment
+
 
 @dataclass
 class TrackRequest:
@@ -102,7 +111,7 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
                 attributes.append(obj)
                 attribute_sources.append([planned])
         events.append({**planned.identity, "name": event.braze_event,
-                       "time": braze_time(event.event_time), "properties": event.properties or {}})
+                       "time": braze_time(planned.time), "properties": event.properties or {}})
         event_sources.append(planned)
     body: dict[str, Any] = {}
     if attributes:
@@ -310,7 +319,7 @@ class Delivery:
         for item in planned:
             times = newer.get(item.event.person_key or "", {})
             item.stale = frozenset(name for name, moment in times.items()
-                                   if item.event.event_time < moment)
+                                   if item.time < moment)
 
     # -- sending ---------------------------------------------------------------------------
 

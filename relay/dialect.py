@@ -10,11 +10,13 @@ for SQLite, timeouts and pools for PostgreSQL) are configured in `relay.db`.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVarTuple
 
 from sqlalchemy import Connection, Engine, Select, Table, Text, cast, func, inspect, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement, TextClause
@@ -25,7 +27,7 @@ SQLITE = "sqlite"
 
 Bind = Session | Connection | Engine
 Insert = postgresql.Insert | sqlite.Insert
-Query = TypeVar("Query", bound=Select[Any])
+Columns = TypeVarTuple("Columns")
 
 
 def name(bind: Bind) -> str:
@@ -94,8 +96,8 @@ def _bytea_escape(text: str) -> str:
 # --- locks --------------------------------------------------------------------------------------
 
 
-def for_update(query: Query, bind: Bind, *, skip_locked: bool = False,
-               no_key: bool = False) -> Query:
+def for_update(query: Select[*Columns], bind: Bind, *, skip_locked: bool = False,
+               no_key: bool = False) -> Select[*Columns]:
     """Lock the rows the query reads (PostgreSQL; SQLite has one writer at a time).
 
     `no_key`: FOR NO KEY UPDATE, the lock an UPDATE of non-key columns takes itself, so it adds
@@ -141,7 +143,7 @@ def take_write_lock(session: Session, entity: type[Any], where: ColumnElement[bo
 
 def driver_sql(statement: TextClause) -> str:
     """A PostgreSQL statement in psycopg's own parameter style, for `execute_autocommit`."""
-    return str(statement.compile(dialect=postgresql.psycopg.dialect()))  # type: ignore[attr-defined]
+    return str(statement.compile(dialect=PGDialect_psycopg()))  # type: ignore[no-untyped-call]
 
 
 def execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
@@ -160,12 +162,11 @@ def execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tupl
         raise DBAPIError.instance(None, None, error, psycopg.Error,
                                   connection_invalidated=True) from error
     try:
-        dbapi = pooled.dbapi_connection
-        assert isinstance(dbapi, psycopg.Connection)
+        dbapi = typing.cast("psycopg.Connection[Any]", pooled.dbapi_connection)
         dbapi.autocommit = True
         try:
             with dbapi.cursor() as cursor:
-                cursor.execute(sql, params)  # type: ignore[call-overload]
+                cursor.execute(sql, params)
                 row = cursor.fetchone()
         finally:
             if not dbapi.closed:

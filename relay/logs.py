@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -46,14 +46,16 @@ class TextFormatter(logging.Formatter):
         return _UNSAFE.sub(_escape, super().formatMessage(record))
 
 
-class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class StderrHandler(logging.StreamHandler[TextIO]):
     """Writes to whatever `sys.stderr` is at the time of the record, not at configuration:
     test runners and command runners swap it, and a closed stream must never be written to."""
+
+    relay_handler = True  # how `configure` finds the one it installed
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
@@ -68,7 +70,6 @@ def configure(log_format: str = "text", level: int = logging.INFO) -> None:
     handler = next((h for h in logger.handlers if getattr(h, "relay_handler", False)), None)
     if handler is None:
         handler = StderrHandler()
-        handler.relay_handler = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())

@@ -108,7 +108,7 @@ def _ascii_core(text: str) -> str:
     return max(runs, key=len) if runs else ""
 
 
-def _icontains(text: Any, needle: str) -> ColumnElement[bool]:
+def _icontains(text: ColumnElement[Any], needle: str) -> ColumnElement[bool]:
     escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return text.ilike(f"%{escaped}%", escape="\\")
 

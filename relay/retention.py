@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, exists, select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
-from relay.db import Database, utcnow
+from relay.db import Database, rowcount, utcnow
 from relay.models import (
     AttemptEvent,
     DeliveryAttempt,
@@ -88,12 +88,12 @@ def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int,
             session.execute(delete(AttemptEvent).where(AttemptEvent.event_id.in_(deleted)))
         attempts = 0
         if attempt_ids:
-            attempts = session.execute(
+            attempts = rowcount(session.execute(
                 delete(DeliveryAttempt).where(
                     DeliveryAttempt.id.in_(attempt_ids),
                     ~exists().where(AttemptEvent.attempt_id == DeliveryAttempt.id),
                 )
-            ).rowcount
+            ))
         return len(deleted), attempts
 
 
@@ -108,9 +108,9 @@ def _purge_orphan_attempts(db: Database, cutoff: datetime, batch_size: int) -> i
         ))
         if not ids:
             return 0
-        return session.execute(
+        return rowcount(session.execute(
             delete(DeliveryAttempt).where(DeliveryAttempt.id.in_(ids), unlinked)
-        ).rowcount
+        ))
 
 
 def _purge_inbound(db: Database, cutoff: datetime, batch_size: int) -> int:
@@ -124,9 +124,9 @@ def _purge_inbound(db: Database, cutoff: datetime, batch_size: int) -> int:
         ))
         if not ids:
             return 0
-        return session.execute(
+        return rowcount(session.execute(
             delete(InboundRequest).where(InboundRequest.id.in_(ids), unreferenced)
-        ).rowcount
+        ))
 
 
 def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> int:
@@ -139,6 +139,6 @@ def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> in
         )]
         if not keys:
             return 0
-        return session.execute(
+        return rowcount(session.execute(
             delete(IdentityCache).where(key.in_(keys), IdentityCache.expires_at < cutoff)
-        ).rowcount
+        ))

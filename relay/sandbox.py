@@ -17,9 +17,10 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask, Response, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.serving import make_server
 
 log = logging.getLogger(__name__)
@@ -319,8 +320,9 @@ class _Sandbox:
             if with_id or found:
                 return (with_id or found)[0]
         else:
-            index = {"external_id": ws.by_external, "braze_id": ws.by_braze,
-                     "user_alias": ws.by_alias}[kind]
+            indexes: dict[str, dict[Any, _Profile]] = {
+                "external_id": ws.by_external, "braze_id": ws.by_braze, "user_alias": ws.by_alias}
+            index = indexes[kind]
             if value in index:
                 return index[value]
         if not create or kind == "braze_id":
@@ -427,8 +429,8 @@ class _Sandbox:
         create = ident[0] not in ("user_alias", "braze_id") and not obj.get(
             "_update_existing_only")
         profile = self.resolve(ws, ident, create)
-        item = {k: obj[k] for k in ("name", "product_id", "currency", "price", "time",
-                                    "properties") if k in obj}
+        item: dict[str, Any] = {k: obj[k] for k in ("name", "product_id", "currency", "price",
+                                                    "time", "properties") if k in obj}
         if profile is None:
             ws.dropped.append({"input_array": array, "index": index, "identifier": ident[0],
                                "reason": "no such user", "object": item, "time": _now_iso()})
@@ -550,7 +552,7 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
     """The sandbox as a Flask app; its state is app.extensions["relay_sandbox"]."""
     sandbox = _Sandbox(config or SandboxConfig())
     app = Flask(__name__)
-    app.json.sort_keys = False  # keep Braze's field order in answers
+    cast(DefaultJSONProvider, app.json).sort_keys = False  # keep Braze's field order
     app.extensions["relay_sandbox"] = sandbox
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 

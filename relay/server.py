@@ -15,7 +15,7 @@ DEFAULT_THREADS = 8
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-class RelayServer(BaseApplication):  # type: ignore[misc]
+class RelayServer(BaseApplication):
     """Gunicorn embedded: each worker process builds its own app after the fork."""
 
     def __init__(self, options: dict[str, Any], with_worker: bool = False) -> None:
@@ -28,7 +28,8 @@ class RelayServer(BaseApplication):  # type: ignore[misc]
             if key in self.cfg.settings and value is not None:
                 self.cfg.set(key.lower(), value)
 
-    def load(self) -> Flask:
+    # gunicorn's stubs type the WSGI environ as a MutableMapping, Flask as a dict.
+    def load(self) -> Flask:  # type: ignore[override]
         from relay import create_app
 
         app = create_app()
@@ -65,7 +66,7 @@ def child_exit(_server: Any, worker: Any) -> None:
     """Gunicorn hook: a dead worker's live gauges must not be reported any more."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def serve(host: str, port: int, workers: int, threads: int = DEFAULT_THREADS,

@@ -149,7 +149,7 @@ def _compute_stats() -> dict[str, Any]:
 
 def collect_stats() -> dict[str, Any]:
     """Counts per status, the oldest pending event's age and each Braze key's state."""
-    cache = current_app.extensions.setdefault("relay.admin.stats", StatsCache())
+    cache: StatsCache = current_app.extensions.setdefault("relay.admin.stats", StatsCache())
     return cache.get()
 
 

@@ -34,6 +34,7 @@ from flask import (
     url_for,
 )
 from flask.sessions import SecureCookieSessionInterface
+from werkzeug.wrappers import Response as BaseResponse
 
 from relay.admin import message_page
 from relay.settings import Settings
@@ -55,7 +56,7 @@ bp = Blueprint("auth", __name__)
 
 
 def _scrypt(password: str, salt: bytes) -> bytes:
-    return hashlib.scrypt(password.encode("utf-8"), salt=salt, **SCRYPT)  # type: ignore[arg-type]
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, **SCRYPT)
 
 
 class Credentials:
@@ -159,7 +160,8 @@ def make_state(settings: Settings) -> AdminState:
 
 
 def state() -> AdminState:
-    return current_app.extensions["relay.admin"]
+    admin: AdminState = current_app.extensions["relay.admin"]
+    return admin
 
 
 class AdminSessionInterface(SecureCookieSessionInterface):
@@ -326,7 +328,7 @@ def logout() -> Any:
     return redirect(url_for("admin.auth.login"))
 
 
-def require_page_login() -> Response | None:
+def require_page_login() -> BaseResponse | None:
     """Pages: no session means a redirect to the login, back here afterwards."""
     if current_user() is None:
         target = request.full_path if request.query_string else request.path

@@ -18,6 +18,7 @@ from flask import (
     request,
     url_for,
 )
+from werkzeug.wrappers import Response as BaseResponse
 
 from relay.admin import auth, message_page
 from relay.admin.api import collect_stats
@@ -36,7 +37,7 @@ KEY_VARIABLES = {"production": "BRAZE_API_KEY", "staging": "BRAZE_STAGING_API_KE
 
 
 @bp.before_request
-def _require_login() -> Response | None:
+def _require_login() -> BaseResponse | None:
     return auth.require_page_login()
 
 
@@ -90,7 +91,8 @@ def index() -> Any:
         rows = [queries.event_json(event) for event in events]
     stats = collect_stats()
     args = event_filter.query_args()
-    without_status = {key: value for key, value in args.items() if key != "status"}
+    without_status: dict[str, Any] = {key: value for key, value in args.items()
+                                      if key != "status"}
     page = render_template(
         "index.html", events=rows, next_cursor=next_cursor, filter=event_filter, cursor=cursor,
         stats=stats, banners=braze_banners(stats["braze"]), since=since.isoformat(),
@@ -115,8 +117,8 @@ def event(raw_id: str) -> Any:
 
 
 def can_retry(event: dict[str, Any]) -> bool:
-    return event["status"] == Status.DEAD.value or (
-        event["status"] == Status.PENDING.value and event["attempts"] > 0)
+    return bool(event["status"] == Status.DEAD.value or (
+        event["status"] == Status.PENDING.value and event["attempts"] > 0))
 
 
 def _event_id(raw: str) -> int:
@@ -156,8 +158,8 @@ def bulk_replay() -> Any:
             | {"status": Status.DEAD.value}, with_since=True)
     except FilterError as problem:
         return message_page(400, "Invalid filter", str(problem))
-    list_args = {k: v for k, v in event_filter.query_args().items()
-                 if k not in ("status", "since")}
+    list_args: dict[str, Any] = {k: v for k, v in event_filter.query_args().items()
+                                 if k not in ("status", "since")}
     if request.method == "POST":
         with get_db().session() as session:
             requeued = operator.replay_matching(session, event_filter)

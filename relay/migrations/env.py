@@ -7,6 +7,7 @@ from sqlalchemy import pool
 
 from relay import dialect
 from relay.db import make_engine
+from relay.exceptions import MigrationError
 from relay.models import Base
 
 config = context.config
@@ -25,7 +26,10 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise MigrationError("no database URL given to the migrations (relay.migrate sets it)")
+    engine = make_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         context.configure(
             connection=connection,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVarTuple
 
 from sqlalchemy import Select, or_
 
@@ -23,7 +23,7 @@ from relay.settings import ENVIRONMENTS
 MAX_TEXT = 320  # the longest column compared (email)
 STATUSES = tuple(status.value for status in Status)
 
-Query = TypeVar("Query", bound=Select[Any])
+Columns = TypeVarTuple("Columns")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class EventFilter:
         return cls(status=status, environment=environment, name=_text(args, "name"),
                    q=_text(args, "q"), since=parse_since(args.get("since")) if with_since else None)
 
-    def apply(self, query: Query) -> Query:
+    def apply(self, query: Select[*Columns]) -> Select[*Columns]:
         """The filter as WHERE clauses on a query over events."""
         if self.status:
             query = query.where(OutboxEvent.status == self.status)

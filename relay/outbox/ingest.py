@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
 
 from relay import dialect
 from relay.eventmap import EventMap
@@ -89,21 +90,21 @@ def store_webhook(
     ).scalar_one()
     insert_event = _insert_event(connection)
     _lock_dedup_keys(connection, environment, [e.dedup_key for _, e, _ in prepared if e])
-    for item, event, reason in prepared:
-        if event is None:
-            session.add(_rejected_row(item, environment, inbound.id, reason or "", now))
+    for item, usable, why in prepared:
+        if usable is None:
+            session.add(_rejected_row(item, environment, inbound.id, why or "", now))
             session.flush()  # keeps the outbox ids in request order
             continue
         # One statement object, values as parameters: compiled once, not per webhook.
         new_id = connection.execute(
-            insert_event, _event_row(event, environment, inbound.id, now)).scalar()
+            insert_event, _event_row(usable, environment, inbound.id, now)).scalar()
         if new_id is None:
             receipt.duplicates += 1
             continue
         receipt.accepted += 1
         receipt.ids.append(new_id)
-        for note in event.trimmed:
-            log.info("event %s (%s): %s", new_id, event.extole_event_id, note)
+        for note in usable.trimmed:
+            log.info("event %s (%s): %s", new_id, usable.extole_event_id, note)
     if receipt.duplicates:
         inbound.accepted, inbound.duplicates = receipt.accepted, receipt.duplicates
         connection.execute(
@@ -184,8 +185,8 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
         return None
     params = _event_row(event, environment, 0, now)
     del params["inbound_id"], params["attempts"]
-    for column in ("payload", "attributes", "properties"):
-        params[column] = json.dumps(params[column])
+    for name in ("payload", "attributes", "properties"):
+        params[name] = json.dumps(params[name])
     for column in InboundRequest.__table__.columns:
         if column.key not in ("id", "accepted", "duplicates", "rejected"):
             value = getattr(inbound, column.key)
@@ -210,10 +211,10 @@ _STORE_ONE_SQL = dialect.driver_sql(_STORE_ONE_PG)
 
 
 _INSERT_INBOUND = InboundRequest.__table__.insert().returning(InboundRequest.__table__.c.id)
-_INSERT_EVENT: dict[str, dialect.Insert] = {}
+_INSERT_EVENT: dict[str, ReturningInsert[Any]] = {}
 
 
-def _insert_event(connection: Connection) -> dialect.Insert:
+def _insert_event(connection: Connection) -> ReturningInsert[Any]:
     """INSERT ... ON CONFLICT (environment, dedup_key) DO NOTHING RETURNING id, built once."""
     kind = dialect.name(connection)
     if kind not in _INSERT_EVENT:

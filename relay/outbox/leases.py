@@ -19,7 +19,7 @@ from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, defer
 
 from relay import dialect, metrics
-from relay.db import utcnow
+from relay.db import rowcount, utcnow
 from relay.models import OutboxEvent, Status
 from relay.retry import RetryPolicy
 
@@ -268,7 +268,8 @@ def shift_failure_clock(session: Session, environment: str, seconds: float) -> i
         session.connection().execute(
             table.update().where(table.c.id == bindparam("row_id"))
             .values(first_failure_at=bindparam("first")),
-            [{"row_id": row_id, "first": first + shift} for row_id, first in rows],
+            [{"row_id": row_id, "first": first + shift} for row_id, first in rows
+             if first is not None],
         )
     return len(rows)
 
@@ -293,7 +294,7 @@ def renew_leases(session: Session, owner: str, ids: Sequence[int], lease_seconds
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .execution_options(synchronize_session=False)
     )
-    return int(result.rowcount or 0)
+    return rowcount(result)
 
 
 def sweep_expired_leases(session: Session, now: datetime | None = None) -> int:
@@ -305,9 +306,10 @@ def sweep_expired_leases(session: Session, now: datetime | None = None) -> int:
         .values(lease_owner=None, lease_expires_at=None)
         .execution_options(synchronize_session=False)
     )
-    if result.rowcount:
-        log.warning("%d events came back from expired leases", result.rowcount)
-    return int(result.rowcount or 0)
+    swept = rowcount(result)
+    if swept:
+        log.warning("%d events came back from expired leases", swept)
+    return swept
 
 
 def newer_delivered_attributes(session: Session, environment: str,

@@ -61,3 +61,11 @@ def test_an_echoed_key_never_reaches_the_line() -> None:
         braze.post(EXPORT, status=500, json={"message": f"bad key {PROD_KEY} for this app"})
         problem = probe_braze(BRAZE_URL, PROD_KEY)
     assert problem == "500 from Braze: bad key [redacted] for this app"
+
+
+def test_the_probe_prints_its_line_and_logs_no_request(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="relay")
+    with responses.RequestsMock() as braze:
+        braze.post(EXPORT, status=401, json={"message": "Invalid API key"})
+        assert probe_braze(BRAZE_URL, PROD_KEY) == "401 key refused"
+    assert [r for r in caplog.records if r.name == "relay.braze"] == []

@@ -12,14 +12,10 @@ import pkgutil
 import re
 from pathlib import Path
 
-import click
-
 import relay
 from relay.exceptions import RelayError
 
 PACKAGE = Path(relay.__file__).parent
-# The command line's one-line presentation of a RelayError: click's kind, not a domain error.
-PRESENTATION = {"relay.cli.OperatorError"}
 
 
 def _modules() -> list[str]:
@@ -36,10 +32,8 @@ def test_every_error_the_relay_defines_is_a_relay_error() -> None:
                 defined.append(cls)
     assert len(defined) >= 15  # the walk found the package's errors
     stray = [f"{cls.__module__}.{cls.__qualname__}" for cls in defined
-             if not issubclass(cls, RelayError)
-             and f"{cls.__module__}.{cls.__qualname__}" not in PRESENTATION]
+             if not issubclass(cls, RelayError)]
     assert stray == []
-    assert issubclass(importlib.import_module("relay.cli").OperatorError, click.ClickException)
 
 
 def test_only_the_dialect_module_asks_which_database_it_is() -> None:

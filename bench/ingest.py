@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.loadgen import http_post, run_steady
+from bench.loadgen import run_steady, signed_webhooks
 
 CONNECTIONS = 32
 
@@ -68,13 +68,7 @@ def warm_up(port: int, bodies: Path) -> None:
 
 def steady(port: int, rate: float, seconds: float, run: str) -> dict[str, Any]:
     count = int(rate * seconds)
-    requests = []
-    for n in range(count):
-        body, signature = common.signed_body(n, run)
-        requests.append(http_post("/webhooks/extole/production", body,
-                                  {"Content-Type": "application/json",
-                                   "X-Extole-Signature": signature}))
-    results = run_steady(port, requests, rate)
+    results = run_steady(port, signed_webhooks(count, run), rate)
     latencies = [r.latency * 1000 for r in results if r.status == 200]
     return {"rate": rate, "sent": count, "answered_202": len(latencies),
             "errors": count - len(latencies),

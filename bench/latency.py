@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from bench import common
-from bench.loadgen import http_post, run_steady
+from bench.loadgen import run_steady, signed_webhooks
 
 
 def one_run(rate: float, seconds: float, warmup: float = 3.0) -> dict[str, Any]:
@@ -27,12 +27,7 @@ def one_run(rate: float, seconds: float, warmup: float = 3.0) -> dict[str, Any]:
     run = f"lat-{uuid.uuid4().hex[:6]}"
     skipped = int(rate * warmup)
     count = int(rate * seconds) + skipped
-    requests = []
-    for n in range(count):
-        body, signature = common.signed_body(n, run)
-        requests.append(http_post("/webhooks/extole/production", body,
-                                  {"Content-Type": "application/json",
-                                   "X-Extole-Signature": signature}))
+    requests = signed_webhooks(count, run)
     with common.postgres_database() as url, common.standin(braze_port, receipts=True):
         env = common.relay_env(url, f"http://127.0.0.1:{braze_port}")
         with common.gunicorn("relay", "wsgi:app", port, env) as server, \

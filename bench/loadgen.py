@@ -106,6 +106,19 @@ def http_post(path: str, body: bytes, headers: dict[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+def signed_webhooks(count: int, run: str) -> list[bytes]:
+    """`count` HMAC-signed single-event webhook requests, each a new event of this run."""
+    from bench.common import signed_body
+
+    requests = []
+    for n in range(count):
+        body, signature = signed_body(n, run)
+        requests.append(http_post("/webhooks/extole/production", body,
+                                  {"Content-Type": "application/json",
+                                   "X-Extole-Signature": signature}))
+    return requests
+
+
 def run_steady(port: int, requests: Sequence[bytes], rate: float, max_connections: int = 64,
                timeout: float = 10.0) -> list[Result]:
     """Send `requests` (raw HTTP) at `rate` per second; one Result per request."""

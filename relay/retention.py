@@ -100,33 +100,27 @@ def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int,
 def _purge_orphan_attempts(db: Database, cutoff: datetime, batch_size: int) -> int:
     """Old Braze requests linked to no event at all (e.g. identity lookups recorded alone)."""
     unlinked = ~exists().where(AttemptEvent.attempt_id == DeliveryAttempt.id)
-    with db.session() as session:
-        ids = list(session.scalars(
-            select(DeliveryAttempt.id)
-            .where(DeliveryAttempt.started_at < cutoff, unlinked)
-            .order_by(DeliveryAttempt.id).limit(batch_size)
-        ))
-        if not ids:
-            return 0
-        return rowcount(session.execute(
-            delete(DeliveryAttempt).where(DeliveryAttempt.id.in_(ids), unlinked)
-        ))
+    return _purge_batch(db, DeliveryAttempt, DeliveryAttempt.started_at < cutoff, unlinked,
+                        batch_size)
 
 
 def _purge_inbound(db: Database, cutoff: datetime, batch_size: int) -> int:
     """Old inbound rows that no kept event refers to (a dead event keeps its raw request)."""
     unreferenced = ~exists().where(OutboxEvent.inbound_id == InboundRequest.id)
+    return _purge_batch(db, InboundRequest, InboundRequest.received_at < cutoff, unreferenced,
+                        batch_size)
+
+
+def _purge_batch(db: Database, model: type[DeliveryAttempt] | type[InboundRequest],
+                 old: ColumnElement[bool], unused: ColumnElement[bool], batch_size: int) -> int:
+    """One batch of old rows nothing uses; `unused` is checked again as they are deleted."""
     with db.session() as session:
         ids = list(session.scalars(
-            select(InboundRequest.id)
-            .where(InboundRequest.received_at < cutoff, unreferenced)
-            .order_by(InboundRequest.id).limit(batch_size)
+            select(model.id).where(old, unused).order_by(model.id).limit(batch_size)
         ))
         if not ids:
             return 0
-        return rowcount(session.execute(
-            delete(InboundRequest).where(InboundRequest.id.in_(ids), unreferenced)
-        ))
+        return rowcount(session.execute(delete(model).where(model.id.in_(ids), unused)))
 
 
 def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> int:

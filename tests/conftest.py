@@ -8,6 +8,7 @@ RELAY_REQUIRE_POSTGRES=1 (as .ci/run sets) an unreachable server fails the run i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -19,9 +20,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
-from relay import create_app, migrate
+from relay import create_app, logs, migrate
 from relay.models import Base
 from relay.settings import Settings
+from relay.worker import Worker
 from tests.support import (
     BRAZE_URL,
     PG_ADMIN_URL,
@@ -65,6 +67,13 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(bar, red=True, bold=True)
 
 
+@pytest.fixture
+def relay_logger() -> Iterator[logging.Logger]:
+    """The `relay` logger, restored to text afterwards (configure() is process-wide)."""
+    yield logging.getLogger("relay")
+    logs.configure("text")
+
+
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "relay.db"
@@ -106,6 +115,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A brand-new database without any table (not migrated), of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    request.getfixturevalue("postgres_server")  # skips when PostgreSQL is unreachable
+    with fresh_database("relay_empty") as url:
+        yield url
+
+
 @pytest.fixture
 def make_settings(database_url: str) -> Callable[..., Settings]:
     def factory(**overrides: Any) -> Settings:
@@ -141,6 +161,22 @@ def app(settings: Settings) -> Iterator[Flask]:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def make_worker(app: Flask, settings: Settings) -> Iterator[Callable[..., Worker]]:
+    """Delivery workers on the app's database (the test's settings unless given), each closed
+    at the end of the test."""
+    made: list[Worker] = []
+
+    def factory(worker_settings: Settings | None = None) -> Worker:
+        worker = Worker(worker_settings or settings, app.extensions["relay.db"])
+        made.append(worker)
+        return worker
+
+    yield factory
+    for worker in made:
+        worker.close()
 
 
 @pytest.fixture

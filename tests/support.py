@@ -1,23 +1,35 @@
 """Constants and helpers shared by tests (fixtures live in conftest.py): samples, signatures,
-free ports, and PostgreSQL databases made and dropped on the test server."""
+free ports, PostgreSQL databases made and dropped on the test server, and commands run in the
+background."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
+import pytest
+import requests
+from flask import Flask
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.pool import NullPool
 
 from relay.authentication import sign
+from relay.db import get_db
+from relay.models import OutboxEvent
 
 SAMPLES = Path(__file__).parent / "samples"
+# For a test of what only PostgreSQL does (row locks held by concurrent transactions, NOTIFY, the
+# single-statement path): `database_url`, and the app built on it, on PostgreSQL only.
+POSTGRESQL_ONLY = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 PG_ADMIN_URL = os.environ.get(
     "RELAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -79,6 +91,21 @@ def drop_database(url: str, admin_url: str = PG_ADMIN_URL) -> None:
         admin.dispose()
 
 
+def set_schema_revision(url: str, revision: str | None) -> None:
+    """Put a migrated database's recorded schema revision at `revision` (None: none recorded),
+    as a newer relay (or a half-made database) would leave it."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            if revision is None:
+                connection.execute(text("DELETE FROM alembic_version"))
+            else:
+                connection.execute(text("UPDATE alembic_version SET version_num = :revision"),
+                                   {"revision": revision})
+    finally:
+        engine.dispose()
+
+
 @contextlib.contextmanager
 def fresh_database(prefix: str = "relay_test", *, migrated: bool = False) -> Iterator[str]:
     """`create_database` for the length of a `with` block, dropped afterwards whatever happens."""
@@ -87,3 +114,97 @@ def fresh_database(prefix: str = "relay_test", *, migrated: bool = False) -> Ite
         yield url
     finally:
         drop_database(url)
+
+
+class Background:
+    """Commands one test starts in the background (`background("serve", "--port", ...)`), each
+    logging to its own file; `stop_all` ends those still running (SIGTERM, then SIGKILL), by
+    their own process ids."""
+
+    def __init__(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.command, self.env, self.cwd = command, env, cwd
+        self.started: list[tuple[subprocess.Popen[str], Path]] = []
+
+    def __call__(self, *args: str, **settings: str) -> subprocess.Popen[str]:
+        log = self.cwd / f"{args[0]}-{len(self.started)}.log"
+        with log.open("w") as handle:
+            process = subprocess.Popen([*self.command, *args], cwd=self.cwd,
+                                       env={**self.env, **settings}, stdout=handle,
+                                       stderr=subprocess.STDOUT, text=True)
+        self.started.append((process, log))
+        return process
+
+    def output(self, process: subprocess.Popen[str]) -> str:
+        """What the process has written so far (stdout and stderr)."""
+        log = next(log for started, log in self.started if started is process)
+        return log.read_text("utf-8", "replace")
+
+    def wait_for(self, url: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
+        """Until `url` answers (any status); fails at once when the process has ended."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert process.poll() is None, self.output(process)
+            try:
+                requests.get(url, timeout=2)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError(f"{url} did not answer within {timeout} s: {self.output(process)}")
+
+    @staticmethod
+    def stop(process: subprocess.Popen[str], timeout: float = 30) -> int:
+        """SIGTERM, then the exit code (SIGKILL after `timeout` seconds)."""
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+    def stop_all(self, timeout: float = 30) -> None:
+        """SIGTERM to every one still running at once, then wait for each (SIGKILL after
+        `timeout` seconds)."""
+        running = [process for process, _ in self.started if process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        for process in running:
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# --- what the app stored ------------------------------------------------------------------------
+
+
+def stored_events(app: Flask) -> list[OutboxEvent]:
+    """Every outbox row, in id order."""
+    with get_db(app).session() as session:
+        return list(session.scalars(select(OutboxEvent).order_by(OutboxEvent.id)))
+
+
+def events_by_extole_id(app: Flask) -> dict[str, OutboxEvent]:
+    """Every outbox row by Extole event id (`#<id>` for a rejected item that had none)."""
+    return {e.extole_event_id or f"#{e.id}": e for e in stored_events(app)}
+
+
+def stored_event(app: Flask, event_id: int) -> OutboxEvent:
+    with get_db(app).session() as session:
+        found = session.get(OutboxEvent, event_id)
+        assert found is not None, f"no event {event_id}"
+        return found
+
+
+def update_event(app: Flask, event_id: int, **values: Any) -> None:
+    """Set columns of one outbox row directly (a status, a time in the past)."""
+    with get_db(app).session() as session:
+        session.execute(update(OutboxEvent).where(OutboxEvent.id == event_id).values(**values))
+
+
+def post_ids(post_webhook: Callable[..., Any], *events: dict[str, Any],
+             environment: str = "production") -> list[int]:
+    """Post events in one webhook through the `post_webhook` fixture; their new outbox ids."""
+    answer = post_webhook(list(events), environment)
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    return list(answer.json["ids"])

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from relay.admin import auth
-from relay.admin.params import parse_cursor, parse_id, parse_limit
+from relay.admin.params import parse_cursor, parse_limit, to_event_id
 from relay.braze_state import environment_report
 from relay.db import get_db
 from relay.exceptions import DatabaseUnavailable, EventNotFound, FilterError, InvalidTransition
@@ -58,13 +58,6 @@ def _unavailable(error: DatabaseUnavailable) -> Response:
     return auth.json_error(503, str(error), **{"Retry-After": "5"})
 
 
-def _event_id(raw: str) -> int:
-    event_id = parse_id(raw)
-    if event_id is None:
-        raise EventNotFound(f"no event with id {raw[:40]!r}")
-    return event_id
-
-
 @bp.get("/events")
 def list_events() -> Response:
     event_filter = EventFilter.from_args(request.args)
@@ -80,14 +73,14 @@ def list_events() -> Response:
 @bp.get("/events/<raw_id>")
 def event(raw_id: str) -> Response:
     with get_db().session() as session:
-        return jsonify(queries.event_detail(session, _event_id(raw_id)))
+        return jsonify(queries.event_detail(session, to_event_id(raw_id)))
 
 
 @bp.post("/events/<raw_id>/retry")
 def retry(raw_id: str) -> Response:
     """A dead or retrying event becomes due now; 409 says why when it is neither."""
     with get_db().session() as session:
-        body = queries.event_json(operator.retry(session, _event_id(raw_id)))
+        body = queries.event_json(operator.retry(session, to_event_id(raw_id)))
     return jsonify(body)
 
 
@@ -95,7 +88,7 @@ def retry(raw_id: str) -> Response:
 def replay(raw_id: str) -> Response:
     """Send the event again, even if delivered; its attempt history is kept."""
     with get_db().session() as session:
-        body = queries.event_json(operator.replay(session, _event_id(raw_id)))
+        body = queries.event_json(operator.replay(session, to_event_id(raw_id)))
     return jsonify(body)
 
 

@@ -7,7 +7,7 @@ Every problem raises `FilterError` with a message that names the parameter, so t
 
 from __future__ import annotations
 
-from relay.exceptions import FilterError
+from relay.exceptions import EventNotFound, FilterError
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -33,6 +33,14 @@ def parse_id(raw: str | None) -> int | None:
         return None
     number = int(text)
     return number if 1 <= number <= MAX_ID else None
+
+
+def to_event_id(raw: str) -> int:
+    """The event id of a URL (`/events/<id>`), or EventNotFound when it cannot be one."""
+    number = parse_id(raw)
+    if number is None:
+        raise EventNotFound(f"no event with id {raw[:40]!r}")
+    return number
 
 
 def parse_cursor(raw: str | None) -> int | None:

@@ -22,7 +22,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from relay.admin import auth, message_page
 from relay.admin.api import collect_stats
-from relay.admin.params import parse_cursor, parse_id
+from relay.admin.params import parse_cursor, to_event_id
 from relay.db import get_db, utcnow
 from relay.exceptions import DatabaseUnavailable, EventNotFound, FilterError, InvalidTransition
 from relay.models import Status
@@ -109,7 +109,7 @@ def index() -> Any:
 
 @bp.get("/events/<raw_id>")
 def event(raw_id: str) -> Any:
-    event_id = _event_id(raw_id)
+    event_id = to_event_id(raw_id)
     with get_db().session() as session:
         detail = queries.event_detail(session, event_id)
     return render_template("event.html", event=detail, can_retry=can_retry(detail),
@@ -119,13 +119,6 @@ def event(raw_id: str) -> Any:
 def can_retry(event: dict[str, Any]) -> bool:
     return bool(event["status"] == Status.DEAD.value or (
         event["status"] == Status.PENDING.value and event["attempts"] > 0))
-
-
-def _event_id(raw: str) -> int:
-    event_id = parse_id(raw)
-    if event_id is None:
-        raise EventNotFound(f"no event with id {raw[:40]!r}")
-    return event_id
 
 
 @bp.post("/events/<raw_id>/retry")
@@ -139,7 +132,7 @@ def replay(raw_id: str) -> Any:
 
 
 def _act(raw_id: str, action: Any, done: str) -> Any:
-    event_id = _event_id(raw_id)
+    event_id = to_event_id(raw_id)
     try:
         with get_db().session() as session:
             action(session, event_id)

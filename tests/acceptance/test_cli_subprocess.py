@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,19 +17,13 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.authentication import sign
-from tests.support import PROD_SECRET, sample
+from tests.support import PROD_SECRET, Background, free_port, sample
 
 pytestmark = pytest.mark.slow
 
 RELAY = Path(sys.executable).parent / "relay"
 COMMANDS = ["check-config", "db", "events", "forget", "init", "purge", "sandbox", "serve",
             "worker"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -54,50 +46,11 @@ def relay(env: dict[str, str], tmp_path: Path) -> Callable[..., subprocess.Compl
 
 
 @pytest.fixture
-def spawn(env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Start `relay ARGS` in the background; whatever is still running at the end is stopped."""
-    started: list[subprocess.Popen[str]] = []
-
-    def start(*args: str, **extra: str) -> subprocess.Popen[str]:
-        log = open(tmp_path / f"{args[0]}-{len(started)}.log", "w+")  # noqa: SIM115
-        process = subprocess.Popen([str(RELAY), *args], stdout=log, stderr=subprocess.STDOUT,
-                                   text=True, env={**env, **extra}, cwd=tmp_path)
-        process.log = log  # type: ignore[attr-defined]
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        process.log.close()  # type: ignore[attr-defined]
-
-
-def output(process: subprocess.Popen[str]) -> str:
-    process.log.seek(0)  # type: ignore[attr-defined]
-    return str(process.log.read())  # type: ignore[attr-defined]
-
-
-def wait_for(url: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, output(process)
-        try:
-            requests.get(url, timeout=2)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer: {output(process)}")
-
-
-def stop(process: subprocess.Popen[str]) -> int:
-    process.send_signal(signal.SIGTERM)
-    return process.wait(timeout=30)
+def spawn(env: dict[str, str], tmp_path: Path) -> Iterator[Background]:
+    """`relay ARGS` in the background; whatever is still running at the end is stopped."""
+    background = Background([str(RELAY)], env, tmp_path)
+    yield background
+    background.stop_all()
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -157,12 +110,12 @@ def post(port: int, body: bytes) -> int:
 
 
 def test_serve_with_two_workers_then_events_list(relay: Callable[..., Any],
-                                                 spawn: Callable[..., Any],
+                                                 spawn: Background,
                                                  tmp_path: Path) -> None:
     assert relay("db", "upgrade").returncode == 0
     port = free_port()
     server = spawn("serve", "--port", str(port), "--workers", "2", "--threads", "2")
-    wait_for(f"http://127.0.0.1:{port}/healthz", server)
+    spawn.wait_for(f"http://127.0.0.1:{port}/healthz", server)
     bodies = [json.dumps({"type": "shared", "event_id": f"acc-{n}", "partner_user_id": f"c{n}",
                           "event_time": "2026-11-20T10:00:00Z"}).encode() for n in range(16)]
     with ThreadPoolExecutor(8) as pool:
@@ -186,12 +139,12 @@ def test_serve_with_two_workers_then_events_list(relay: Callable[..., Any],
     assert all(" production  pending " in row for row in rows[:5])
     assert rows[-1] == "more: add --before 12"
 
-    assert stop(server) == 0
+    assert spawn.stop(server) == 0
     assert not metrics_dir.exists()
 
 
 def test_worker_delivers_exposes_metrics_and_stops_on_sigterm(
-        relay: Callable[..., Any], spawn: Callable[..., Any], env: dict[str, str]) -> None:
+        relay: Callable[..., Any], spawn: Background, env: dict[str, str]) -> None:
     from relay import create_app
     from relay.db import get_db
     from relay.settings import Settings
@@ -208,11 +161,11 @@ def test_worker_delivers_exposes_metrics_and_stops_on_sigterm(
 
     braze_port, metrics_port = free_port(), free_port()
     braze = spawn("sandbox", "--port", str(braze_port))
-    wait_for(f"http://127.0.0.1:{braze_port}/sandbox/profiles", braze)
+    spawn.wait_for(f"http://127.0.0.1:{braze_port}/sandbox/profiles", braze)
     worker = spawn("worker", "--metrics-port", str(metrics_port),
                    BRAZE_REST_ENDPOINT=f"http://127.0.0.1:{braze_port}",
                    BRAZE_API_KEY="acceptance-key", BRAZE_EXPORT_RATE="1000/minute")
-    wait_for(f"http://127.0.0.1:{metrics_port}/metrics", worker)
+    spawn.wait_for(f"http://127.0.0.1:{metrics_port}/metrics", worker)
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -222,13 +175,13 @@ def test_worker_delivers_exposes_metrics_and_stops_on_sigterm(
         time.sleep(0.5)
     else:
         raise AssertionError(f"not delivered: {relay('events', 'list').stdout}\n"
-                             f"{output(worker)}")
+                             f"{spawn.output(worker)}")
     samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
     delivered = ("relay_events_total", frozenset({("environment", "production"),
                                                   ("status", "delivered")}))
     assert samples[delivered] == 5
 
-    assert stop(worker) == 0
-    log = output(worker)
+    assert spawn.stop(worker) == 0
+    log = spawn.output(worker)
     assert "stopped" in log and "Traceback" not in log
     assert "acceptance-key" not in log

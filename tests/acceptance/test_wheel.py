@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +22,14 @@ import requests
 from sqlalchemy.engine import make_url
 
 from relay.authentication import sign
-from tests.support import PROD_SECRET, STAGING_SECRET, free_port, fresh_database, sample
+from tests.support import (
+    PROD_SECRET,
+    STAGING_SECRET,
+    Background,
+    free_port,
+    fresh_database,
+    sample,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -93,41 +98,11 @@ def relay(installed: Path, workdir: Path,
 
 
 @pytest.fixture
-def spawn(installed: Path, workdir: Path,
-          environ: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """`relay ARGS` in the background, stopped (SIGTERM) at the end of the test."""
-    started: list[subprocess.Popen[str]] = []
-
-    def start(*args: str, **settings: str) -> subprocess.Popen[str]:
-        log = workdir / f"{args[0]}-{len(started)}.log"
-        with log.open("w") as handle:
-            process = subprocess.Popen([str(installed / "relay"), *args], cwd=workdir,
-                                       env={**environ, **settings}, stdout=handle,
-                                       stderr=subprocess.STDOUT, text=True)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _answering(url: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"{process.args} ended with {process.returncode}"
-        try:
-            requests.get(url, timeout=2)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
+def spawn(installed: Path, workdir: Path, environ: dict[str, str]) -> Iterator[Background]:
+    """The installed `relay ARGS` in the background, stopped at the end of the test."""
+    background = Background([str(installed / "relay")], environ, workdir)
+    yield background
+    background.stop_all()
 
 
 def test_the_wheel_carries_the_package_and_nothing_of_the_checkout(
@@ -154,7 +129,7 @@ def test_db_upgrade_on_sqlite_from_anywhere(relay: Callable[..., subprocess.Comp
 
 def test_postgresql_upgrade_check_config_and_one_webhook(
         postgres_server: None, relay: Callable[..., subprocess.CompletedProcess[str]],
-        spawn: Callable[..., subprocess.Popen[str]]) -> None:
+        spawn: Background) -> None:
     with fresh_database("relay_wheel") as url:
         braze_port, port = free_port(), free_port()
         settings = {"RELAY_DATABASE_URL": url, "EXTOLE_WEBHOOK_SECRET": PROD_SECRET,
@@ -167,7 +142,7 @@ def test_postgresql_upgrade_check_config_and_one_webhook(
         head = upgraded.stdout.split()[-1]
 
         sandbox = spawn("sandbox", "--port", str(braze_port))
-        _answering(f"http://127.0.0.1:{braze_port}/sandbox/profiles", sandbox)
+        spawn.wait_for(f"http://127.0.0.1:{braze_port}/sandbox/profiles", sandbox)
         checked = relay("check-config", **settings)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         shown = make_url(url).render_as_string(hide_password=True)
@@ -186,7 +161,7 @@ def test_postgresql_upgrade_check_config_and_one_webhook(
         server = spawn("serve", "--port", str(port), "--workers", "1", "--threads", "2",
                        **settings)
         base = f"http://127.0.0.1:{port}"
-        _answering(f"{base}/healthz", server)
+        spawn.wait_for(f"{base}/healthz", server)
         body = sample("reward_earned.json")
         answer = requests.post(f"{base}/webhooks/extole/production", data=body, timeout=10,
                                headers={"Content-Type": "application/json",
@@ -206,8 +181,7 @@ def test_postgresql_upgrade_check_config_and_one_webhook(
         assert (stored["status"], stored["extole_event_id"], stored["braze_event"]) == (
             "pending", expected["event_id"], "Earned Reward")
         assert stored["inbound"]["status_code"] == 200
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
+        assert spawn.stop(server) == 0
 
 
 def test_known_failures_are_one_line(relay: Callable[..., subprocess.CompletedProcess[str]],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 import requests
 
 from relay.authentication import sign
+from tests.support import Background, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -50,12 +50,6 @@ def _require_chromium() -> None:
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def relay_command() -> str:
     beside = Path(sys.executable).parent / "relay"
     found = str(beside) if beside.exists() else shutil.which("relay")
@@ -72,21 +66,6 @@ class Stack:
     def log_tail(self) -> str:
         return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:]
                          for p in self.logs if p.exists())
-
-
-def _wait_for(url: str, process: subprocess.Popen[bytes], stack_logs: list[Path]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in stack_logs if p.exists())
-    raise AssertionError(f"{url} did not come up (exit code {process.poll()}):\n{logs}")
 
 
 @pytest.fixture(scope="module")
@@ -110,30 +89,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     relay = relay_command()
     subprocess.run([relay, "db", "upgrade"], cwd=home, env=env, check=True, timeout=60,
                    capture_output=True)
-    logs = [home / "sandbox.log", home / "serve.log"]
-    processes: list[subprocess.Popen[bytes]] = []
+    processes = Background([relay], env, home)
     try:
-        for command, log, ready in (
-            ([relay, "sandbox", "--port", str(sandbox_port)], logs[0],
-             f"http://127.0.0.1:{sandbox_port}/sandbox/faults"),
-            ([relay, "serve", "--port", str(relay_port), "--workers", "1", "--with-worker"],
-             logs[1], f"http://127.0.0.1:{relay_port}/healthz"),
-        ):
-            with open(log, "wb") as output:
-                process = subprocess.Popen(command, cwd=home, env=env, stdout=output,
-                                           stderr=subprocess.STDOUT)
-            processes.append(process)
-            _wait_for(ready, process, logs)
-        yield Stack(f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{sandbox_port}", logs)
+        sandbox = processes("sandbox", "--port", str(sandbox_port))
+        processes.wait_for(f"http://127.0.0.1:{sandbox_port}/sandbox/faults", sandbox,
+                           START_TIMEOUT)
+        server = processes("serve", "--port", str(relay_port), "--workers", "1", "--with-worker")
+        processes.wait_for(f"http://127.0.0.1:{relay_port}/healthz", server, START_TIMEOUT)
+        yield Stack(f"http://127.0.0.1:{relay_port}", f"http://127.0.0.1:{sandbox_port}",
+                    [log for _, log in processes.started])
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        processes.stop_all(timeout=15)
 
 
 def post_webhook(stack: Stack, event: dict[str, Any]) -> int:

@@ -13,14 +13,15 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import inspect, update
+from sqlalchemy import inspect
 
 from relay import braze_state, create_app
 from relay.db import get_db, utcnow
 from relay.exceptions import DatabaseUnavailable
-from relay.models import AttemptEvent, DeliveryAttempt, OutboxEvent
+from relay.models import AttemptEvent, DeliveryAttempt
 from relay.outbox import queries
 from relay.settings import Settings
+from tests.support import post_ids, stored_event, update_event
 
 PASSWORD = "admin-password"  # conftest's make_settings
 EVENT_KEYS = {"id", "environment", "extole_event_id", "extole_type", "braze_event", "status",
@@ -52,29 +53,10 @@ def reward(**overrides: Any) -> dict[str, Any]:
     return event
 
 
-def post(post_webhook: Callable[..., Any], *events: dict[str, Any],
-         environment: str = "production") -> list[int]:
-    answer = post_webhook(list(events), environment)
-    assert answer.status_code == 200, answer.get_data(as_text=True)
-    return answer.json["ids"]
-
-
-def set_row(app: Flask, event_id: int, **values: Any) -> None:
-    with get_db(app).session() as session:
-        session.execute(update(OutboxEvent).where(OutboxEvent.id == event_id).values(**values))
-
-
-def row(app: Flask, event_id: int) -> OutboxEvent:
-    with get_db(app).session() as session:
-        found = session.get(OutboxEvent, event_id)
-        assert found is not None
-        return found
-
-
 def make_dead(app: Flask, event_id: int, error: str = "Braze refused: bad attribute") -> None:
     now = utcnow()
-    set_row(app, event_id, status="dead", attempts=3, next_attempt_at=None, last_error=error,
-            first_failure_at=now - timedelta(hours=1), updated_at=now)
+    update_event(app, event_id, status="dead", attempts=3, next_attempt_at=None, last_error=error,
+                 first_failure_at=now - timedelta(hours=1), updated_at=now)
 
 
 # --- authentication -----------------------------------------------------------------------------
@@ -147,7 +129,7 @@ def test_disabled_without_password(make_settings: Callable[..., Settings]) -> No
 
 @pytest.fixture
 def dead_event(app: Flask, post_webhook: Callable[..., Any]) -> int:
-    (event_id,) = post(post_webhook, reward())
+    (event_id,) = post_ids(post_webhook, reward())
     make_dead(app, event_id)
     return event_id
 
@@ -162,7 +144,7 @@ def test_session_writes_need_the_csrf_header(app: Flask, client: FlaskClient, de
     answer = client.post(path, json={}, headers=headers)
     assert answer.status_code == 403
     assert "X-CSRF-Token" in answer.json["error"]
-    assert row(app, dead_event).status == "dead"
+    assert stored_event(app, dead_event).status == "dead"
 
 
 def test_session_write_with_csrf_header_works(app: Flask, client: FlaskClient,
@@ -171,7 +153,7 @@ def test_session_write_with_csrf_header_works(app: Flask, client: FlaskClient,
     answer = client.post(f"/admin/api/events/{dead_event}/retry", json={},
                          headers={"X-CSRF-Token": token})
     assert answer.status_code == 200
-    assert row(app, dead_event).status == "pending"
+    assert stored_event(app, dead_event).status == "pending"
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
@@ -181,14 +163,14 @@ def test_writes_need_json(app: Flask, client: FlaskClient, dead_event: int,
     answer = client.post(f"/admin/api/events/{dead_event}/retry", data="{}", headers=headers)
     assert answer.status_code == 415
     assert "application/json" in answer.json["error"]
-    assert row(app, dead_event).status == "dead"
+    assert stored_event(app, dead_event).status == "dead"
 
 
 # --- listing, filters, pagination -----------------------------------------------------------------
 
 
 def test_list_shape_newest_first(client: FlaskClient, post_webhook: Callable[..., Any]) -> None:
-    ids = post(post_webhook, reward(), reward(), reward())
+    ids = post_ids(post_webhook, reward(), reward(), reward())
     body = client.get("/admin/api/events", headers=basic()).json
     assert set(body) == {"events", "next_cursor"}
     assert [event["id"] for event in body["events"]] == sorted(ids, reverse=True)
@@ -202,7 +184,7 @@ def test_list_shape_newest_first(client: FlaskClient, post_webhook: Callable[...
 
 def test_keyset_pagination_walks_every_event_once(client: FlaskClient,
                                                   post_webhook: Callable[..., Any]) -> None:
-    ids = post(post_webhook, *[reward() for _ in range(7)])
+    ids = post_ids(post_webhook, *[reward() for _ in range(7)])
     seen: list[int] = []
     cursor = ""
     for _ in range(10):
@@ -245,12 +227,12 @@ def _ids(client: FlaskClient, query: str) -> set[int]:
 
 def test_filters_and_exact_search(app: Flask, client: FlaskClient,
                                   post_webhook: Callable[..., Any]) -> None:
-    ann, bob = post(post_webhook,
-                    reward(event_id="ext-ann", partner_user_id="cust-ann", email="ann@x.io"),
-                    reward(type="shared", event_id="ext-bob", partner_user_id="cust-bob",
+    ann, bob = post_ids(post_webhook,
+                        reward(event_id="ext-ann", partner_user_id="cust-ann", email="ann@x.io"),
+                        reward(type="shared", event_id="ext-bob", partner_user_id="cust-bob",
                            email="bob@x.io"))
-    (staged,) = post(post_webhook, reward(event_id="ext-stage", partner_user_id="cust-ann"),
-                     environment="staging")
+    (staged,) = post_ids(post_webhook, reward(event_id="ext-stage", partner_user_id="cust-ann"),
+                         environment="staging")
     make_dead(app, bob)
     assert _ids(client, "status=dead") == {bob}
     assert _ids(client, "status=pending") == {ann, staged}
@@ -268,7 +250,7 @@ def test_filters_and_exact_search(app: Flask, client: FlaskClient,
                                     "\" OR 1=1 --", "ann@x.io' --"])
 def test_injection_strings_are_plain_data(app: Flask, client: FlaskClient,
                                           post_webhook: Callable[..., Any], needle: str) -> None:
-    post(post_webhook, reward(email="ann@x.io"))
+    post_ids(post_webhook, reward(email="ann@x.io"))
     for parameter in ("q", "name"):
         answer = client.get("/admin/api/events", query_string={parameter: needle},
                             headers=basic())
@@ -282,7 +264,7 @@ def test_injection_strings_are_plain_data(app: Flask, client: FlaskClient,
 
 
 def test_event_detail(app: Flask, client: FlaskClient, post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post(post_webhook, reward(event_id="ext-1"))
+    (event_id,) = post_ids(post_webhook, reward(event_id="ext-1"))
     with get_db(app).session() as session:
         attempt = DeliveryAttempt(environment="production", endpoint="/users/track",
                                   started_at=utcnow(), duration_ms=12.34, status_code=400,
@@ -333,7 +315,7 @@ def test_retry_makes_a_dead_event_due_now(app: Flask, client: FlaskClient,
     answer = client.post(f"/admin/api/events/{dead_event}/retry", json={}, headers=basic())
     assert answer.status_code == 200
     assert answer.json["id"] == dead_event and answer.json["status"] == "pending"
-    stored = row(app, dead_event)
+    stored = stored_event(app, dead_event)
     assert stored.status == "pending"
     assert stored.attempts == 0
     assert stored.next_attempt_at is not None and before <= stored.next_attempt_at <= utcnow()
@@ -342,32 +324,32 @@ def test_retry_makes_a_dead_event_due_now(app: Flask, client: FlaskClient,
 
 def test_retry_of_a_retrying_event(app: Flask, client: FlaskClient,
                                    post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post(post_webhook, reward())
-    set_row(app, event_id, attempts=2, next_attempt_at=utcnow() + timedelta(hours=1))
+    (event_id,) = post_ids(post_webhook, reward())
+    update_event(app, event_id, attempts=2, next_attempt_at=utcnow() + timedelta(hours=1))
     assert client.post(f"/admin/api/events/{event_id}/retry", json={},
                        headers=basic()).status_code == 200
-    assert row(app, event_id).next_attempt_at <= utcnow()  # type: ignore[operator]
+    assert stored_event(app, event_id).next_attempt_at <= utcnow()  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("status", ["delivered", "pending", "skipped"])
 def test_retry_refuses_other_states_with_409(app: Flask, client: FlaskClient,
                                              post_webhook: Callable[..., Any],
                                              status: str) -> None:
-    (event_id,) = post(post_webhook, reward())
-    set_row(app, event_id, status=status)
+    (event_id,) = post_ids(post_webhook, reward())
+    update_event(app, event_id, status=status)
     answer = client.post(f"/admin/api/events/{event_id}/retry", json={}, headers=basic())
     assert answer.status_code == 409
     assert f"is {status}: only dead or retrying events can be retried" in answer.json["error"]
-    assert row(app, event_id).status == status
+    assert stored_event(app, event_id).status == status
 
 
 def test_replay_sends_a_delivered_event_again(app: Flask, client: FlaskClient,
                                               post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post(post_webhook, reward())
-    set_row(app, event_id, status="delivered", delivered_at=utcnow(), next_attempt_at=None)
+    (event_id,) = post_ids(post_webhook, reward())
+    update_event(app, event_id, status="delivered", delivered_at=utcnow(), next_attempt_at=None)
     answer = client.post(f"/admin/api/events/{event_id}/replay", json={}, headers=basic())
     assert answer.status_code == 200
-    stored = row(app, event_id)
+    stored = stored_event(app, event_id)
     assert stored.status == "pending" and stored.next_attempt_at is not None
 
 
@@ -380,7 +362,7 @@ def test_replay_refuses_a_rejected_event(app: Flask, client: FlaskClient,
     answer = client.post(f"/admin/api/events/{event_id}/replay", json={}, headers=basic())
     assert answer.status_code == 409
     assert "rejected on receipt" in answer.json["error"]
-    assert row(app, event_id).status == "rejected"
+    assert stored_event(app, event_id).status == "rejected"
 
 
 # --- bulk replay ----------------------------------------------------------------------------------
@@ -388,17 +370,17 @@ def test_replay_refuses_a_rejected_event(app: Flask, client: FlaskClient,
 
 def test_bulk_replay_requeues_matching_dead_events(app: Flask, client: FlaskClient,
                                                    post_webhook: Callable[..., Any]) -> None:
-    prod = post(post_webhook, reward(), reward(type="shared"), reward())
-    (stage,) = post(post_webhook, reward(), environment="staging")
+    prod = post_ids(post_webhook, reward(), reward(type="shared"), reward())
+    (stage,) = post_ids(post_webhook, reward(), environment="staging")
     for event_id in [*prod[:2], stage]:
         make_dead(app, event_id)
-    set_row(app, prod[2], status="delivered")
+    update_event(app, prod[2], status="delivered")
     answer = client.post("/admin/api/replay", json={"environment": "production"},
                          headers=basic())
     assert answer.status_code == 200
     assert answer.json == {"requeued": 2}
-    assert [row(app, i).status for i in prod] == ["pending", "pending", "delivered"]
-    assert row(app, stage).status == "dead"
+    assert [stored_event(app, i).status for i in prod] == ["pending", "pending", "delivered"]
+    assert stored_event(app, stage).status == "dead"
     assert client.post("/admin/api/replay", json={"status": "dead", "name": "Shared"},
                        headers=basic()).json == {"requeued": 0}
     assert client.post("/admin/api/replay", json={}, headers=basic()).json == {"requeued": 1}
@@ -406,14 +388,14 @@ def test_bulk_replay_requeues_matching_dead_events(app: Flask, client: FlaskClie
 
 def test_bulk_replay_since(app: Flask, client: FlaskClient,
                            post_webhook: Callable[..., Any]) -> None:
-    old, new = post(post_webhook, reward(), reward())
+    old, new = post_ids(post_webhook, reward(), reward())
     for event_id in (old, new):
         make_dead(app, event_id)
-    set_row(app, old, received_at=utcnow() - timedelta(days=2))
+    update_event(app, old, received_at=utcnow() - timedelta(days=2))
     since = (utcnow() - timedelta(days=1)).isoformat() + "Z"
     answer = client.post("/admin/api/replay", json={"since": since}, headers=basic())
     assert answer.json == {"requeued": 1}
-    assert row(app, old).status == "dead" and row(app, new).status == "pending"
+    assert stored_event(app, old).status == "dead" and stored_event(app, new).status == "pending"
 
 
 @pytest.mark.parametrize(("body", "status", "message"), [
@@ -442,9 +424,9 @@ def test_bulk_replay_invalid_json(client: FlaskClient) -> None:
 
 def test_stats_shape_and_values(app: Flask, client: FlaskClient,
                                 post_webhook: Callable[..., Any]) -> None:
-    ids = post(post_webhook, reward(), reward(), reward())
+    ids = post_ids(post_webhook, reward(), reward(), reward())
     make_dead(app, ids[0])
-    set_row(app, ids[1], received_at=utcnow() - timedelta(minutes=10))
+    update_event(app, ids[1], received_at=utcnow() - timedelta(minutes=10))
     body = client.get("/admin/api/stats", headers=basic()).json
     assert set(body) == {"counts", "oldest_pending_seconds", "braze"}
     assert body["counts"] == {"pending": 2, "delivered": 0, "dead": 1, "skipped": 0,

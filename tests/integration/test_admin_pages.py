@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import update
 
 from relay import create_app
 from relay.db import get_db, utcnow
 from relay.exceptions import DatabaseUnavailable
-from relay.models import AttemptEvent, DeliveryAttempt, OutboxEvent
+from relay.models import AttemptEvent, DeliveryAttempt
 from relay.outbox import queries
 from relay.settings import Settings
+from tests.support import post_ids, stored_event, update_event
 
 PASSWORD = "admin-password"
 ADMIN_DIR = Path(__file__).resolve().parents[2] / "relay" / "admin"
@@ -51,28 +51,9 @@ def reward(**overrides: Any) -> dict[str, Any]:
     return event
 
 
-def post(post_webhook: Callable[..., Any], *events: dict[str, Any],
-         environment: str = "production") -> list[int]:
-    answer = post_webhook(list(events), environment)
-    assert answer.status_code == 200
-    return answer.json["ids"]
-
-
-def set_row(app: Flask, event_id: int, **values: Any) -> None:
-    with get_db(app).session() as session:
-        session.execute(update(OutboxEvent).where(OutboxEvent.id == event_id).values(**values))
-
-
-def status_of(app: Flask, event_id: int) -> str:
-    with get_db(app).session() as session:
-        found = session.get(OutboxEvent, event_id)
-        assert found is not None
-        return found.status
-
-
 def make_dead(app: Flask, event_id: int) -> None:
-    set_row(app, event_id, status="dead", attempts=4, next_attempt_at=None,
-            last_error="Braze: 'external_id' is invalid", updated_at=utcnow())
+    update_event(app, event_id, status="dead", attempts=4, next_attempt_at=None,
+                 last_error="Braze: 'external_id' is invalid", updated_at=utcnow())
 
 
 # --- signing in -----------------------------------------------------------------------------------
@@ -214,7 +195,7 @@ def test_every_route_is_503_without_a_password(make_settings: Callable[..., Sett
 
 def test_live_page_lists_events_with_counts_and_stream(app: Flask, client: FlaskClient,
                                                        post_webhook: Callable[..., Any]) -> None:
-    ids = post(post_webhook, reward(partner_user_id="cust-77"), reward(
+    ids = post_ids(post_webhook, reward(partner_user_id="cust-77"), reward(
         partner_user_id=None, email="Only.Email@Example.com", type="shared"))
     make_dead(app, ids[0])
     signed_in(client)
@@ -231,10 +212,10 @@ def test_live_page_lists_events_with_counts_and_stream(app: Flask, client: Flask
 
 def test_live_page_filters_and_passes_them_to_the_stream(
         app: Flask, client: FlaskClient, post_webhook: Callable[..., Any]) -> None:
-    ann, bob = post(post_webhook, reward(email="ann@x.io", partner_user_id=None),
-                    reward(email="bob@x.io", partner_user_id=None))
-    (staged,) = post(post_webhook, reward(email="ann@x.io", partner_user_id=None),
-                     environment="staging")
+    ann, bob = post_ids(post_webhook, reward(email="ann@x.io", partner_user_id=None),
+                        reward(email="bob@x.io", partner_user_id=None))
+    (staged,) = post_ids(post_webhook, reward(email="ann@x.io", partner_user_id=None),
+                         environment="staging")
     signed_in(client)
     html = client.get("/admin/?q=Ann@X.io&environment=production").text
     assert f'data-id="{ann}"' in html
@@ -263,7 +244,7 @@ def test_live_page_paginates_with_a_cursor(app: Flask, client: FlaskClient,
                                            post_webhook: Callable[..., Any]) -> None:
     from relay.admin import views
 
-    ids = post(post_webhook, *[reward() for _ in range(5)])
+    ids = post_ids(post_webhook, *[reward() for _ in range(5)])
     signed_in(client)
     original = views.PAGE_SIZE
     views.PAGE_SIZE = 2
@@ -312,9 +293,9 @@ def test_pages_carry_security_headers_and_no_external_assets(client: FlaskClient
 
 def test_event_page_tells_the_whole_story(app: Flask, client: FlaskClient,
                                           post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post(post_webhook, reward(event_id="ext-story", partner_user_id="cust-9"))
+    (event_id,) = post_ids(post_webhook, reward(event_id="ext-story", partner_user_id="cust-9"))
     make_dead(app, event_id)
-    set_row(app, event_id, identity={"external_id": "cust-9"})
+    update_event(app, event_id, identity={"external_id": "cust-9"})
     with get_db(app).session() as session:
         attempt = DeliveryAttempt(environment="production", endpoint="/users/track",
                                   started_at=utcnow(), duration_ms=87.5, status_code=400,
@@ -338,8 +319,8 @@ def test_event_page_tells_the_whole_story(app: Flask, client: FlaskClient,
 
 def test_event_page_hides_retry_when_not_allowed(app: Flask, client: FlaskClient,
                                                  post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post(post_webhook, reward())
-    set_row(app, event_id, status="delivered")
+    (event_id,) = post_ids(post_webhook, reward())
+    update_event(app, event_id, status="delivered")
     signed_in(client)
     html = client.get(f"/admin/events/{event_id}").text
     assert 'id="retry-form" hidden' in html
@@ -356,7 +337,7 @@ def test_unknown_event_page_is_404(client: FlaskClient, path: str) -> None:
 
 def test_payload_with_script_is_shown_as_text(app: Flask, client: FlaskClient,
                                               post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post(post_webhook, reward(type=XSS, partner_user_id=XSS, note=XSS,
+    (event_id,) = post_ids(post_webhook, reward(type=XSS, partner_user_id=XSS, note=XSS,
                                             event_id="x<img src=x onerror=alert(1)>"))
     signed_in(client)
     for path in (f"/admin/events/{event_id}", "/admin/", f"/admin/?q={XSS}"):
@@ -366,15 +347,15 @@ def test_payload_with_script_is_shown_as_text(app: Flask, client: FlaskClient,
 
 
 def test_retry_form(app: Flask, client: FlaskClient, post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post(post_webhook, reward())
+    (event_id,) = post_ids(post_webhook, reward())
     make_dead(app, event_id)
     token = signed_in(client)
     for forged in ({}, {"csrf_token": "forged"}):
         assert client.post(f"/admin/events/{event_id}/retry", data=forged).status_code == 403
-        assert status_of(app, event_id) == "dead"
+        assert stored_event(app, event_id).status == "dead"
     answer = client.post(f"/admin/events/{event_id}/retry", data={"csrf_token": token})
     assert answer.status_code == 302 and answer.headers["Location"] == f"/admin/events/{event_id}"
-    assert status_of(app, event_id) == "pending"
+    assert stored_event(app, event_id).status == "pending"
     assert f"Event {event_id} is due now" in client.get(answer.headers["Location"]).text
     again = client.post(f"/admin/events/{event_id}/retry", data={"csrf_token": token},
                         follow_redirects=True)
@@ -382,21 +363,21 @@ def test_retry_form(app: Flask, client: FlaskClient, post_webhook: Callable[...,
 
 
 def test_replay_form(app: Flask, client: FlaskClient, post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post(post_webhook, reward())
-    set_row(app, event_id, status="delivered", delivered_at=utcnow())
+    (event_id,) = post_ids(post_webhook, reward())
+    update_event(app, event_id, status="delivered", delivered_at=utcnow())
     token = signed_in(client)
     assert client.post(f"/admin/events/{event_id}/replay").status_code == 403
-    assert status_of(app, event_id) == "delivered"
+    assert stored_event(app, event_id).status == "delivered"
     answer = client.post(f"/admin/events/{event_id}/replay", data={"csrf_token": token},
                          follow_redirects=True)
     assert "is queued to be sent to Braze again" in answer.text
-    assert status_of(app, event_id) == "pending"
+    assert stored_event(app, event_id).status == "pending"
 
 
 def test_bulk_replay_confirms_the_count_first(app: Flask, client: FlaskClient,
                                               post_webhook: Callable[..., Any]) -> None:
-    prod = post(post_webhook, reward(), reward(), reward())
-    (stage,) = post(post_webhook, reward(), environment="staging")
+    prod = post_ids(post_webhook, reward(), reward(), reward())
+    (stage,) = post_ids(post_webhook, reward(), environment="staging")
     for event_id in (*prod[:2], stage):
         make_dead(app, event_id)
     token = signed_in(client)
@@ -404,25 +385,25 @@ def test_bulk_replay_confirms_the_count_first(app: Flask, client: FlaskClient,
     assert 'href="/admin/replay"' in html
     confirm = client.get("/admin/replay?environment=production&status=pending")
     assert '<strong id="replay-count">2</strong> dead events will be sent' in confirm.text
-    assert status_of(app, prod[0]) == "dead"  # counting changes nothing
+    assert stored_event(app, prod[0]).status == "dead"  # counting changes nothing
     form = {"environment": "production", "csrf_token": token}
     assert client.post("/admin/replay", data=form | {"csrf_token": "x"}).status_code == 403
     answer = client.post("/admin/replay", data=form)
     assert answer.status_code == 302
     assert answer.headers["Location"] == "/admin/?environment=production"
     assert "Requeued 2 dead events" in client.get(answer.headers["Location"]).text
-    assert [status_of(app, i) for i in (*prod, stage)] == ["pending", "pending", "pending",
-                                                           "dead"]
+    assert [stored_event(app, i).status for i in (*prod, stage)] == [
+        "pending", "pending", "pending", "dead"]
     nothing = client.get("/admin/replay?environment=production").text
     assert "nothing to replay" in nothing
 
 
 def test_bulk_replay_since_and_bad_since(app: Flask, client: FlaskClient,
                                          post_webhook: Callable[..., Any]) -> None:
-    old, new = post(post_webhook, reward(), reward())
+    old, new = post_ids(post_webhook, reward(), reward())
     make_dead(app, old)
     make_dead(app, new)
-    set_row(app, old, received_at=utcnow() - timedelta(days=3))
+    update_event(app, old, received_at=utcnow() - timedelta(days=3))
     signed_in(client)
     since = (utcnow() - timedelta(days=1)).isoformat(timespec="seconds") + "Z"
     confirm = client.get("/admin/replay", query_string={"since": since}).text

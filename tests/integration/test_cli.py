@@ -13,23 +13,27 @@ import pytest
 import responses
 from click.testing import CliRunner, Result
 from flask import Flask
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import update
 
 from relay import migrate
 from relay.cli import cli
 from relay.db import get_db, utcnow
 from relay.models import InboundRequest, OutboxEvent
 from relay.settings import _VARIABLES
-from tests.support import BRAZE_URL, PROD_KEY, PROD_SECRET, STAGING_KEY, STAGING_SECRET, sample
+from tests.support import (
+    BRAZE_URL,
+    PROD_KEY,
+    PROD_SECRET,
+    STAGING_KEY,
+    STAGING_SECRET,
+    events_by_extole_id,
+    free_port,
+    sample,
+    set_schema_revision,
+)
 
 COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "sandbox", "serve",
             "worker")
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -52,12 +56,6 @@ def relay(clean_environment: None, database_url: str) -> Callable[..., Result]:
                                   catch_exceptions=False)
 
     return run
-
-
-def events(app: Flask) -> dict[str, OutboxEvent]:
-    """Stored events by Extole event id."""
-    with get_db(app).session() as session:
-        return {e.extole_event_id or f"#{e.id}": e for e in session.scalars(select(OutboxEvent))}
 
 
 def set_status(app: Flask, extole_ids: list[str], status: str, **values: Any) -> None:
@@ -119,7 +117,7 @@ def test_invalid_setting_is_one_line_and_exit_2(relay: Callable[..., Result]) ->
 
 
 def test_unreachable_database_is_one_line_and_exit_5(clean_environment: None) -> None:
-    url = f"postgresql+psycopg://relay@127.0.0.1:{closed_port()}/relay"
+    url = f"postgresql+psycopg://relay@127.0.0.1:{free_port()}/relay"
     result = CliRunner().invoke(cli, ["events", "list"], env={"RELAY_DATABASE_URL": url})
     assert result.exit_code == 5
     [line] = result.stderr.strip().splitlines()
@@ -160,19 +158,11 @@ def test_db_upgrade_then_current(clean_environment: None, tmp_path: Path) -> Non
         f"{migrate.head_revision()} (newest)\n")
 
 
-def _future_schema(url: str) -> None:
-    """The database as a newer relay leaves it: at a revision this code does not know."""
-    migrate.upgrade(url)
-    engine = create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
-    engine.dispose()
-
-
 def test_db_upgrade_refuses_a_schema_newer_than_the_code(clean_environment: None,
                                                          tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/newer.db"
-    _future_schema(url)
+    migrate.upgrade(url)
+    set_schema_revision(url, "9999_future")  # as a newer relay leaves it
     runner = CliRunner()
     result = runner.invoke(cli, ["db", "upgrade"], env={"RELAY_DATABASE_URL": url})
     assert (result.exit_code, result.stdout) == (5, "")
@@ -196,7 +186,7 @@ def test_db_upgrade_of_a_file_that_is_no_database(clean_environment: None,
 
 
 def test_db_upgrade_with_postgresql_down(clean_environment: None) -> None:
-    url = f"postgresql+psycopg://relay@127.0.0.1:{closed_port()}/relay"
+    url = f"postgresql+psycopg://relay@127.0.0.1:{free_port()}/relay"
     result = CliRunner().invoke(cli, ["db", "upgrade"], env={"RELAY_DATABASE_URL": url})
     assert result.exit_code == 5
     [line] = result.stderr.splitlines()
@@ -302,7 +292,7 @@ def test_events_retry_makes_a_dead_event_due_now(relay: Callable[..., Result], a
     before = utcnow()
     result = relay("events", "retry", "1")
     assert (result.exit_code, result.stdout) == (0, "event 1 is pending, due now\n")
-    event = events(app)["r7k2m9q4x1b8c3d5e6f0"]
+    event = events_by_extole_id(app)["r7k2m9q4x1b8c3d5e6f0"]
     assert (event.status, event.attempts, event.first_failure_at) == ("pending", 0, None)
     assert event.next_attempt_at >= before - timedelta(seconds=1)
     assert event.last_error == "503"  # the history stays readable
@@ -316,7 +306,7 @@ def test_events_retry_refuses_a_delivered_event(relay: Callable[..., Result], ap
     assert result.exit_code == 4
     assert result.stderr == ("relay: event 1 is delivered: only dead or retrying events can be "
                              "retried\n")
-    assert events(app)["r7k2m9q4x1b8c3d5e6f0"].status == "delivered"
+    assert events_by_extole_id(app)["r7k2m9q4x1b8c3d5e6f0"].status == "delivered"
     assert relay("events", "retry", "42").exit_code == 3
 
 
@@ -329,15 +319,15 @@ def test_events_replay_dead_prints_the_count(relay: Callable[..., Result], app: 
 
     result = relay("events", "replay", "--status", "dead", "--name", "Earned Reward")
     assert (result.exit_code, result.stdout) == (0, "requeued 1 dead event\n")
-    assert events(app)["bt-0003"].status == "pending"
+    assert events_by_extole_id(app)["bt-0003"].status == "pending"
 
     result = relay("events", "replay", "--status", "dead", "--environment", "staging")
     assert result.stdout == "requeued 1 dead event\n"
-    assert events(app)["st-77aa88bb99cc"].status == "pending"
+    assert events_by_extole_id(app)["st-77aa88bb99cc"].status == "pending"
 
     result = relay("events", "replay", "--status", "dead")
     assert result.stdout == "requeued 2 dead events\n"
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert {stored[i].status for i in ("bt-0001", "bt-0002")} == {"pending"}
     assert stored["r7k2m9q4x1b8c3d5e6f0"].status == "delivered"
     assert relay("events", "replay").stdout == "requeued 0 dead events\n"
@@ -351,7 +341,7 @@ def test_events_replay_since(relay: Callable[..., Result], app: Flask, post_webh
     since = (utcnow() - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     result = relay("events", "replay", "--since", since)
     assert result.stdout == "requeued 1 dead event\n"
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert (stored["sb1234abcd5678ef9012"].status, stored["r7k2m9q4x1b8c3d5e6f0"].status) == (
         "pending", "dead")
     bad = relay("events", "replay", "--since", "yesterday")
@@ -364,21 +354,21 @@ def test_events_replay_one_event_and_delivered_ones_after_asking(
     set_status(app, ["r7k2m9q4x1b8c3d5e6f0", "sb1234abcd5678ef9012"], "delivered")
 
     assert relay("events", "replay", "1").stdout == "event 1 is pending, due now\n"
-    assert events(app)["r7k2m9q4x1b8c3d5e6f0"].status == "pending"
+    assert events_by_extole_id(app)["r7k2m9q4x1b8c3d5e6f0"].status == "pending"
 
     declined = relay("events", "replay", "--status", "delivered", input="n\n")
     assert declined.exit_code == 1 and "Send 1 delivered events to Braze again?" in declined.stdout
-    assert events(app)["sb1234abcd5678ef9012"].status == "delivered"
+    assert events_by_extole_id(app)["sb1234abcd5678ef9012"].status == "delivered"
     accepted = relay("events", "replay", "--status", "delivered", input="y\n")
     assert accepted.stdout.endswith("requeued 1 delivered event\n")
-    assert events(app)["sb1234abcd5678ef9012"].status == "pending"
+    assert events_by_extole_id(app)["sb1234abcd5678ef9012"].status == "pending"
 
     rejected = relay("events", "replay", "3")
     assert rejected.exit_code == 4 and "cannot be sent" in rejected.stderr
     bulk = relay("events", "replay", "--status", "rejected", "--yes")
     assert bulk.exit_code == 4
     assert bulk.stderr == "relay: rejected events cannot be sent\n"
-    assert events(app)["bad-0001"].status == "rejected"
+    assert events_by_extole_id(app)["bad-0001"].status == "rejected"
 
 
 # --- forget / purge ----------------------------------------------------------------------------
@@ -390,14 +380,14 @@ def test_forget_asks_first_then_prints_counts(relay: Callable[..., Result], app:
     declined = relay("forget", "--email", "Ann.Lee@example.com", input="n\n")
     assert declined.exit_code == 1
     assert "Erase all personal data of email Ann.Lee@example.com" in declined.stdout
-    assert events(app)["r7k2m9q4x1b8c3d5e6f0"].email == "ann.lee@example.com"
+    assert events_by_extole_id(app)["r7k2m9q4x1b8c3d5e6f0"].email == "ann.lee@example.com"
 
     result = relay("forget", "--email", "Ann.Lee@example.com", input="y\n")
     assert result.exit_code == 0
     assert result.stdout.splitlines()[-4:] == [
         "events: 1 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
         "identity_cache: 0 deleted"]
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert stored["r7k2m9q4x1b8c3d5e6f0"].email is None
     assert stored["rc00112233445566778"].email == "bo.chen@example.org"
 
@@ -414,7 +404,7 @@ def test_forget_by_external_id_with_yes(relay: Callable[..., Result], app: Flask
     assert result.stdout.splitlines() == [
         "events: 2 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
         "identity_cache: 0 deleted"]
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert stored["bt-0001"].external_id is None and stored["bt-0003"].email == "dee@example.net"
 
 
@@ -435,7 +425,7 @@ def test_purge_prints_counts_and_deletes(relay: Callable[..., Result], app: Flas
     assert result.stdout.splitlines() == [
         "purged rows received more than 7 days ago:", "  events: 2", "  delivery_attempts: 0",
         "  inbound_requests: 2", "  identity_cache: 0"]
-    assert set(events(app)) == {"us1234abcd5678ef9013"}
+    assert set(events_by_extole_id(app)) == {"us1234abcd5678ef9013"}
     assert relay("purge", "--older-than", "0").exit_code == 2
 
 
@@ -446,7 +436,7 @@ def test_purge_older_than_overrides_the_setting(relay: Callable[..., Result], ap
                received_at=utcnow() - timedelta(days=3))
     assert "events: 0" in relay("purge", "--older-than", "4").stdout
     assert "events: 1" in relay("purge", "--older-than", "2").stdout
-    assert events(app) == {}
+    assert events_by_extole_id(app) == {}
 
 
 # --- check-config -----------------------------------------------------------------------------
@@ -490,7 +480,7 @@ def relay_url(result: Result) -> str:
 
 
 def test_check_config_names_each_problem_and_never_the_key(relay: Callable[..., Result]) -> None:
-    staging_endpoint = f"http://127.0.0.1:{closed_port()}"
+    staging_endpoint = f"http://127.0.0.1:{free_port()}"
     with responses.RequestsMock() as braze:
         braze.post(EXPORT, status=401, json={"message": f"Invalid API key: {PROD_KEY}"})
         braze.add_passthru(staging_endpoint)
@@ -542,7 +532,7 @@ def test_check_config_key_without_endpoint_and_shared_secrets(
 
 
 def test_check_config_database_problem(clean_environment: None, tmp_path: Path) -> None:
-    url = f"postgresql+psycopg://relay:hunter2@127.0.0.1:{closed_port()}/relay"
+    url = f"postgresql+psycopg://relay:hunter2@127.0.0.1:{free_port()}/relay"
     result = CliRunner().invoke(cli, ["check-config"], env={"RELAY_DATABASE_URL": url})
     assert result.exit_code == 1
     [line] = [line for line in result.stdout.splitlines() if line.startswith("database:")]

@@ -16,7 +16,15 @@ from sqlalchemy import select
 from relay.models import AttemptEvent, DeliveryAttempt, OutboxEvent
 from relay.settings import Settings
 from relay.worker import Worker
-from tests.support import BRAZE_URL, PROD_KEY, SAMPLES, STAGING_KEY, sample, sample_json
+from tests.support import (
+    BRAZE_URL,
+    PROD_KEY,
+    SAMPLES,
+    STAGING_KEY,
+    sample,
+    sample_json,
+    stored_events,
+)
 
 TRACK = BRAZE_URL + "/users/track"
 EXPORT = BRAZE_URL + "/users/export/ids"
@@ -204,27 +212,8 @@ def braze() -> Iterator[responses.RequestsMock]:
         yield mock
 
 
-@pytest.fixture
-def make_worker(app: Flask, settings: Settings) -> Iterator[Callable[..., Worker]]:
-    made: list[Worker] = []
-
-    def factory(worker_settings: Settings | None = None) -> Worker:
-        worker = Worker(worker_settings or settings, app.extensions["relay.db"])
-        made.append(worker)
-        return worker
-
-    yield factory
-    for worker in made:
-        worker.close()
-
-
 def sent(mock: responses.RequestsMock, url: str = TRACK) -> list[dict[str, Any]]:
     return [json.loads(c.request.body) for c in mock.calls if c.request.url == url]
-
-
-def events(app: Flask) -> list[OutboxEvent]:
-    with app.extensions["relay.db"].session() as session:
-        return list(session.scalars(select(OutboxEvent).order_by(OutboxEvent.id)))
 
 
 def objects(body: dict[str, Any]) -> int:
@@ -252,8 +241,8 @@ def test_each_sample_becomes_the_exact_track_body(
     assert sent(braze) == expected
     key = STAGING_KEY if environment == "staging" else PROD_KEY
     assert {c.request.headers["Authorization"] for c in braze.calls} <= {f"Bearer {key}"}
-    stored = [e for e in events(app) if e.status != "rejected"]
-    assert len(events(app)) - len(stored) == len(answer.get_json()["rejected"])
+    stored = [e for e in stored_events(app) if e.status != "rejected"]
+    assert len(stored_events(app)) - len(stored) == len(answer.get_json()["rejected"])
     if name == "invalid_no_identifier.json":
         assert [(e.status, e.last_error, e.attempts) for e in stored] == [
             ("dead", "no identifier", 0)]
@@ -273,7 +262,7 @@ def test_the_email_only_sample_is_looked_up_once_then_sent_to_a_new_alias(
     [body] = sent(braze)
     assert body["attributes"][0]["_update_existing_only"] is False
     assert body["attributes"][0]["user_alias"] == BO_ALIAS
-    [event] = events(app)
+    [event] = stored_events(app)
     assert event.status == "delivered"
     assert event.identity == {"user_alias": BO_ALIAS}
 
@@ -300,7 +289,7 @@ def test_every_braze_request_is_recorded_once_and_linked_to_its_events(
                      (second_id, "bt-0002", "delivered")]
     # The identity each event was delivered under: its own external_id (written by SQL for the
     # whole chunk) or what the lookup found, side by side in one chunk.
-    stored = {e.extole_event_id: e for e in events(app)}
+    stored = {e.extole_event_id: e for e in stored_events(app)}
     assert [(stored[n].external_id, stored[n].identity) for n in ("bt-0001", "bt-0002", "bt-0003")
             ] == [("cust-3001", {"external_id": "cust-3001"}),
                   ("cust-3001", {"external_id": "cust-3001"}),
@@ -325,7 +314,7 @@ def test_each_environment_uses_only_its_own_key(
                     "r7k2m9q4x1b8c3d5e6f0": f"Bearer {PROD_KEY}"}
     # Production and staging never share a request.
     assert len(braze.calls) == 2
-    assert {e.status for e in events(app)} == {"delivered"}
+    assert {e.status for e in stored_events(app)} == {"delivered"}
 
 
 def test_staging_goes_to_its_own_endpoint_when_one_is_set(
@@ -347,7 +336,7 @@ def test_staging_without_a_staging_key_is_skipped_and_never_sent(
     post_webhook(sample("staging_named_epoch_seconds.json"), "staging")
     post_webhook(sample("reward_earned.json"), "production")
     make_worker(make_settings(braze_staging_api_key=None)).drain(max_seconds=10)
-    staging, production = sorted(events(app), key=lambda e: e.environment, reverse=True)
+    staging, production = sorted(stored_events(app), key=lambda e: e.environment, reverse=True)
     assert (staging.status, staging.attempts) == ("skipped", 0)
     assert "BRAZE_STAGING_API_KEY" in (staging.last_error or "")
     assert production.status == "delivered"
@@ -362,7 +351,7 @@ def test_production_without_a_key_stays_pending_and_staging_still_flows(
     worker = make_worker(make_settings(braze_api_key=None))
     worker.drain(max_seconds=10)
     assert worker.run_once() == 0
-    production, staging = sorted(events(app), key=lambda e: e.environment)
+    production, staging = sorted(stored_events(app), key=lambda e: e.environment)
     assert (production.status, production.attempts, production.lease_owner) == (
         "pending", 0, None)
     assert staging.status == "delivered"
@@ -383,7 +372,7 @@ def test_two_hundred_people_go_in_requests_of_at_most_75_objects(
     ids = [e["properties"]["extole_event_id"] for body in bodies for e in body["events"]]
     assert sorted(ids) == [f"ev-{n:05d}" for n in range(200)]
     assert all(len(body["attributes"]) == len(body["events"]) for body in bodies)
-    assert {e.status for e in events(app)} == {"delivered"}
+    assert {e.status for e in stored_events(app)} == {"delivered"}
 
 
 def test_a_smaller_object_cap_is_honoured(
@@ -393,7 +382,7 @@ def test_a_smaller_object_cap_is_honoured(
     make_worker(make_settings(braze_max_objects=10)).drain(max_seconds=20)
     bodies = sent(braze)
     assert len(bodies) == 6 and all(objects(body) == 10 for body in bodies)
-    assert {e.status for e in events(app)} == {"delivered"}
+    assert {e.status for e in stored_events(app)} == {"delivered"}
 
 
 def test_one_profile_reached_from_two_events_gets_one_merged_attributes_object(
@@ -417,4 +406,4 @@ def test_one_profile_reached_from_two_events_gets_one_merged_attributes_object(
                                    "first_name": "New", "last_name": "Zed", "phone": "+1555"}]
     assert [(e["external_id"], e["properties"]["extole_event_id"]) for e in body["events"]] == [
         ("cust-9", "m-1"), ("cust-9", "m-2")]
-    assert {e.status for e in events(app)} == {"delivered"}
+    assert {e.status for e in stored_events(app)} == {"delivered"}

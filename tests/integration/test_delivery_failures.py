@@ -28,7 +28,7 @@ from relay.outbox import leases
 from relay.retry import RetryPolicy
 from relay.settings import Settings
 from relay.worker import Worker
-from tests.support import BRAZE_URL, sample, sample_json
+from tests.support import BRAZE_URL, POSTGRESQL_ONLY, events_by_extole_id, sample, sample_json
 
 TRACK = BRAZE_URL + "/users/track"
 SUCCESS = {"message": "success"}
@@ -69,29 +69,10 @@ def braze() -> Iterator[FakeBraze]:
         yield fake
 
 
-@pytest.fixture
-def make_worker(app: Flask, settings: Settings) -> Iterator[Callable[..., Worker]]:
-    made: list[Worker] = []
-
-    def factory(worker_settings: Settings | None = None) -> Worker:
-        worker = Worker(worker_settings or settings, app.extensions["relay.db"])
-        made.append(worker)
-        return worker
-
-    yield factory
-    for worker in made:
-        worker.close()
-
-
 def event(app: Flask, extole_event_id: str) -> OutboxEvent:
     with app.extensions["relay.db"].session() as session:
         return session.scalars(select(OutboxEvent).where(
             OutboxEvent.extole_event_id == extole_event_id)).one()
-
-
-def all_events(app: Flask) -> dict[str, OutboxEvent]:
-    with app.extensions["relay.db"].session() as session:
-        return {e.extole_event_id: e for e in session.scalars(select(OutboxEvent))}
 
 
 def recorded(app: Flask, extole_event_id: str) -> list[tuple[int | None, str | None, str | None]]:
@@ -260,7 +241,7 @@ def test_a_400_batch_is_split_until_the_refused_event_is_isolated(
     make_worker().run_once()
     assert braze.sent_ids() == [["f-1", "f-2", "f-3", "f-4"], ["f-1", "f-2"], ["f-3", "f-4"],
                                 ["f-3"], ["f-4"]]
-    stored = all_events(app)
+    stored = events_by_extole_id(app)
     assert {k: (e.status, e.attempts) for k, e in stored.items()} == {
         "f-1": ("delivered", 0), "f-2": ("delivered", 0), "f-3": ("dead", 0),
         "f-4": ("delivered", 0)}
@@ -281,7 +262,7 @@ def test_a_400_naming_objects_kills_those_and_resends_the_rest_at_once(
         {"type": "'name' is required", "input_array": "events", "index": 1}]}, {}))
     make_worker().run_once()
     assert braze.sent_ids() == [["f-1", "f-2", "f-3"], ["f-1", "f-3"]]
-    stored = all_events(app)
+    stored = events_by_extole_id(app)
     assert {k: e.status for k, e in stored.items()} == {
         "f-1": "delivered", "f-2": "dead", "f-3": "delivered"}
     assert stored["f-2"].last_error == "Braze refused the events object: 'name' is required"
@@ -329,7 +310,7 @@ def test_a_201_with_errors_kills_exactly_the_named_events_in_a_mixed_batch(
     assert [a.get("external_id") for a in body["attributes"]] == ["cust-10", "cust-11", "cust-9"]
     assert [e["properties"]["extole_event_id"] for e in body["events"]] == [
         "m-e", "m-c", "m-d", "m-a", "m-b"]
-    stored = all_events(app)
+    stored = events_by_extole_id(app)
     assert {k: e.status for k, e in stored.items()} == {
         "m-a": "dead", "m-b": "dead", "m-c": "dead", "m-d": "delivered", "m-e": "delivered"}
     message = "Braze refused the attributes object: 'email' is not a valid email address"
@@ -351,7 +332,7 @@ def test_errors_with_unusable_indexes_mark_nobody_dead(
         {"type": "x", "input_array": "purchases", "index": 0},
         {"type": "x"}]}, {}))
     make_worker().run_once()
-    assert {e.status for e in all_events(app).values()} == {"delivered"}
+    assert {e.status for e in events_by_extole_id(app).values()} == {"delivered"}
 
 
 # -- 401 / 403: the environment pauses and resumes by itself ------------------------------------
@@ -419,10 +400,8 @@ def test_any_answer_past_the_key_check_ends_the_refusal(
     assert client.get("/readyz").get_json()["braze"]["production"] == "ok"
 
 
-def test_only_one_of_two_concurrent_resumes_credits_the_refusal(
-        app: Flask, database_url: str) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite serialises writers: delivery's transactions start with a write")
+@POSTGRESQL_ONLY  # SQLite serialises writers: delivery's transactions start with a write
+def test_only_one_of_two_concurrent_resumes_credits_the_refusal(app: Flask) -> None:
     db = app.extensions["relay.db"]
     with db.session() as session:
         braze_state.mark_refused(session, "production", "HTTP 401", 0)
@@ -515,7 +494,7 @@ def test_events_of_a_worker_that_died_before_committing_are_sent_again(
     dying.drain(max_seconds=5)
     monkeypatch.undo()
     assert braze.sent_ids() == [["f-1", "f-2"]]  # Braze has them
-    leased = all_events(app)
+    leased = events_by_extole_id(app)
     assert {(e.status, e.lease_owner) for e in leased.values()} == {("pending", dying.owner)}
     assert all(e.lease_expires_at is not None for e in leased.values())
 
@@ -526,11 +505,11 @@ def test_events_of_a_worker_that_died_before_committing_are_sent_again(
         session.execute(update(OutboxEvent).values(
             lease_expires_at=utcnow() - timedelta(seconds=1)))
     assert scheduler.sweep_leases(survivor.db) == 2
-    assert {e.lease_owner for e in all_events(app).values()} == {None}
+    assert {e.lease_owner for e in events_by_extole_id(app).values()} == {None}
     assert survivor.run_once() == 2
     # At-least-once: the batch in flight at the crash is sent a second time.
     assert braze.sent_ids() == [["f-1", "f-2"], ["f-1", "f-2"]]
-    stored = all_events(app)
+    stored = events_by_extole_id(app)
     assert {(e.status, e.lease_owner, e.attempts) for e in stored.values()} == {
         ("delivered", None, 0)}
 

@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from relay import braze_state, create_app, migrate
 from relay.db import get_db
 from relay.settings import Settings
+from tests.support import free_port, set_schema_revision
 
 
 def test_healthz(client: FlaskClient) -> None:
@@ -78,10 +79,7 @@ def test_database_migrated_down_to_base_is_not_ready(app: Flask, client: FlaskCl
 
 def test_database_without_alembic_version_is_not_ready(client: FlaskClient,
                                                        restore_schema: str) -> None:
-    engine = create_engine(restore_schema)
-    with engine.begin() as connection:
-        connection.execute(text("DELETE FROM alembic_version"))
-    engine.dispose()
+    set_schema_revision(restore_schema, None)
     response = client.get("/readyz")
     assert response.status_code == 503
     assert "database schema is missing" in response.get_json()["reason"]
@@ -90,24 +88,15 @@ def test_database_without_alembic_version_is_not_ready(client: FlaskClient,
 def test_old_code_on_a_newer_schema_stays_ready(client: FlaskClient,
                                                restore_schema: str) -> None:
     """Upgrading migrates first, then restarts: the old processes must keep receiving."""
-    engine = create_engine(restore_schema)
-    with engine.begin() as connection:
-        connection.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
-    engine.dispose()
+    set_schema_revision(restore_schema, "9999_future")
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.get_json()["schema"] == (
         "9999_future is newer than this relay: restart it with the new version")
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_unreachable_database_is_not_ready() -> None:
-    url = f"postgresql+psycopg://relay:s3cret-pw@127.0.0.1:{closed_port()}/relay"
+    url = f"postgresql+psycopg://relay:s3cret-pw@127.0.0.1:{free_port()}/relay"
     app = create_app(Settings(database_url=url), TESTING=True)
     try:
         response = app.test_client().get("/readyz")

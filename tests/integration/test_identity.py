@@ -17,7 +17,7 @@ from relay.db import utcnow
 from relay.models import IdentityCache, OutboxEvent, RateLimiter
 from relay.settings import Rate, Settings
 from relay.worker import Worker
-from tests.support import BRAZE_URL, PROD_KEY, STAGING_KEY, sample
+from tests.support import BRAZE_URL, PROD_KEY, STAGING_KEY, events_by_extole_id, sample
 
 TRACK = BRAZE_URL + "/users/track"
 EXPORT = BRAZE_URL + "/users/export/ids"
@@ -37,20 +37,6 @@ def braze() -> Iterator[responses.RequestsMock]:
         yield mock
 
 
-@pytest.fixture
-def make_worker(app: Flask, settings: Settings) -> Iterator[Callable[..., Worker]]:
-    made: list[Worker] = []
-
-    def factory(worker_settings: Settings | None = None) -> Worker:
-        worker = Worker(worker_settings or settings, app.extensions["relay.db"])
-        made.append(worker)
-        return worker
-
-    yield factory
-    for worker in made:
-        worker.close()
-
-
 def found(mock: responses.RequestsMock, *users: dict[str, Any], status: int = 200) -> None:
     mock.post(EXPORT, json={"message": "success", "users": list(users),
                             "invalid_user_ids": []}, status=status)
@@ -58,11 +44,6 @@ def found(mock: responses.RequestsMock, *users: dict[str, Any], status: int = 20
 
 def calls(mock: responses.RequestsMock, url: str) -> list[dict[str, Any]]:
     return [json.loads(c.request.body) for c in mock.calls if c.request.url == url]
-
-
-def events(app: Flask) -> dict[str, OutboxEvent]:
-    with app.extensions["relay.db"].session() as session:
-        return {e.extole_event_id: e for e in session.scalars(select(OutboxEvent))}
 
 
 def cache(app: Flask) -> list[IdentityCache]:
@@ -90,7 +71,7 @@ def test_found_with_an_external_id_is_addressed_by_it(
                                    "first_name": "Bo", "last_name": "Chen"}]
     assert [e["external_id"] for e in body["events"]] == ["cust-2200431"]
     assert "user_alias" not in json.dumps(body)
-    stored = events(app)[SIGNED_UP]
+    stored = events_by_extole_id(app)[SIGNED_UP]
     assert (stored.status, stored.identity) == ("delivered", {"external_id": "cust-2200431"})
     [row] = cache(app)
     assert (row.environment, row.email, row.found, row.external_id, row.braze_id) == (
@@ -109,7 +90,7 @@ def test_found_without_an_external_id_is_addressed_by_braze_id(
     assert body["events"][0] == {**ident, "name": "Referred Signed Up",
                                  "time": "2026-11-21T08:30:00.000Z",
                                  "properties": body["events"][0]["properties"]}
-    assert events(app)[SIGNED_UP].identity == ident
+    assert events_by_extole_id(app)[SIGNED_UP].identity == ident
 
 
 def test_not_found_creates_an_alias_only_profile_carrying_the_email(
@@ -122,7 +103,7 @@ def test_not_found_creates_an_alias_only_profile_carrying_the_email(
     assert body["attributes"] == [{"user_alias": BO_ALIAS, "_update_existing_only": False,
                                    "email": BO, "first_name": "Bo", "last_name": "Chen"}]
     assert body["events"][0]["user_alias"] == BO_ALIAS
-    assert events(app)[SIGNED_UP].identity == {"user_alias": BO_ALIAS}
+    assert events_by_extole_id(app)[SIGNED_UP].identity == {"user_alias": BO_ALIAS}
     [row] = cache(app)
     assert (row.found, row.external_id, row.braze_id) == (False, None, None)
 
@@ -139,7 +120,7 @@ def test_the_second_event_for_an_email_uses_the_cache(
     bodies = calls(braze, TRACK)
     assert len(bodies) == 2
     assert [b["events"][0]["external_id"] for b in bodies] == ["cust-77", "cust-77"]
-    assert {e.status for e in events(app).values()} == {"delivered"}
+    assert {e.status for e in events_by_extole_id(app).values()} == {"delivered"}
 
 
 def test_an_expired_answer_is_looked_up_again(
@@ -212,7 +193,7 @@ def test_email_identity_sends_brazes_email_identifier_and_never_exports(
          "time": "2026-11-20T14:14:18.548Z"},
         {"email": BO, "name": "Referred Signed Up", "time": "2026-11-21T08:30:00.000Z"},
     ]
-    assert events(app)[SIGNED_UP].identity == {"email": BO}
+    assert events_by_extole_id(app)[SIGNED_UP].identity == {"email": BO}
 
 
 def test_no_identifier_is_dead_without_asking_braze(
@@ -221,7 +202,7 @@ def test_no_identifier_is_dead_without_asking_braze(
     post_webhook(sample("invalid_no_identifier.json"))
     make_worker().drain(max_seconds=10)
     assert len(braze.calls) == 0
-    [stored] = events(app).values()
+    [stored] = events_by_extole_id(app).values()
     assert (stored.status, stored.last_error, stored.attempts, stored.lease_owner) == (
         "dead", "no identifier", 0, None)
 
@@ -238,7 +219,7 @@ def test_the_export_limiter_makes_events_wait_without_attempts_and_never_kills_t
     before = utcnow()
     worker.drain(max_seconds=10)
     assert len(calls(braze, EXPORT)) == 1
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert stored["eo-1"].status == "delivered"
     for waiting in (stored["eo-2"], stored["eo-3"]):
         assert (waiting.status, waiting.attempts, waiting.first_failure_at) == ("pending", 0, None)
@@ -253,8 +234,8 @@ def test_the_export_limiter_makes_events_wait_without_attempts_and_never_kills_t
                         .values(next_attempt_at=utcnow()))
     make_worker(settings).drain(max_seconds=10)
     assert len(calls(braze, EXPORT)) == 1
-    assert {e.status for k, e in events(app).items() if k != "eo-1"} == {"pending"}
-    assert all(e.attempts == 0 for e in events(app).values())
+    assert {e.status for k, e in events_by_extole_id(app).items() if k != "eo-1"} == {"pending"}
+    assert all(e.attempts == 0 for e in events_by_extole_id(app).values())
 
     # A minute later (simulated), the next lookup goes through.
     with app.extensions["relay.db"].session() as session:
@@ -263,7 +244,7 @@ def test_the_export_limiter_makes_events_wait_without_attempts_and_never_kills_t
                         .values(next_attempt_at=utcnow()))
     worker.drain(max_seconds=10)
     assert len(calls(braze, EXPORT)) == 2
-    assert sorted(e.status for e in events(app).values()) == ["delivered", "delivered",
+    assert sorted(e.status for e in events_by_extole_id(app).values()) == ["delivered", "delivered",
                                                               "pending"]
 
 
@@ -275,7 +256,7 @@ def test_an_export_limiter_wait_is_credited_to_the_failure_clock(
     post_webhook([email_only(1)])
     worker = make_worker(settings)
     worker.drain(max_seconds=10)
-    failed = events(app)["eo-1"]
+    failed = events_by_extole_id(app)["eo-1"]
     assert (failed.status, failed.attempts) == ("pending", 1)
     assert "HTTP 503" in (failed.last_error or "")
     assert failed.first_failure_at is not None
@@ -283,7 +264,7 @@ def test_an_export_limiter_wait_is_credited_to_the_failure_clock(
         session.execute(update(OutboxEvent).values(next_attempt_at=utcnow()))
     before = utcnow()
     worker.drain(max_seconds=10)  # the bucket is empty: about a minute to wait
-    waiting = events(app)["eo-1"]
+    waiting = events_by_extole_id(app)["eo-1"]
     assert waiting.attempts == 1
     wait = waiting.next_attempt_at - before
     shift = waiting.first_failure_at - failed.first_failure_at
@@ -299,8 +280,8 @@ def test_export_answers_other_than_200(
     post_webhook([email_only(1)])
     worker = make_worker(make_settings(braze_export_rate=UNLIMITED))
     worker.drain(max_seconds=10)
-    assert events(app)["eo-1"].identity == {"user_alias": BO_ALIAS}
-    assert events(app)["eo-1"].status == "delivered"
+    assert events_by_extole_id(app)["eo-1"].identity == {"user_alias": BO_ALIAS}
+    assert events_by_extole_id(app)["eo-1"].status == "delivered"
 
     # 429 on the export: the events wait without an attempt; tracking is not paused.
     reset = int(utcnow().timestamp()) + 3600  # utcnow is naive UTC
@@ -310,7 +291,7 @@ def test_export_answers_other_than_200(
         "type": "shared", "event_id": "x-1", "event_time": "2026-11-21T09:00:00Z",
         "partner_user_id": "cust-1"}])
     worker.drain(max_seconds=10)
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert (stored["eo-2"].status, stored["eo-2"].attempts) == ("pending", 0)
     assert "export rate limit" in (stored["eo-2"].last_error or "")
     assert stored["x-1"].status == "delivered"

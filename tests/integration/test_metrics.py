@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -30,7 +29,7 @@ from relay.models import OutboxEvent
 from relay.outbox import operator
 from relay.outbox.filters import EventFilter
 from relay.settings import Settings
-from tests.support import BRAZE_URL, sample
+from tests.support import BRAZE_URL, free_port, sample
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -143,17 +142,11 @@ def test_delivery_counts_events_braze_latency_and_identity_lookups(
     assert value(after, "relay_outbox_events", status="pending") == 0
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.mark.parametrize("url", ["postgresql", "empty-sqlite"])
 def test_scrape_survives_a_database_problem(make_settings: Callable[..., Settings], url: str,
                                             tmp_path: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
-    database_url = (f"postgresql+psycopg://relay@127.0.0.1:{closed_port()}/relay"
+    database_url = (f"postgresql+psycopg://relay@127.0.0.1:{free_port()}/relay"
                     if url == "postgresql" else f"sqlite:///{tmp_path}/empty.db")
     app = create_app(make_settings(database_url=database_url), TESTING=True)
     try:
@@ -196,7 +189,7 @@ def test_multiprocess_mode_adds_up_every_process(tmp_path: Path,
 def test_worker_exposes_its_own_metrics(database_url: str, post_webhook: Any) -> None:
     post_webhook(sample("batch.json"))
     db = Database(database_url)
-    port = closed_port()
+    port = free_port()
     server = metrics.serve_worker_metrics(port, db, host="127.0.0.1")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:

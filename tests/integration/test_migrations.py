@@ -3,8 +3,6 @@ PostgreSQL, and `relay db upgrade` / `relay db current` drive them from the comm
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,35 +10,12 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect
 
 from relay import migrate
 from relay.cli import cli
 from relay.db import make_engine
 from relay.models import Base
-from tests.support import PG_ADMIN_URL
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A brand-new database without any table, of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'fresh.db'}"
-        return
-    request.getfixturevalue("postgres_database")  # skips when PostgreSQL is unreachable
-    name = f"relay_mig_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-            ), {"n": name})
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 def _differences(url: str) -> list[object]:
@@ -54,41 +29,41 @@ def _differences(url: str) -> list[object]:
         engine.dispose()
 
 
-def test_migrated_schema_equals_the_models(empty_url: str) -> None:
-    migrate.upgrade(empty_url)
-    assert _differences(empty_url) == []
+def test_migrated_schema_equals_the_models(empty_database_url: str) -> None:
+    migrate.upgrade(empty_database_url)
+    assert _differences(empty_database_url) == []
 
 
-def test_migrations_are_at_head_and_downgrade_cleanly(empty_url: str) -> None:
-    migrate.upgrade(empty_url)
-    engine = make_engine(empty_url)
+def test_migrations_are_at_head_and_downgrade_cleanly(empty_database_url: str) -> None:
+    migrate.upgrade(empty_database_url)
+    engine = make_engine(empty_database_url)
     try:
         assert migrate.current_revision(engine) == migrate.head_revision()
         tables = set(inspect(engine).get_table_names())
         assert tables == {t.name for t in Base.metadata.sorted_tables} | {"alembic_version"}
-        command.downgrade(migrate.alembic_config(empty_url), "base")
+        command.downgrade(migrate.alembic_config(empty_database_url), "base")
         engine.dispose()
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
         assert migrate.current_revision(engine) is None
-        migrate.upgrade(empty_url)  # and back up again
+        migrate.upgrade(empty_database_url)  # and back up again
         assert migrate.current_revision(engine) == migrate.head_revision()
     finally:
         engine.dispose()
-    assert _differences(empty_url) == []
+    assert _differences(empty_database_url) == []
 
 
-def test_an_unmigrated_database_differs_from_the_models(empty_url: str) -> None:
+def test_an_unmigrated_database_differs_from_the_models(empty_database_url: str) -> None:
     """The comparison can fail: an empty database is missing every table."""
-    differences = _differences(empty_url)
+    differences = _differences(empty_database_url)
     added = {d[1].name for d in differences if isinstance(d, tuple) and d[0] == "add_table"}
     assert added == {t.name for t in Base.metadata.sorted_tables}
 
 
-def test_cli_upgrades_and_reports_the_head_revision(empty_url: str, tmp_path: Path,
+def test_cli_upgrades_and_reports_the_head_revision(empty_database_url: str, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # no .env of the checkout is read
     runner = CliRunner()
-    env = {"RELAY_DATABASE_URL": empty_url, "FLASK_RUN_FROM_CLI": None}
+    env = {"RELAY_DATABASE_URL": empty_database_url, "FLASK_RUN_FROM_CLI": None}
     head = migrate.head_revision()
     assert head
 
@@ -106,4 +81,4 @@ def test_cli_upgrades_and_reports_the_head_revision(empty_url: str, tmp_path: Pa
 
     again = runner.invoke(cli, ["db", "upgrade"], env=env)  # idempotent
     assert again.exit_code == 0, again.output
-    assert _differences(empty_url) == []
+    assert _differences(empty_database_url) == []

@@ -15,13 +15,13 @@ import pytest
 import requests
 import responses
 from flask import Flask
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from relay.db import utcnow
 from relay.models import OutboxEvent
 from relay.settings import Settings
 from relay.worker import Worker
-from tests.support import BRAZE_URL, sample, sample_json
+from tests.support import BRAZE_URL, events_by_extole_id, sample, sample_json
 
 TRACK = BRAZE_URL + "/users/track"
 SUCCESS = {"message": "success"}
@@ -56,25 +56,6 @@ def braze() -> Iterator[FakeBraze]:
         yield fake
 
 
-@pytest.fixture
-def make_worker(app: Flask, settings: Settings) -> Iterator[Callable[..., Worker]]:
-    made: list[Worker] = []
-
-    def factory(worker_settings: Settings | None = None) -> Worker:
-        worker = Worker(worker_settings or settings, app.extensions["relay.db"])
-        made.append(worker)
-        return worker
-
-    yield factory
-    for worker in made:
-        worker.close()
-
-
-def events(app: Flask) -> dict[str, OutboxEvent]:
-    with app.extensions["relay.db"].session() as session:
-        return {e.extole_event_id: e for e in session.scalars(select(OutboxEvent))}
-
-
 def make_due(app: Flask) -> None:
     """Let the retry time pass (instead of sleeping through it)."""
     with app.extensions["relay.db"].session() as session:
@@ -90,7 +71,7 @@ def test_unsubscribed_waits_for_a_failing_subscribed_and_is_sent_last(
     worker = make_worker()
 
     assert worker.run_once() == 1  # only the head of ann's line is claimable
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert (stored["sb1234abcd5678ef9012"].status, stored["sb1234abcd5678ef9012"].attempts) == (
         "pending", 1)
     assert stored["us1234abcd5678ef9013"].attempts == 0
@@ -109,7 +90,7 @@ def test_unsubscribed_waits_for_a_failing_subscribed_and_is_sent_last(
         (503, "Subscribed"), (201, "Subscribed"), (201, "Unsubscribed")]
     subscribe_states = [body["attributes"][0]["email_subscribe"] for _, body in ann_requests]
     assert subscribe_states == ["opted_in", "opted_in", "unsubscribed"]
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert {e.status for e in stored.values()} == {"delivered"}
     assert stored["sb1234abcd5678ef9012"].attempts == 1
     assert stored["sb1234abcd5678ef9012"].delivered_at < stored[
@@ -129,7 +110,7 @@ def test_an_earlier_event_arriving_after_a_later_one_sends_no_stale_attributes(
                                 "time": "2026-11-22T08:00:00.000Z",
                                 "properties": {"list": "marketing",
                                                "extole_event_id": "sb1234abcd5678ef9012"}}]}
-    assert {e.status for e in events(app).values()} == {"delivered"}
+    assert {e.status for e in events_by_extole_id(app).values()} == {"delivered"}
 
 
 def test_a_late_event_still_sends_the_attributes_no_later_event_set(
@@ -167,7 +148,7 @@ def test_a_dead_earlier_event_does_not_hold_the_person_back(
     braze.answers.append((201, {"message": "success", "errors": [
         {"type": "bad event", "input_array": "events", "index": 0}]}))
     make_worker().drain(max_seconds=10)
-    stored = events(app)
+    stored = events_by_extole_id(app)
     assert stored["sb1234abcd5678ef9012"].status == "dead"
     assert stored["us1234abcd5678ef9013"].status == "delivered"
 
@@ -191,7 +172,7 @@ def test_two_workers_in_threads_never_claim_the_same_event(
         try:
             for _ in range(200):
                 if worker.drain(max_seconds=20) == 0 and all(
-                        e.status == "delivered" for e in events(app).values()):
+                        e.status == "delivered" for e in events_by_extole_id(app).values()):
                     return
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
@@ -206,7 +187,7 @@ def test_two_workers_in_threads_never_claim_the_same_event(
     sent = Counter(braze.event_ids())
     assert len(sent) == people * per_person
     assert set(sent.values()) == {1}
-    assert {e.status for e in events(app).values()} == {"delivered"}
+    assert {e.status for e in events_by_extole_id(app).values()} == {"delivered"}
     # Each person's events reached Braze in event-time order, whichever worker sent them.
     order: dict[str, list[str]] = {}
     for event_id in braze.event_ids():

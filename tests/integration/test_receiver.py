@@ -14,7 +14,6 @@ import json
 import logging
 import sqlite3
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import create_engine, select, text
 from sqlalchemy import event as event_api
+from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
@@ -33,9 +32,9 @@ from relay import create_app
 from relay.authentication import sign
 from relay.db import get_db
 from relay.extole import canonical_json
-from relay.models import Base, InboundRequest, OutboxEvent
+from relay.models import Base, InboundRequest
 from relay.settings import Settings
-from tests.support import PG_ADMIN_URL, PROD_SECRET, STAGING_SECRET, signed
+from tests.support import POSTGRESQL_ONLY, PROD_SECRET, STAGING_SECRET, signed, stored_events
 
 JSON = {"Content-Type": "application/json"}
 DB_DOWN = {"error": "database unavailable: the event was not stored, retry later"}
@@ -65,11 +64,6 @@ def basic(credentials: str) -> dict[str, str]:
     return {**JSON, "Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
 
 
-def events(app: Flask) -> list[OutboxEvent]:
-    with get_db(app).session() as session:
-        return list(session.scalars(select(OutboxEvent).order_by(OutboxEvent.id)))
-
-
 def inbound(app: Flask) -> list[InboundRequest]:
     with get_db(app).session() as session:
         return list(session.scalars(select(InboundRequest).order_by(InboundRequest.id)))
@@ -81,7 +75,7 @@ def assert_refused(app: Flask, response: Any, status: int, error: str, outcome: 
     """The answer, no event stored, and exactly one inbound log row saying why."""
     assert response.status_code == status, response.get_data(as_text=True)
     assert response.get_json() == {"error": error}
-    assert events(app) == []
+    assert stored_events(app) == []
     [row] = inbound(app)
     assert (row.status_code, row.outcome, row.error) == (status, outcome, error)
     assert row.environment == environment
@@ -404,7 +398,7 @@ def test_every_key_type_is_accepted(app: Flask, client: FlaskClient, environment
     rows = inbound(app)
     assert [(r.auth_method, r.outcome, r.status_code, r.environment) for r in rows] == [
         (method, "accepted", 200, environment) for method in methods]
-    stored = events(app)
+    stored = stored_events(app)
     assert [e.extole_event_id for e in stored] == [
         f"{environment}-{i}" for i in range(len(methods))]
     assert {e.environment for e in stored} == {environment}
@@ -489,7 +483,7 @@ def test_json_content_types_are_accepted(app: Flask, client: FlaskClient,
                            headers={"Content-Type": content_type,
                                     "X-Extole-Signature": sign(body, PROD_SECRET)})
     assert receipt(response)["accepted"] == 1
-    assert len(events(app)) == 1
+    assert len(stored_events(app)) == 1
 
 
 def test_content_type_is_checked_before_the_body(app: Flask, client: FlaskClient) -> None:
@@ -566,7 +560,7 @@ def test_byte_order_mark_is_tolerated(app: Flask, client: FlaskClient) -> None:
 def test_one_object_is_accepted_and_stored(app: Flask, client: FlaskClient) -> None:
     body = encode(event("one-1"))
     response = client.post("/webhooks/extole/production", data=body, headers=signed(body))
-    [stored] = events(app)
+    [stored] = stored_events(app)
     assert receipt(response) == {"accepted": 1, "duplicates": 0, "rejected": [],
                                  "ids": [stored.id]}
     assert (stored.environment, stored.status, stored.dedup_key) == ("production", "pending",
@@ -588,14 +582,14 @@ def test_array_ids_follow_the_request_order(app: Flask, client: FlaskClient,
     assert answer["duplicates"] == 2
     assert answer["rejected"] == [{"index": 2, "error": "event must be a JSON object, "
                                    "not a string"}]
-    by_id = {e.id: e for e in events(app)}
+    by_id = {e.id: e for e in stored_events(app)}
     assert [by_id[i].extole_event_id for i in answer["ids"]] == ["a", "c"]
     assert by_id[first["ids"][0]].extole_event_id == "b"
 
 
 def test_empty_array_is_202_with_zeros(app: Flask, post_webhook: Any) -> None:
     assert receipt(post_webhook([])) == {"accepted": 0, "duplicates": 0, "rejected": [], "ids": []}
-    assert events(app) == []
+    assert stored_events(app) == []
     [row] = inbound(app)
     assert (row.status_code, row.outcome, row.accepted, row.duplicates, row.rejected) == (
         200, "accepted", 0, 0, 0)
@@ -604,7 +598,7 @@ def test_empty_array_is_202_with_zeros(app: Flask, post_webhook: Any) -> None:
 def test_duplicates_within_one_request(app: Flask, post_webhook: Any) -> None:
     answer = receipt(post_webhook([event("d-1"), event("d-1", extra="ignored"), event("d-2")]))
     assert (answer["accepted"], answer["duplicates"], answer["rejected"]) == (2, 1, [])
-    stored = events(app)
+    stored = stored_events(app)
     assert [e.dedup_key for e in stored] == ["d-1", "d-2"]
     assert "extra" not in stored[0].payload  # the first copy is the one kept
     [row] = inbound(app)
@@ -618,7 +612,7 @@ def test_duplicates_across_requests_and_key_types(app: Flask, client: FlaskClien
                                 headers=bearer(PROD_SECRET)))
     assert first == {"accepted": 1, "duplicates": 0, "rejected": [], "ids": first["ids"]}
     assert again == {"accepted": 0, "duplicates": 1, "rejected": [], "ids": []}
-    assert len(events(app)) == 1
+    assert len(stored_events(app)) == 1
     rows = inbound(app)
     assert [(r.accepted, r.duplicates, r.outcome) for r in rows] == [(1, 0, "accepted"),
                                                                      (0, 1, "accepted")]
@@ -628,7 +622,7 @@ def test_numeric_and_string_event_ids_are_the_same_event(post_webhook: Any, app:
     receipt(post_webhook(event(12345)))
     assert receipt(post_webhook(event("12345")))["duplicates"] == 1
     assert receipt(post_webhook(event(" 12345 ")))["duplicates"] == 1
-    assert [e.dedup_key for e in events(app)] == ["12345"]
+    assert [e.dedup_key for e in stored_events(app)] == ["12345"]
 
 
 def test_same_event_id_in_the_other_environment_is_not_a_duplicate(
@@ -637,7 +631,7 @@ def test_same_event_id_in_the_other_environment_is_not_a_duplicate(
     assert receipt(post_webhook(event("both")))["accepted"] == 1
     assert receipt(post_webhook(event("both"), environment="staging"))["accepted"] == 1
     assert receipt(post_webhook(event("both"), environment="staging"))["duplicates"] == 1
-    assert sorted((e.environment, e.dedup_key) for e in events(app)) == [
+    assert sorted((e.environment, e.dedup_key) for e in stored_events(app)) == [
         ("production", "both"), ("staging", "both")]
 
 
@@ -647,7 +641,7 @@ def test_events_without_id_deduplicate_on_their_content(app: Flask, post_webhook
     reordered = dict(reversed(list(body.items())))
     assert receipt(post_webhook(reordered))["duplicates"] == 1
     assert receipt(post_webhook({**body, "partner_user_id": "c-10"}))["accepted"] == 1
-    first = events(app)[0]
+    first = stored_events(app)[0]
     expected = "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
     assert first.id == answer["ids"][0]
     assert first.dedup_key == first.extole_event_id == expected
@@ -686,7 +680,7 @@ def test_unusable_items_are_stored_rejected_and_the_rest_accepted(
     ]
     assert answer["rejected"] == [{"index": i, "error": e} for i, e in reasons]
     assert (answer["accepted"], answer["duplicates"]) == (2, 0)
-    stored = events(app)
+    stored = stored_events(app)
     assert len(stored) == len(items)  # nothing that passed authentication is lost
     by_payload = [(e.status, e.last_error, e.dedup_key) for e in stored
                   if e.status == "rejected"]
@@ -708,7 +702,7 @@ def test_a_single_unusable_event_is_202_with_nothing_accepted(app: Flask,
     assert answer == {"accepted": 0, "duplicates": 0, "ids": [], "rejected": [
         {"index": 0, "error": "no event type: expected one of type, event, event_type, "
                               "event_name, name"}]}
-    [stored] = events(app)
+    [stored] = stored_events(app)
     assert (stored.status, stored.extole_event_id, stored.payload) == (
         "rejected", "lonely", {"event_id": "lonely"})
 
@@ -716,7 +710,7 @@ def test_a_single_unusable_event_is_202_with_nothing_accepted(app: Flask,
 def test_rejected_items_never_deduplicate(app: Flask, post_webhook: Any) -> None:
     receipt(post_webhook({"event_id": "r-1"}))
     receipt(post_webhook({"event_id": "r-1"}))
-    assert [e.status for e in events(app)] == ["rejected", "rejected"]
+    assert [e.status for e in stored_events(app)] == ["rejected", "rejected"]
 
 
 def test_alias_is_production(app: Flask, client: FlaskClient) -> None:
@@ -725,7 +719,7 @@ def test_alias_is_production(app: Flask, client: FlaskClient) -> None:
     # The same event through the full path is a duplicate: same environment.
     again = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
     assert (answer["accepted"], again["duplicates"]) == (1, 1)
-    [stored] = events(app)
+    [stored] = stored_events(app)
     assert stored.environment == "production"
     assert [(r.environment, r.path) for r in inbound(app)] == [
         ("production", "/webhooks/extole"), ("production", "/webhooks/extole/production")]
@@ -736,7 +730,7 @@ def test_strings_postgres_cannot_store_are_made_storable(app: Flask, client: Fla
             b' "data": {"k\\u0000": "\\udc00v"}}')
     answer = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
     assert answer["accepted"] == 1
-    [stored] = events(app)
+    [stored] = stored_events(app)
     assert stored.extole_type == "shared\ufffd"
     assert stored.dedup_key == "nul-\ufffd"
     assert stored.external_id == "c\ufffd"
@@ -789,19 +783,18 @@ def test_failed_commit_is_503_and_stores_nothing(app: Flask, client: FlaskClient
     finally:
         event_api.remove(engine, "commit", fail_commit)
     assert (response.status_code, response.get_json()) == (503, DB_DOWN)
-    assert events(app) == []
+    assert stored_events(app) == []
     assert inbound(app) == []
     # Extole's retry is then stored as the first copy, not a duplicate.
     again = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
     assert (again["accepted"], again["duplicates"]) == (2, 0)
 
 
+@POSTGRESQL_ONLY  # the single-statement path is PostgreSQL's
 def test_failed_commit_of_a_single_event_is_503_and_stores_nothing(
         app: Flask, client: FlaskClient) -> None:
     """One event on PostgreSQL is one autocommitted statement: a failure at its commit (here a
     deferred constraint trigger, which runs at commit time) is a 503 with nothing stored."""
-    if get_db(app).dialect != "postgresql":
-        pytest.skip("the single-statement path is PostgreSQL's")
     with get_db(app).engine.begin() as connection:
         connection.execute(text(
             "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS "
@@ -817,11 +810,11 @@ def test_failed_commit_of_a_single_event_is_503_and_stores_nothing(
             connection.execute(text("DROP TRIGGER refuse_at_commit ON events"))
             connection.execute(text("DROP FUNCTION refuse_at_commit()"))
     assert (response.status_code, response.get_json()) == (503, DB_DOWN)
-    assert events(app) == []
+    assert stored_events(app) == []
     assert inbound(app) == []
     again = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
     assert (again["accepted"], again["duplicates"]) == (1, 0)
-    [stored] = events(app)
+    [stored] = stored_events(app)
     assert stored.extole_event_id == "commit-single"
 
 
@@ -860,37 +853,15 @@ def test_locked_sqlite_is_503_after_the_busy_timeout(
     finally:
         holder.close()
     # Nothing was stored by the refused attempts: Extole's retry is the first copy.
-    assert events(application) == []
+    assert stored_events(application) == []
     assert inbound(application) == []
     again = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
     assert again["accepted"] == 1
     application.extensions["relay.db"].dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database without the schema, of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'empty.db'}"
-        return
-    request.getfixturevalue("postgres_database")  # skips when PostgreSQL is unreachable
-    name = f"relay_empty_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
-            ), {"n": name})
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
-
-
-def test_database_without_schema_is_503_never_500(unmigrated_url: str) -> None:
-    application = create_app(_settings_for(unmigrated_url), TESTING=True)
+def test_database_without_schema_is_503_never_500(empty_database_url: str) -> None:
+    application = create_app(_settings_for(empty_database_url), TESTING=True)
     try:
         client = application.test_client()
         body = encode(event())
@@ -937,7 +908,7 @@ def test_same_event_from_eight_threads_is_stored_once(app: Flask, round_: int) -
     receipts = [a.get_json() for a in answers]
     assert sum(r["accepted"] for r in receipts) == 1
     assert sum(r["duplicates"] for r in receipts) == 7
-    [stored] = events(app)
+    [stored] = stored_events(app)
     assert [r["ids"] for r in receipts if r["accepted"]] == [[stored.id]]
     rows = inbound(app)
     assert len(rows) == 8
@@ -960,13 +931,14 @@ def test_overlapping_arrays_in_opposite_orders_store_each_event_once(app: Flask)
     assert ok, "at least one batch goes through"
     assert sum(r["accepted"] for r in ok) == len(names)
     assert sum(r["accepted"] + r["duplicates"] for r in ok) == len(names) * len(ok)
-    assert sorted(e.extole_event_id for e in events(app)) == names
+    assert sorted(e.extole_event_id for e in stored_events(app)) == names
 
 
 class _MeetAfterFirstEventInsert:
     """Holds each thread after its first INSERT into events until the other thread has done
     its own: two transactions sharing events in opposite orders then deadlock for certain
-    (when rows are locked per event, as on PostgreSQL)."""
+    (when rows are locked per event, as on PostgreSQL; SQLite's one writer at a time makes the
+    second thread wait before its first insert, so the meeting cannot happen there)."""
 
     def __init__(self, parties: int) -> None:
         self.barrier = threading.Barrier(parties)
@@ -982,7 +954,8 @@ class _MeetAfterFirstEventInsert:
             self.barrier.wait(timeout=3)  # no meeting (the other thread waits on a lock): go on
 
 
-def test_webhooks_sharing_events_in_opposite_orders_both_answer_202_without_deadlock(
+@POSTGRESQL_ONLY
+def test_webhooks_sharing_events_in_opposite_orders_both_answer_200_without_deadlock(
         app: Flask, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="relay")
     names = [f"dl-{i}" for i in range(3)]
@@ -999,12 +972,13 @@ def test_webhooks_sharing_events_in_opposite_orders_both_answer_202_without_dead
     receipts = [a.get_json() for a in answers]
     assert sorted((r["accepted"], r["duplicates"]) for r in receipts) in (
         [(0, 3), (3, 0)], [(1, 2), (2, 1)])
-    assert sorted(e.extole_event_id for e in events(app)) == names
+    assert sorted(e.extole_event_id for e in stored_events(app)) == names
     assert len(inbound(app)) == 2
     assert not any("deadlock" in r.getMessage() for r in caplog.records)
     assert not any("not stored" in r.getMessage() for r in caplog.records)
 
 
+@POSTGRESQL_ONLY
 def test_store_webhook_takes_row_locks_in_a_deadlock_free_order(app: Flask) -> None:
     """Called directly, without the receiver's retry: neither transaction may be a victim."""
     from relay.outbox.ingest import store_webhook
@@ -1089,7 +1063,7 @@ def test_secrets_never_reach_any_table(app: Flask, client: FlaskClient) -> None:
                         assert form not in shown, (table.name, form)
     rows = inbound(app)
     assert {r.status_code for r in rows} == {200, 401, 404, 415, 400}
-    assert seen >= len(rows) + len(events(app)) == 49 + 10
+    assert seen >= len(rows) + len(stored_events(app)) == 49 + 10
 
 
 def test_secrets_never_reach_the_logs(app: Flask, client: FlaskClient,

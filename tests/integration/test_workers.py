@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +31,16 @@ from relay.scheduler import DELIVER_JOB, start_in_process
 from relay.settings import Settings
 from relay.wakeup import Waker
 from relay.worker import Worker
-from tests.support import BRAZE_URL, PROD_KEY, PROD_SECRET, sample, signed
+from tests.support import (
+    BRAZE_URL,
+    POSTGRESQL_ONLY,
+    PROD_KEY,
+    PROD_SECRET,
+    Background,
+    free_port,
+    sample,
+    signed,
+)
 
 WAIT_SECONDS = 120.0
 CLI = "from relay.cli import main; main()"
@@ -103,59 +110,17 @@ def test_in_process_delivery_is_woken_by_the_receiver(
 
 
 @pytest.fixture
-def postgres_url(database_url: str) -> str:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("several worker processes share the work on PostgreSQL only")
-    return database_url
-
-
-@pytest.fixture
-def engine(postgres_url: str) -> Iterator[Engine]:
-    made = create_engine(postgres_url)
+def engine(database_url: str) -> Iterator[Engine]:
+    made = create_engine(database_url)
     yield made
     made.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Processes:
-    """Subprocesses started by a test, each logging to its own file, stopped at the end."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = self.directory / f"{name}.log"
-        with log.open("wb") as output:
-            proc = subprocess.Popen([sys.executable, "-c", CLI, *args], cwd=self.directory,
-                                    env=env, stdout=output, stderr=subprocess.STDOUT)
-        self.started.append((proc, log))
-        return proc
-
-    def log(self, proc: subprocess.Popen[bytes]) -> str:
-        path = next(p for started, p in self.started if started is proc)
-        return path.read_text("utf-8", "replace")
-
-    def stop_all(self) -> None:
-        for proc, _ in self.started:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in self.started:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-
-
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    started = Processes(tmp_path)
+def processes(tmp_path: Path) -> Iterator[Background]:
+    """`relay ARGS` processes of this test (the command line of this checkout), stopped at
+    the end."""
+    started = Background([sys.executable, "-c", CLI], base_env(), tmp_path)
     try:
         yield started
     finally:
@@ -170,28 +135,27 @@ def base_env(**values: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def sandbox(processes: Processes) -> Iterator[str]:
+def sandbox(processes: Background) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = processes.start("sandbox", ["sandbox", "--port", str(port), "--api-key",
-                                       f"prod={PROD_KEY}"], base_env())
+    proc = processes("sandbox", "--port", str(port), "--api-key", f"prod={PROD_KEY}")
     deadline = time.monotonic() + 30
     while True:
         try:
             requests.get(f"{url}/sandbox/stats", timeout=2).raise_for_status()
             break
         except requests.RequestException:
-            assert proc.poll() is None, processes.log(proc)
+            assert proc.poll() is None, processes.output(proc)
             assert time.monotonic() < deadline, "the sandbox did not start"
             time.sleep(0.1)
     yield url
 
 
-def worker_env(postgres_url: str, sandbox: str, **extra: str) -> dict[str, str]:
-    values = {"RELAY_DATABASE_URL": postgres_url, "BRAZE_REST_ENDPOINT": sandbox,
-              "BRAZE_API_KEY": PROD_KEY, "RELAY_POLL_INTERVAL": "0.2",
-              "RELAY_WORKER_BATCH_SIZE": "100"}
-    return base_env(**{**values, **extra})
+def worker_env(database_url: str, sandbox: str, **extra: str) -> dict[str, str]:
+    """A worker's settings (on top of `base_env`)."""
+    return {"RELAY_DATABASE_URL": database_url, "BRAZE_REST_ENDPOINT": sandbox,
+            "BRAZE_API_KEY": PROD_KEY, "RELAY_POLL_INTERVAL": "0.2",
+            "RELAY_WORKER_BATCH_SIZE": "100", **extra}
 
 
 def counts(engine: Engine) -> dict[str, int]:
@@ -225,13 +189,14 @@ def stats(sandbox: str) -> dict[str, Any]:
 
 
 @pytest.mark.slow
+@POSTGRESQL_ONLY  # worker processes share the work (and NOTIFY) on PostgreSQL only
 def test_two_worker_processes_deliver_5000_events_exactly_once(
-        postgres_url: str, engine: Engine, sandbox: str, processes: Processes,
+        database_url: str, engine: Engine, sandbox: str, processes: Background,
         client: FlaskClient) -> None:
     requests.post(f"{sandbox}/sandbox/faults", json={"latency_ms": 5},
                   timeout=10).raise_for_status()
-    env = worker_env(postgres_url, sandbox)
-    workers = [processes.start(f"worker-{n}", ["worker"], env) for n in (1, 2)]
+    env = worker_env(database_url, sandbox)
+    workers = [processes("worker", **env) for _ in (1, 2)]
     people, per_person = 1000, 5
     post_events(client, [
         {"type": "shared", "event_id": f"w-{p:04d}-{n}",
@@ -249,7 +214,7 @@ def test_two_worker_processes_deliver_5000_events_exactly_once(
     assert len(seen["event_ids"]) == people * per_person
     assert set(seen["event_ids"].values()) == {1}
     # Both processes took part, and between them marked each event delivered once.
-    delivered = [processes.log(w).count("-> delivered") for w in workers]
+    delivered = [processes.output(w).count("-> delivered") for w in workers]
     assert all(n > 0 for n in delivered), delivered
     assert sum(delivered) == people * per_person
 
@@ -267,17 +232,18 @@ def test_two_worker_processes_deliver_5000_events_exactly_once(
         proc.terminate()
     for proc in workers:
         assert proc.wait(timeout=30) == 0
-        assert "stopped" in processes.log(proc).splitlines()[-1]
+        assert "stopped" in processes.output(proc).splitlines()[-1]
 
 
 @pytest.mark.slow
+@POSTGRESQL_ONLY  # worker processes share the work (and NOTIFY) on PostgreSQL only
 def test_a_worker_killed_mid_request_loses_nothing(
-        postgres_url: str, engine: Engine, sandbox: str, processes: Processes,
+        database_url: str, engine: Engine, sandbox: str, processes: Background,
         client: FlaskClient) -> None:
     requests.post(f"{sandbox}/sandbox/faults", json={"latency_ms": 3000},
                   timeout=10).raise_for_status()
-    env = worker_env(postgres_url, sandbox, RELAY_LEASE_SECONDS="10")
-    doomed = processes.start("doomed", ["worker"], env)
+    env = worker_env(database_url, sandbox, RELAY_LEASE_SECONDS="10")
+    doomed = processes("worker", **env)
     post_events(client, [{"type": "shared", "event_id": f"k-{p}",
                           "event_time": "2026-11-20T10:00:00Z",
                           "partner_user_id": f"cust-{p}"} for p in range(10)])
@@ -287,7 +253,7 @@ def test_a_worker_killed_mid_request_loses_nothing(
             return int(connection.scalar(select(func.count()).where(
                 OutboxEvent.lease_owner.is_not(None))) or 0)
 
-    wait_for(lambda: leased() == 10, lambda: (counts(engine), processes.log(doomed)), 60)
+    wait_for(lambda: leased() == 10, lambda: (counts(engine), processes.output(doomed)), 60)
     time.sleep(1.5)  # the request is in flight: the sandbox answers after 3 s
     doomed.kill()
     doomed.wait(timeout=15)
@@ -296,9 +262,9 @@ def test_a_worker_killed_mid_request_loses_nothing(
 
     requests.post(f"{sandbox}/sandbox/faults", json={"latency_ms": 0},
                   timeout=10).raise_for_status()
-    survivor = processes.start("survivor", ["worker"], env)
+    survivor = processes("worker", **env)
     wait_for(lambda: counts(engine).get("delivered", 0) == 10,
-             lambda: (counts(engine), processes.log(survivor)), 60)
+             lambda: (counts(engine), processes.output(survivor)), 60)
     assert survivor.poll() is None
     # At-least-once: Braze processed the killed worker's request too, so each event twice.
     seen = stats(sandbox)
@@ -307,20 +273,20 @@ def test_a_worker_killed_mid_request_loses_nothing(
 
 
 @pytest.mark.slow
+@POSTGRESQL_ONLY  # worker processes share the work (and NOTIFY) on PostgreSQL only
 def test_a_worker_process_is_woken_by_the_receivers_notify(
-        postgres_url: str, engine: Engine, sandbox: str, processes: Processes,
+        database_url: str, engine: Engine, sandbox: str, processes: Background,
         client: FlaskClient) -> None:
     # The poll is an hour away: only PostgreSQL's NOTIFY can wake the worker within the wait.
     post_events(client, [{"type": "shared", "event_id": "n-0",
                           "event_time": "2026-11-20T10:00:00Z", "partner_user_id": "cust-0"}])
-    worker = processes.start("worker", ["worker"],
-                             worker_env(postgres_url, sandbox, RELAY_POLL_INTERVAL="3600"))
+    worker = processes("worker", **worker_env(database_url, sandbox, RELAY_POLL_INTERVAL="3600"))
     # Its first run, at start, delivers what was there; then it idles, listening.
-    wait_for(lambda: counts(engine) == {"delivered": 1}, lambda: processes.log(worker), 60)
-    wait_for(lambda: "listening for new events" in processes.log(worker),
-             lambda: processes.log(worker), 30)
+    wait_for(lambda: counts(engine) == {"delivered": 1}, lambda: processes.output(worker), 60)
+    wait_for(lambda: "listening for new events" in processes.output(worker),
+             lambda: processes.output(worker), 30)
     time.sleep(1.0)  # let that first run end: what follows is the wake-up's doing
     post_events(client, [{"type": "shared", "event_id": "n-1",
                           "event_time": "2026-11-20T10:00:01Z", "partner_user_id": "cust-1"}])
-    wait_for(lambda: counts(engine) == {"delivered": 2}, lambda: processes.log(worker), 30)
+    wait_for(lambda: counts(engine) == {"delivered": 2}, lambda: processes.output(worker), 30)
     assert set(stats(sandbox)["event_ids"]) == {"n-0", "n-1"}

@@ -17,9 +17,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 from tests.reliability import report as report_module
-from tests.reliability.harness import Db, Processes, create_database, drop_database
+from tests.reliability.harness import Db, Processes
 from tests.reliability.report import ROWS, Row
-from tests.support import PG_ADMIN_URL
+from tests.support import PG_ADMIN_URL, create_database, drop_database
 
 _session_started = time.monotonic()
 
@@ -54,14 +54,14 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]
 
 @pytest.fixture
 def database(pg_admin_url: str, procs: Processes) -> Iterator[tuple[str, Db]]:
-    url = create_database(pg_admin_url)
+    url = create_database("relay_rel", migrated=True, admin_url=pg_admin_url)
     db = Db(url)
     try:
         yield url, db
     finally:
         procs.close()  # nothing may still be using the database when it is dropped
         db.dispose()
-        drop_database(pg_admin_url, url)
+        drop_database(url, admin_url=pg_admin_url)
 
 
 @pytest.fixture

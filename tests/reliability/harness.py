@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,9 +20,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 
 from relay.authentication import sign
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -89,12 +89,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
         if time.monotonic() >= deadline:
             raise Timeout(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -416,35 +410,6 @@ class Db:
         self.engine.dispose()
 
 
-def create_database(admin_url: str, prefix: str = "relay_rel") -> str:
-    """A fresh database on the server of `admin_url`, migrated to the newest schema."""
-    from relay import migrate
-
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    migrate.upgrade(url)
-    return url
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                {"n": name})
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-    finally:
-        admin.dispose()
-
-
 class PrivatePostgres:
     """A PostgreSQL instance of our own (initdb + pg_ctl in a temporary directory) to stop at will.
 
@@ -565,17 +530,6 @@ def wait_drained(db: Db, timeout: float, what: str = "the outbox to drain",
 
     wait_until(drained, timeout, what, interval=0.5)
     return time.monotonic() - started
-
-
-@contextmanager
-def scenario_database(admin_url: str) -> Iterator[tuple[str, Db]]:
-    url = create_database(admin_url)
-    db = Db(url)
-    try:
-        yield url, db
-    finally:
-        db.dispose()
-        drop_database(admin_url, url)
 
 
 def relay_env(database_url: str, box: Sandbox | None, **overrides: Any) -> dict[str, str]:

@@ -24,7 +24,6 @@ from tests.reliability.harness import (
     PrivatePostgres,
     Processes,
     audit,
-    create_database,
     make_event,
     post_webhook,
     relay_env,
@@ -33,6 +32,7 @@ from tests.reliability.harness import (
     wait_until,
 )
 from tests.reliability.report import Row
+from tests.support import create_database
 
 pytestmark = pytest.mark.reliability
 
@@ -52,7 +52,7 @@ def test_database_outage_during_posting(procs: Processes,
     try:
         pg.init()
         pg.start()
-        url = create_database(pg.admin_url)
+        url = create_database("relay_rel", migrated=True, admin_url=pg.admin_url)
         db = Db(url)
         box = procs.sandbox()
         env = relay_env(url, box)

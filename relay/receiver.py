@@ -1,7 +1,7 @@
 """`POST /webhooks/extole/<environment>`: authenticate, store durably, then answer.
 
-Checks run in the contract's order (404, 413, 503 secret, 401, 415, 400, 503 database) and every
-request, accepted or not, lands in the inbound log. A 2xx is sent only after the commit.
+Checks run in the order the README documents (404, 413, 503 secret, 401, 415, 400, 503 database);
+every request, accepted or not, lands in the inbound log. A 2xx is sent only after the commit.
 """
 
 from __future__ import annotations

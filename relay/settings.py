@@ -58,7 +58,7 @@ class Settings:
     log_format: str = "text"
     max_body_bytes: int = 1048576
     retention_days: int = 30
-    # Tunables beyond the contract's table, documented in the README.
+    # Tunables of the worker, in the README's table too.
     worker_batch_size: int = 500
     worker_threads: int = 8
     lease_seconds: int = 120

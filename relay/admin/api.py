@@ -1,4 +1,4 @@
-"""The admin JSON API (contract section 4): list, detail, retry, replay, bulk replay, stats.
+"""The admin JSON API (README, "Admin page"): list, detail, retry, replay, bulk replay, stats.
 
 Answers are JSON, errors `{"error": "<specific message>"}`: 400 bad parameters, 401 no
 credentials, 403 missing CSRF token, 404 no such event, 409 a transition the event's state does not

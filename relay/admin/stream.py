@@ -31,8 +31,8 @@ from relay.outbox.filters import EventFilter
 bp = Blueprint("stream", __name__)
 
 POLL_SECONDS = 0.5
-# Comments this often, though the contract asks for one per 15 s: a write is how a closed tab is
-# noticed, and noticing it within seconds gives its thread and stream slot back.
+# Comments this often, though one per 15 s keeps proxies from closing an idle stream: a write is
+# how a closed tab is noticed, and noticing it within seconds gives its thread and slot back.
 KEEPALIVE_SECONDS = 2.0
 STREAM_SECONDS = 300.0
 OVERLAP = timedelta(seconds=5)

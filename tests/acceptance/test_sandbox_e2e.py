@@ -1,7 +1,7 @@
 """End to end: the receiver, the delivery worker and the Braze sandbox on a real port.
 
 Every sample ends in the right Braze profile, as the sandbox (strict where Braze is strict)
-holds them; faults injected into the sandbox are survived the way the contract says.
+holds them; faults injected into the sandbox are survived the way the README says.
 """
 
 from __future__ import annotations

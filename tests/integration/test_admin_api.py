@@ -1,5 +1,5 @@
-"""The admin JSON API (contract section 4): every route, its auth, CSRF and validation, on SQLite
-and PostgreSQL. Database state is asserted, not only status codes."""
+"""The admin JSON API (README, "Admin page"): every route, its auth, CSRF and validation, on
+SQLite and PostgreSQL. Database state is asserted, not only status codes."""
 
 from __future__ import annotations
 

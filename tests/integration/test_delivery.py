@@ -38,7 +38,7 @@ NO_ID_REWARD = "sha256:" + hashlib.sha256(json.dumps(
     sample_json("variant_array_mixed_good_and_bad.json")[4], sort_keys=True,
     separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
-# The contract's worked example (CONTRACT.md section 3), verbatim.
+# The README's worked example ("Delivery to Braze"), verbatim.
 REWARD_EARNED = {
     "attributes": [{"external_id": "cust-1036950000", "email": "ann.lee@example.com"}],
     "events": [{"external_id": "cust-1036950000", "name": "Earned Reward",

@@ -1,4 +1,5 @@
-"""The webhook receiver, answer by answer in CONTRACT section 2's order, on SQLite and PostgreSQL.
+"""The webhook receiver, answer by answer in the README's order ("Pointing Extole at relay"), on
+SQLite and PostgreSQL.
 
 Every test asserts the HTTP status, the exact error text and the rows left in `events` and
 `inbound_requests`.

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the receiver (hypothesis), on SQLite and PostgreSQL.
 
-Random bodies, headers and content types never produce a 500 (nor any answer outside the
-contract), every request lands in the inbound log, and no authenticated event is lost.
+Random bodies, headers and content types never produce a 500 (nor any answer the README
+does not list), every request lands in the inbound log, and no authenticated event is lost.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ EXPECTED: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]], list[int]]]
     "reward_earned.json": ("signature", {"accepted": 1, "duplicates": 0, "rejected": []}, [
         row("r7k2m9q4x1b8c3d5e6f0", "reward_earned", "Earned Reward", "2026-11-20T14:14:18.548",
             "cust-1036950000", "ann.lee@example.com", {"email": "ann.lee@example.com"},
-            # CONTRACT section 3's worked example, property for property.
+            # The README's worked example ("Delivery to Braze"), property for property.
             {"recipient_email": "ann.lee@example.com", "journey_name": "refer-a-friend",
              "rewardee_role": "ADVOCATE", "earned_event_value": "120.00",
              "reward_id": "a41f0c9e2b7d4e11a3c6f508",

@@ -1,4 +1,4 @@
-"""The event map: built-in Extole types (CONTRACT section 2), loose matching, override files."""
+"""The event map: built-in Extole types (README, "Event names"), loose matching, override files."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from relay.eventmap import EventMap, Mapping, type_key
 from relay.exceptions import EventMapError
 
-CONTRACT_TABLE = {
+README_TABLE = {
     "created_share_link": "Created Share Link",
     "share_link_created": "Created Share Link",
     "extole_share_link_created": "Created Share Link",
@@ -34,8 +34,8 @@ def builtin() -> EventMap:
     return EventMap.load()
 
 
-@pytest.mark.parametrize(("extole_type", "braze_event"), CONTRACT_TABLE.items())
-def test_builtin_map_is_the_contract_table(builtin: EventMap, extole_type: str,
+@pytest.mark.parametrize(("extole_type", "braze_event"), README_TABLE.items())
+def test_builtin_map_is_the_readme_table(builtin: EventMap, extole_type: str,
                                            braze_event: str) -> None:
     assert builtin.lookup(extole_type).braze_event == braze_event
 
@@ -43,7 +43,7 @@ def test_builtin_map_is_the_contract_table(builtin: EventMap, extole_type: str,
 def test_subscription_types_set_email_subscribe(builtin: EventMap) -> None:
     assert builtin.lookup("subscribed") == Mapping("Subscribed", "opted_in")
     assert builtin.lookup("unsubscribed") == Mapping("Unsubscribed", "unsubscribed")
-    others = [t for t in CONTRACT_TABLE if t not in ("subscribed", "unsubscribed")]
+    others = [t for t in README_TABLE if t not in ("subscribed", "unsubscribed")]
     assert all(builtin.lookup(t).email_subscribe is None for t in others)
 
 
@@ -67,7 +67,7 @@ def test_other_types_keep_their_own_name_unchanged(builtin: EventMap, extole_typ
 
 
 def test_braze_events_lists_every_name(builtin: EventMap) -> None:
-    assert builtin.braze_events == sorted(set(CONTRACT_TABLE.values()))
+    assert builtin.braze_events == sorted(set(README_TABLE.values()))
 
 
 def write(tmp_path: Path, text: str) -> str:

@@ -1,4 +1,5 @@
-"""Settings (CONTRACT section 1): defaults, one-line validation naming the variable, sources."""
+"""Settings (README, "Configuration"): defaults, one-line validation naming the variable,
+sources."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def load(tmp_path: Path, **environ: str) -> Settings:
     return load_settings(environ=environ, cwd=tmp_path)
 
 
-def test_defaults_are_the_contract_table(tmp_path: Path) -> None:
+def test_defaults_are_the_readme_table(tmp_path: Path) -> None:
     settings = load(tmp_path)
     assert settings.database_url == "sqlite:///instance/relay.db"
     assert settings.braze_rest_endpoint is None

@@ -17,16 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from flask import current_app
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from relay import dialect
-
-if TYPE_CHECKING:
-    from relay.db import Database
+from relay.db import Database, get_db
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +34,6 @@ WAKER_EXTENSION = "relay.waker"  # the in-process worker's Waker, on the Flask a
 
 def wake_after_commit(environment: str) -> None:
     """After the receiver's commit: the in-process worker directly, other processes by NOTIFY."""
-    from relay.db import get_db
-
     waker: Waker | None = current_app.extensions.get(WAKER_EXTENSION)
     if waker is not None:
         waker.wake()

@@ -5,19 +5,27 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install demo bench reliability clean
+# Pinned versions with hashes, made from setup.cfg by `make lock` (README, "Dependencies"):
+# every install below takes its dependencies from these and nowhere else.
+LOCK := requirements.lock
+TEST_LOCK := requirements-test.lock
+
+.PHONY: run test lint install demo bench reliability clean lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python setup.cfg setup.py
-	$(BIN)/pip install --quiet -e .
+$(VENV)/.installed: $(BIN)/python setup.cfg setup.py $(LOCK)
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[test]'
-	touch $@
+# The test lock holds the runtime pins too (both come from one `make lock`).
+$(VENV)/.installed-test: $(BIN)/python setup.cfg setup.py $(TEST_LOCK)
+	$(BIN)/pip install --quiet --require-hashes -r $(TEST_LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 
@@ -60,5 +68,15 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check relay tests scripts wsgi.py
 	$(BIN)/mypy
 
+# Re-resolve both lock files from setup.cfg: the newest versions within its bounds, with the
+# hashes of every file PyPI has for them. Review the diff, run `make test`, commit both files.
+PIP_COMPILE = $(VENV)-lock/bin/pip-compile --quiet --upgrade --generate-hashes --allow-unsafe \
+	--strip-extras --no-emit-index-url --no-emit-find-links
+lock:
+	test -x $(VENV)-lock/bin/pip-compile || { $(PYTHON) -m venv $(VENV)-lock \
+		&& $(VENV)-lock/bin/pip install --quiet pip-tools; }
+	$(PIP_COMPILE) --output-file $(LOCK) setup.cfg
+	$(PIP_COMPILE) --extra test --output-file $(TEST_LOCK) setup.cfg
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV)-lock build *.egg-info .pytest_cache .ruff_cache

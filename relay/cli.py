@@ -150,11 +150,13 @@ def serve(host: str, port: int, workers: int, threads: int, with_worker: bool) -
 @cli.command()
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Expose this worker's Prometheus metrics on this port.")
-def worker(metrics_port: int | None) -> None:
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics port listens on (0.0.0.0: every interface).")
+def worker(metrics_port: int | None, metrics_host: str) -> None:
     """Deliver events to Braze until stopped (SIGTERM)."""
     from relay.scheduler import run_worker
 
-    run_worker(load_settings(), metrics_port=metrics_port)
+    run_worker(load_settings(), metrics_port=metrics_port, metrics_host=metrics_host)
 
 
 # --- database -----------------------------------------------------------------------------------

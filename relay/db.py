@@ -1,13 +1,18 @@
 """Engine and sessions for SQLite (embedded default) and PostgreSQL (production).
 
 SQLite runs in WAL mode with a busy timeout and full fsync, so a 2xx always means "on disk";
-PostgreSQL connections time out quickly so an outage becomes a 503, not a hung request.
+PostgreSQL connections time out quickly so an outage becomes a 503, not a hung request. A SQLite
+database holds personal data and admin sessions: its file is created readable by its owner only
+(SQLite gives the `-wal` and `-shm` files the database file's mode), and an existing one that
+others could read is tightened the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +35,8 @@ SQLITE_BUSY_TIMEOUT_MS = 5000
 PG_CONNECT_TIMEOUT_S = 3
 POOL_TIMEOUT_S = 5
 PING_AFTER_IDLE_S = 1.0
+PRIVATE_FILE_MODE = 0o600
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def utcnow() -> datetime:
@@ -43,8 +50,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if database and database != ":memory:" and not parsed.query.get("uri"):
+            private_sqlite_file(Path(database))
         engine = create_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
         )
@@ -58,6 +65,27 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     )
     _ping_when_idle(engine)
     return engine
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it, or tighten an existing one (and its
+    companions) that group or others could read. A file owned by someone else is left as it is:
+    that is the operator's arrangement, and chmod would fail anyway."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.close(descriptor)
+    for candidate in (path, *(Path(f"{path}{suffix}") for suffix in SQLITE_COMPANIONS)):
+        try:
+            status = candidate.stat()
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(status.st_mode)
+        if mode & 0o077 and status.st_uid == os.geteuid():
+            candidate.chmod(mode & 0o700)
 
 
 def _ping_when_idle(engine: Engine) -> None:

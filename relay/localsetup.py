@@ -29,7 +29,7 @@ def write_local_env(path: Path | None = None) -> bool:
     path = path or Path("instance") / ".env"
     if path.exists():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     lines = [
         "# Written by `relay init` (make run) for local use. Replace for production.",
         f"EXTOLE_WEBHOOK_SECRET={secrets.token_hex(24)}",

@@ -122,12 +122,13 @@ def init_app(app: Flask) -> None:
 
 
 def serve_worker_metrics(port: int, db: Database | None = None,
-                         host: str = "0.0.0.0") -> Any:  # noqa: S104 - scraped from elsewhere
+                         host: str = "127.0.0.1") -> Any:
     """Expose this (worker) process's metrics on `port` from a daemon thread; answers the HTTP
     server (its `shutdown()` stops it).
 
-    `relay worker --metrics-port N` calls this; pass the worker's database to include the
-    outbox gauges as well.
+    `relay worker --metrics-port N [--metrics-host H]` calls this; pass the worker's database to
+    include the outbox gauges as well. Loopback by default: the metrics name environments and
+    counts, so listening elsewhere is the operator's explicit choice.
     """
     from prometheus_client import start_http_server
 

@@ -187,3 +187,38 @@ class RateLimiter(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     tokens: Mapped[float] = mapped_column(Float)
     updated: Mapped[float] = mapped_column(Float)
+
+
+class AdminSession(Base):
+    """A signed-in admin session, so signing out ends it on the server, not just in the browser.
+
+    The cookie carries a random session id; only its SHA-256 is stored, so the table alone signs
+    nobody in. `credentials_version` names the admin credentials the session was opened with: a
+    password change makes every older session invalid.
+    """
+
+    __tablename__ = "admin_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_name: Mapped[str] = mapped_column(String(255))
+    credentials_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class AdminLoginFailure(Base):
+    """One failed (or still unfinished) admin sign-in, counted against a user name or an address.
+
+    `key_hash` is a keyed hash of the scope and the value (a user name typed by anyone, perhaps a
+    password typed in the wrong field, is never stored in clear). Rows older than the throttle's
+    window no longer count and are deleted.
+    """
+
+    __tablename__ = "admin_login_failures"
+    __table_args__ = (Index("ix_admin_login_failures_key_hash_failed_at", "key_hash", "failed_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    failed_at: Mapped[datetime] = mapped_column(DateTime, index=True)

@@ -113,7 +113,8 @@ def start_in_process(app: Flask) -> Worker:
     return worker
 
 
-def run_worker(settings: Settings, metrics_port: int | None = None) -> None:
+def run_worker(settings: Settings, metrics_port: int | None = None,
+               metrics_host: str = "127.0.0.1") -> None:
     """`relay worker`: deliver until SIGTERM or SIGINT, then finish the batch in flight."""
     from relay import logs
 
@@ -122,7 +123,7 @@ def run_worker(settings: Settings, metrics_port: int | None = None) -> None:
     if metrics_port:  # first: a port in use ends the command before anything has started
         from relay.metrics import serve_worker_metrics
 
-        serve_worker_metrics(metrics_port, db=db)
+        serve_worker_metrics(metrics_port, db=db, host=metrics_host)
     worker = Worker(settings, db)
     waker = Waker()
     scheduler = build_scheduler(worker, settings, waker)

@@ -3,18 +3,24 @@
 `init_app` mounts it all under /admin: `auth` (login, session, Basic, throttling, CSRF), `views`
 (pages), `api` (JSON), `stream` (server-sent events). Without an admin password and secret key,
 every admin route answers 503 saying how to enable it. Every asset is served by the app itself.
+No admin request may carry a body over MAX_BODY_BYTES: a larger Content-Length is answered 413
+before anything reads the body, and a body without one (chunked) is answered 413 as soon as it
+passes the limit, so nothing is ever spooled to disk.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, render_template, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
-SESSION_LIFETIME = timedelta(hours=12)
+from relay.exceptions import DatabaseUnavailable
+
+MAX_BODY_BYTES = 64 * 1024
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -31,14 +37,17 @@ def init_app(app: Flask) -> None:
         SESSION_COOKIE_PATH="/admin",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        PERMANENT_SESSION_LIFETIME=SESSION_LIFETIME,
+        PERMANENT_SESSION_LIFETIME=auth.SESSION_IDLE,  # the cookie lives as long as the record
     )
     app.session_interface = auth.AdminSessionInterface()
     bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates",
                    static_folder="static", static_url_path="/static")
+    bp.before_request(_limit_body)
     bp.before_request(_require_enabled)
     bp.after_request(_protect)
-    bp.app_context_processor(lambda: {"admin_user": auth.current_user,
+    bp.register_error_handler(RequestEntityTooLarge, _too_large)
+    bp.register_error_handler(DatabaseUnavailable, _database_unavailable)
+    bp.app_context_processor(lambda: {"admin_user": auth.displayed_user,
                                       "csrf_token": auth.csrf_token})
     for name, function in (("ts", format_time), ("pretty", pretty_json), ("age", format_age)):
         bp.add_app_template_filter(function, name)
@@ -66,6 +75,50 @@ def _http_error(error: HTTPException) -> Response | HTTPException:
 
 def _wants_json() -> bool:
     return request.path.startswith(("/admin/api/", "/admin/stream"))
+
+
+def _limit_body() -> Response | None:
+    """First thing for every admin request: a declared length over the limit is refused unread.
+    A body without a length (chunked, which the server marks `wsgi.input_terminated`) is read
+    here, at most one byte past the limit, and refused if it goes past; otherwise the view reads
+    it from memory. (Werkzeug's own limit would cut such a body off silently at the limit.)"""
+    request.max_content_length = MAX_BODY_BYTES
+    length = request.content_length
+    if length is not None:
+        return _too_large(RequestEntityTooLarge()) if length > MAX_BODY_BYTES else None
+    environ = request.environ
+    if not environ.get("wsgi.input_terminated"):
+        return None  # no length and no end marker: Werkzeug reads nothing at all
+    stream, chunks, total = environ["wsgi.input"], [], 0
+    while total <= MAX_BODY_BYTES:
+        chunk = stream.read(MAX_BODY_BYTES + 1 - total)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > MAX_BODY_BYTES:
+        return _too_large(RequestEntityTooLarge())
+    environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
+    return None
+
+
+def _too_large(_error: RequestEntityTooLarge) -> Response:
+    message = (f"request body too large: the admin area accepts at most {MAX_BODY_BYTES // 1024} "
+               "KiB")
+    if _wants_json():
+        from relay.admin.auth import json_error
+
+        return json_error(413, message)
+    return message_page(413, "Request too large", message[0].upper() + message[1:] + ".")
+
+
+def _database_unavailable(error: DatabaseUnavailable) -> Response:
+    """Sessions and the login throttle live in the database: without it, 503, never a 500."""
+    if _wants_json():
+        from relay.admin.auth import json_error
+
+        return json_error(503, str(error), **{"Retry-After": "5"})
+    return message_page(503, "Database unavailable", f"{error}. Try again in a moment.")
 
 
 def _require_enabled() -> Response | None:

@@ -1,24 +1,35 @@
-"""Who may use the admin area: one operator login, HTTP Basic for the API, throttling and CSRF.
+"""Who may use the admin area: one operator login, HTTP Basic for the API, sessions kept on the
+server, failed sign-ins counted in the database, and CSRF.
 
-The password is hashed once at start-up (scrypt, random salt) and every check hashes the attempt and
-compares in constant time, so a wrong user and a wrong password take as long. Failed checks are
-counted per client address: after MAX_FAILURES within FAILURE_WINDOW the address is refused for
-LOCKOUT seconds, even with the right password (the counter lives in each process; with several
-gunicorn workers an address gets MAX_FAILURES tries per worker). Sessions are Flask's signed cookie
-(HttpOnly, SameSite=Lax, Secure over HTTPS) carrying a per-session CSRF token.
+The password is hashed once at start-up (scrypt, salted with a value derived from the secret key)
+and every check hashes the attempt and compares in constant time, so a wrong user and a wrong
+password take as long.
+
+Sessions: the signed cookie (HttpOnly, SameSite=Lax, Secure over HTTPS) carries a random session
+id and the session's CSRF token; the database keeps the id's SHA-256 with the user, the times and
+the version of the credentials it was opened with (`admin_sessions`). Every admin request (page,
+API, stream) looks the record up, so signing out, which deletes it, ends the session in every
+process and on every host, and a copied cookie stops working; a password change makes every older
+session invalid.
+
+Failed sign-ins are counted in the database per user name and per client address (`LoginThrottle`),
+so the limit holds across gunicorn workers and hosts. The client address is `request.remote_addr`:
+X-Forwarded-For counts only through RELAY_PROXY_FIX (ProxyFix), so a forged header changes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from datetime import datetime, timedelta
+from typing import Any, cast
+from urllib.parse import quote, unquote, urlsplit
 
 from flask import (
     Blueprint,
@@ -26,6 +37,7 @@ from flask import (
     Response,
     current_app,
     flash,
+    g,
     jsonify,
     redirect,
     render_template,
@@ -34,44 +46,62 @@ from flask import (
     url_for,
 )
 from flask.sessions import SecureCookieSessionInterface
+from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response as BaseResponse
 
+from relay import dialect
 from relay.admin import message_page
+from relay.db import Database, get_db, utcnow
+from relay.exceptions import DatabaseUnavailable
+from relay.models import AdminLoginFailure, AdminSession
 from relay.settings import Settings
 
-MAX_FAILURES = 5
-FAILURE_WINDOW = 15 * 60.0
-LOCKOUT = 5 * 60.0
-MAX_TRACKED_ADDRESSES = 10_000
-SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+MAX_FAILURES = 10
+FAILURE_WINDOW = timedelta(minutes=15)
+SESSION_IDLE = timedelta(hours=12)  # as the cookie: a session unused this long ends
+SESSION_MAX_AGE = timedelta(days=7)  # and none lasts longer than this, used or not
+TOUCH_EVERY = timedelta(minutes=1)  # last_seen_at is written at most this often per session
+PURGE_EVERY_SECONDS = 60.0
+PURGE_BATCH = 1000
+SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LENGTH = 2**14, 8, 1, 32
 MAX_CREDENTIAL_LENGTH = 1024
+MAX_NEXT_LENGTH = 2000
 BASIC_CACHE_SECONDS = 60.0  # a script calling the API with Basic pays the scrypt cost once a minute
-SESSION_USER, SESSION_CSRF, SESSION_VERSION = "admin_user", "csrf", "admin_version"
+SESSION_ID, SESSION_CSRF = "sid", "csrf"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 DISABLED_MESSAGE = ("the admin area is disabled: set RELAY_ADMIN_PASSWORD and RELAY_SECRET_KEY "
                     "(in the environment or instance/.env) and restart relay")
+_USER_CACHE = "relay_admin_user"
 
 bp = Blueprint("auth", __name__)
 
 
 def _scrypt(password: str, salt: bytes) -> bytes:
-    return hashlib.scrypt(password.encode("utf-8"), salt=salt, **SCRYPT)
+    return hashlib.scrypt(password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R,
+                          p=SCRYPT_P, dklen=SCRYPT_LENGTH)
 
 
 class Credentials:
-    """The operator's user name and the scrypt hash of the password, made once per process."""
+    """The operator's user name and the scrypt hash of the password, made once per process.
+
+    The salt is derived from the secret key, so every process computes the same hash and the same
+    `version`: a name for these credentials that sessions record. Changing the password, the user
+    name or the secret key changes it, which ends every session opened before. Stored in the
+    database, it reveals no more than the hash: guessing the password from it costs an scrypt per
+    guess and needs the secret key.
+    """
 
     def __init__(self, user: str, password: str, secret_key: str) -> None:
         self.user = user.encode("utf-8")
-        self._salt = secrets.token_bytes(16)
+        self._salt = hmac.new(secret_key.encode("utf-8"), b"relay admin salt\0" + self.user,
+                              hashlib.sha256).digest()[:16]
         self._digest = _scrypt(password, self._salt)
+        self.version = hashlib.sha256(b"relay admin credentials\0" + self._digest).hexdigest()
         self._cache_key = secrets.token_bytes(32)
         self._recent: dict[bytes, float] = {}
         self._lock = threading.Lock()
-        # Sessions carry this, so changing the password (or the secret key) signs everyone out.
-        self.version = hmac.new(secret_key.encode(), b"admin\0" + self.user + b"\0"
-                                + password.encode(), hashlib.sha256).hexdigest()[:16]
 
     def check(self, user: str, password: str) -> bool:
         if len(user) > MAX_CREDENTIAL_LENGTH or len(password) > MAX_CREDENTIAL_LENGTH:
@@ -79,65 +109,205 @@ class Credentials:
         user_ok = hmac.compare_digest(user.encode("utf-8"), self.user)
         return hmac.compare_digest(_scrypt(password, self._salt), self._digest) and user_ok
 
+    def _token(self, user: str, password: str) -> bytes:
+        return hmac.new(self._cache_key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+
+    def recently_verified(self, user: str, password: str, now: float) -> bool:
+        """These exact credentials passed `check_basic` within BASIC_CACHE_SECONDS."""
+        with self._lock:
+            expires = self._recent.get(self._token(user, password))
+        return expires is not None and expires > now
+
     def check_basic(self, user: str, password: str, now: float) -> bool:
         """`check`, remembering a success briefly under a keyed hash (never the password)."""
-        token = hmac.new(self._cache_key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
-        with self._lock:
-            expires = self._recent.get(token)
-            if expires is not None and expires > now:
-                return True
         if not self.check(user, password):
             return False
         with self._lock:
             if len(self._recent) >= 64:
                 self._recent.clear()
-            self._recent[token] = now + BASIC_CACHE_SECONDS
+            self._recent[self._token(user, password)] = now + BASIC_CACHE_SECONDS
         return True
 
 
-class Throttle:
-    """Failed logins per client address; an address with too many is locked out for a while."""
+class _Every:
+    """True at most once per `seconds` in this process: how often the tables are tidied."""
 
-    def __init__(self, max_failures: int = MAX_FAILURES, window: float = FAILURE_WINDOW,
-                 lockout: float = LOCKOUT, clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_failures, self.window, self.lockout, self.clock = (
-            max_failures, window, lockout, clock)
-        self._failures: dict[str, list[float]] = {}
-        self._locked: dict[str, float] = {}
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.clock = seconds, clock
+        self._last: float | None = None
         self._lock = threading.Lock()
 
-    def locked_for(self, address: str) -> float:
-        """Seconds until this address may try again (0: it may now)."""
-        with self._lock:
-            until = self._locked.get(address)
-            now = self.clock()
-            if until is None or until <= now:
-                self._locked.pop(address, None)
-                return 0.0
-            return until - now
-
-    def failure(self, address: str) -> None:
+    def due(self) -> bool:
         with self._lock:
             now = self.clock()
-            if len(self._failures) >= MAX_TRACKED_ADDRESSES:
-                self._prune(now)
-            recent = [t for t in self._failures.get(address, []) if t > now - self.window]
-            recent.append(now)
-            if len(recent) >= self.max_failures:
-                self._locked[address] = now + self.lockout
-                self._failures.pop(address, None)
-            else:
-                self._failures[address] = recent
+            if self._last is not None and now - self._last < self.seconds:
+                return False
+            self._last = now
+            return True
 
-    def success(self, address: str) -> None:
-        with self._lock:
-            self._failures.pop(address, None)
 
-    def _prune(self, now: float) -> None:
-        self._failures = {a: ts for a, ts in self._failures.items() if ts[-1] > now - self.window}
-        self._locked = {a: t for a, t in self._locked.items() if t > now}
-        while len(self._failures) >= MAX_TRACKED_ADDRESSES:  # a flood of addresses: forget oldest
-            self._failures.pop(next(iter(self._failures)))
+def _delete_batch(session: Session, model: type[AdminSession] | type[AdminLoginFailure],
+                  key: Any, condition: Any) -> int:
+    """Delete up to PURGE_BATCH rows matching `condition`, skipping rows another transaction
+    holds (PostgreSQL), so two processes tidying at once never wait on or deadlock each other."""
+    doomed = select(key).where(condition).limit(PURGE_BATCH).with_for_update(skip_locked=True)
+    result = cast(CursorResult[Any], session.execute(delete(model).where(key.in_(doomed))))
+    return int(result.rowcount)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an attempt may not even be checked: the scope at its limit, and for how long."""
+
+    scope: str
+    retry_after: int
+
+    @property
+    def message(self) -> str:
+        minutes = max(1, math.ceil(self.retry_after / 60))
+        where = "for this user name" if self.scope == "user" else "from your address"
+        return (f"too many failed sign-ins {where}: try again in about {minutes} "
+                f"minute{'s' if minutes != 1 else ''}")
+
+
+class LoginThrottle:
+    """At most `max_failures` failed sign-ins per user name and per client address within
+    `window`, counted in the database so every process and host shares one count.
+
+    An attempt is counted *before* its password is checked (`reserve`) and the count is released
+    when the password was right (`release`). The check-and-count happens under a lock per key (a
+    transaction-scoped advisory lock on PostgreSQL, the database write lock on SQLite), so however
+    many attempts arrive at once, in however many processes, no more than `max_failures` of them
+    are ever checked against the password within the window; the rest get a `Refusal` with the
+    seconds until the oldest counted failure leaves the window. Rows are keyed by an HMAC of the
+    scope and value; rows past the window are deleted as new ones are written.
+    """
+
+    SCOPES = ("user", "address")
+
+    def __init__(self, secret: bytes, max_failures: int = MAX_FAILURES,
+                 window: timedelta = FAILURE_WINDOW,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self._secret = hmac.new(secret, b"relay admin login throttle", hashlib.sha256).digest()
+        self.max_failures, self.window, self.clock = max_failures, window, clock
+        self.tidy = _Every(PURGE_EVERY_SECONDS)
+
+    def key(self, scope: str, value: str) -> str:
+        return hmac.new(self._secret, f"{scope}\0{value}".encode("utf-8", "replace"),
+                        hashlib.sha256).hexdigest()
+
+    def reserve(self, db: Database, user: str, address: str) -> list[int] | Refusal:
+        """Count one attempt for `user` and `address` (the row ids, to release on success), or
+        refuse it without counting when either is at its limit."""
+        now = self.clock()
+        cutoff = now - self.window
+        keys = {self.key("user", user[:MAX_CREDENTIAL_LENGTH]): "user",
+                self.key("address", address): "address"}
+        with db.session() as session:
+            # PostgreSQL: advisory locks on the keys, in one order everywhere (no lock cycles).
+            dialect.lock_text_keys(session.connection(),
+                                   (f"relay-admin-login:{key}" for key in keys))
+            # The first write takes SQLite's write lock for the rest of the transaction.
+            session.execute(delete(AdminLoginFailure).where(
+                AdminLoginFailure.key_hash.in_(keys), AdminLoginFailure.failed_at <= cutoff))
+            recent: dict[str, list[datetime]] = {key: [] for key in keys}
+            for key, failed_at in session.execute(
+                    select(AdminLoginFailure.key_hash, AdminLoginFailure.failed_at)
+                    .where(AdminLoginFailure.key_hash.in_(keys),
+                           AdminLoginFailure.failed_at > cutoff)
+                    .order_by(AdminLoginFailure.failed_at)):
+                recent[key].append(failed_at)
+            for scope in self.SCOPES:
+                times = next(t for k, t in recent.items() if keys[k] == scope)
+                if len(times) >= self.max_failures:
+                    free_at = times[len(times) - self.max_failures] + self.window
+                    seconds = max(1, math.ceil((free_at - now).total_seconds()))
+                    return Refusal(scope, seconds)
+            rows = [AdminLoginFailure(scope=scope, key_hash=key, failed_at=now)
+                    for key, scope in keys.items()]
+            session.add_all(rows)
+            session.flush()
+            ids = [row.id for row in rows]
+        if self.tidy.due():
+            self.purge(db)
+        return ids
+
+    def release(self, db: Database, ids: list[int]) -> None:
+        """The attempt was right: it does not count as a failure."""
+        with db.session() as session:
+            session.execute(delete(AdminLoginFailure).where(AdminLoginFailure.id.in_(ids)))
+
+    def purge(self, db: Database) -> int:
+        """Delete rows that no longer count (older than the window), a batch at a time."""
+        cutoff = self.clock() - self.window
+        total = 0
+        while True:
+            with db.session() as session:
+                deleted = _delete_batch(session, AdminLoginFailure, AdminLoginFailure.id,
+                                        AdminLoginFailure.failed_at <= cutoff)
+            total += deleted
+            if deleted < PURGE_BATCH:
+                return total
+
+
+def session_hash(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode("utf-8", "replace")).hexdigest()
+
+
+class SessionStore:
+    """Admin sessions in the database: opened at sign-in, looked up on every request, ended at
+    sign-out; expired ones are deleted as new ones are opened."""
+
+    def __init__(self, idle: timedelta = SESSION_IDLE, max_age: timedelta = SESSION_MAX_AGE,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.idle, self.max_age, self.clock = idle, max_age, clock
+        self.tidy = _Every(PURGE_EVERY_SECONDS)
+
+    def open(self, db: Database, user: str, version: str) -> str:
+        """A new session for `user`; answers its id, for the cookie only (the table keeps a
+        hash)."""
+        session_id = secrets.token_urlsafe(32)
+        now = self.clock()
+        with db.session() as session:
+            session.add(AdminSession(id_hash=session_hash(session_id), user_name=user[:255],
+                                     credentials_version=version, created_at=now,
+                                     last_seen_at=now, expires_at=now + self.idle))
+        if self.tidy.due():
+            self.purge(db)
+        return session_id
+
+    def find(self, db: Database, session_id: str, version: str) -> str | None:
+        """The user of a live session opened with these credentials, else None. Use keeps a
+        session alive (at most once per TOUCH_EVERY a write), up to max_age after sign-in."""
+        now = self.clock()
+        with db.session() as session:
+            record = session.get(AdminSession, session_hash(session_id))
+            if record is None or record.expires_at <= now:
+                return None
+            if not hmac.compare_digest(record.credentials_version, version):
+                return None
+            if now - record.last_seen_at >= TOUCH_EVERY:
+                session.execute(update(AdminSession).where(
+                    AdminSession.id_hash == record.id_hash).values(
+                    last_seen_at=now,
+                    expires_at=min(now + self.idle, record.created_at + self.max_age)))
+            return record.user_name
+
+    def end(self, db: Database, session_id: str) -> None:
+        with db.session() as session:
+            session.execute(delete(AdminSession).where(
+                AdminSession.id_hash == session_hash(session_id)))
+
+    def purge(self, db: Database) -> int:
+        now = self.clock()
+        total = 0
+        while True:
+            with db.session() as session:
+                deleted = _delete_batch(session, AdminSession, AdminSession.id_hash,
+                                        AdminSession.expires_at <= now)
+            total += deleted
+            if deleted < PURGE_BATCH:
+                return total
 
 
 @dataclass
@@ -145,7 +315,8 @@ class AdminState:
     """What the admin area knows for the life of the app: None credentials means disabled."""
 
     credentials: Credentials | None
-    throttle: Throttle
+    throttle: LoginThrottle
+    sessions: SessionStore
 
     @property
     def enabled(self) -> bool:
@@ -156,12 +327,14 @@ def make_state(settings: Settings) -> AdminState:
     credentials = None
     if settings.admin_password and settings.secret_key:
         credentials = Credentials(settings.admin_user, settings.admin_password, settings.secret_key)
-    return AdminState(credentials=credentials, throttle=Throttle())
+    return AdminState(credentials=credentials,
+                      throttle=LoginThrottle((settings.secret_key or "").encode("utf-8")),
+                      sessions=SessionStore())
 
 
 def state() -> AdminState:
-    admin: AdminState = current_app.extensions["relay.admin"]
-    return admin
+    state: AdminState = current_app.extensions["relay.admin"]
+    return state
 
 
 class AdminSessionInterface(SecureCookieSessionInterface):
@@ -172,27 +345,53 @@ class AdminSessionInterface(SecureCookieSessionInterface):
 
 
 def client_address() -> str:
+    """The peer's address; behind RELAY_PROXY_FIX, ProxyFix has put the trusted proxy's
+    X-Forwarded-For entry here. A header the client wrote itself is never read."""
     return request.remote_addr or "unknown"
-
-
-def throttled_message(seconds: float) -> str:
-    minutes = max(1, round(seconds / 60))
-    return (f"too many failed sign-ins from your address: try again in about {minutes} "
-            f"minute{'s' if minutes != 1 else ''}")
 
 
 # --- session and CSRF -------------------------------------------------------------------------
 
 
 def current_user() -> str | None:
-    """The signed-in operator, if the session is for the current credentials."""
+    """The signed-in operator: the cookie's session is live in the database, for the current
+    credentials. Looked up once per request."""
+    if _USER_CACHE in g:
+        cached: str | None = g.get(_USER_CACHE)
+        return cached
+    user = None
     credentials = state().credentials
-    user = session.get(SESSION_USER)
-    if not user or credentials is None:
+    session_id = session.get(SESSION_ID)
+    if credentials is not None and isinstance(session_id, str) and session_id:
+        user = state().sessions.find(get_db(), session_id, credentials.version)
+    setattr(g, _USER_CACHE, user)
+    return user
+
+
+def displayed_user() -> str | None:
+    """`current_user` for templates: an error page shown because the database is down must not
+    fail again asking who is signed in."""
+    try:
+        return current_user()
+    except DatabaseUnavailable:
         return None
-    if not hmac.compare_digest(str(session.get(SESSION_VERSION, "")), credentials.version):
-        return None
-    return str(user)
+
+
+def session_checker() -> Callable[[], bool]:
+    """For a long-lived answer (the stream): asks whether this request's session is still live,
+    without the request context. An outage answers True: the stream reports outages itself."""
+    store, db, credentials = state().sessions, get_db(), state().credentials
+    session_id = session.get(SESSION_ID)
+
+    def still_signed_in() -> bool:
+        if credentials is None or not isinstance(session_id, str):
+            return False
+        try:
+            return store.find(db, session_id, credentials.version) is not None
+        except DatabaseUnavailable:
+            return True
+
+    return still_signed_in
 
 
 def csrf_token() -> str:
@@ -213,11 +412,14 @@ def csrf_valid(supplied: str | None) -> bool:
 def _sign_in(user: str) -> None:
     credentials = state().credentials
     assert credentials is not None
+    previous = session.get(SESSION_ID)
+    if isinstance(previous, str) and previous:
+        state().sessions.end(get_db(), previous)
     session.clear()
     session.permanent = True
-    session[SESSION_USER] = user
-    session[SESSION_VERSION] = credentials.version
+    session[SESSION_ID] = state().sessions.open(get_db(), user, credentials.version)
     session[SESSION_CSRF] = secrets.token_urlsafe(32)
+    setattr(g, _USER_CACHE, user)
 
 
 # --- the API's credentials --------------------------------------------------------------------
@@ -234,17 +436,18 @@ def authenticate_api() -> tuple[str | None, Response | None]:
     """("basic" or "session", None) when the request may use the API, else (None, answer)."""
     authorization = request.authorization
     if authorization is not None and authorization.type == "basic":
-        address = client_address()
-        throttle, credentials = state().throttle, state().credentials
+        credentials = state().credentials
         assert credentials is not None
-        wait = throttle.locked_for(address)
-        if wait:
-            return None, json_error(429, throttled_message(wait), **{"Retry-After": str(int(wait))})
-        if credentials.check_basic(authorization.username or "", authorization.password or "",
-                                   time.monotonic()):
-            throttle.success(address)
+        user, password = authorization.username or "", authorization.password or ""
+        if credentials.recently_verified(user, password, time.monotonic()):
+            return "basic", None  # proven right moments ago: no new guess to count
+        reserved = state().throttle.reserve(get_db(), user, client_address())
+        if isinstance(reserved, Refusal):
+            return None, json_error(429, reserved.message,
+                                    **{"Retry-After": str(reserved.retry_after)})
+        if credentials.check_basic(user, password, time.monotonic()):
+            state().throttle.release(get_db(), reserved)
             return "basic", None
-        throttle.failure(address)
         return None, _unauthorized("wrong user name or password")
     if current_user() is not None:
         return "session", None
@@ -271,40 +474,51 @@ def check_state_change(method: str) -> Response | None:
 # --- pages ------------------------------------------------------------------------------------
 
 
-def _safe_next(target: str | None) -> str:
-    """Only a path inside the admin area: never an open redirect."""
-    fallback = url_for("admin.views.index")
-    if not target:
-        return fallback
+def safe_next(target: str | None) -> str | None:
+    """`target` if it is a plain path inside the admin area, else None: never an open redirect,
+    and never a header value Werkzeug must refuse (CR, LF and other control characters)."""
+    if not target or len(target) > MAX_NEXT_LENGTH:
+        return None
+    if not all("\x21" <= char <= "\x7e" for char in target) or "\\" in target:
+        return None
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not parts.path.startswith("/admin/") or "\\" in target:
-        return fallback
+    if parts.scheme or parts.netloc or not parts.path.startswith("/admin/"):
+        return None
+    if any(unquote(segment) in (".", "..") for segment in parts.path.split("/")):
+        return None
     return target
+
+
+def _next_or_index(target: str | None) -> str:
+    return safe_next(target) or url_for("admin.views.index")
+
+
+def this_page() -> str:
+    """The current request's path and query, percent-encoded, for a `next` parameter."""
+    path = quote(request.path, safe="/:@!$&'()*+,;=-._~")
+    query = request.query_string.decode("latin-1")
+    return f"{path}?{query}" if query else path
 
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    next_url = _safe_next(request.values.get("next"))
+    next_url = _next_or_index(request.values.get("next"))
     if request.method == "GET":
         if current_user() is not None:
             return redirect(next_url)
         return render_template("login.html", next_url=next_url, user="")
-    address, throttle = client_address(), state().throttle
     user = request.form.get("username", "")[:MAX_CREDENTIAL_LENGTH]
-    wait = throttle.locked_for(address)
-    if wait:
-        return _login_error(throttled_message(wait), 429, next_url, user,
-                            {"Retry-After": str(int(wait))})
     if not csrf_valid(request.form.get(CSRF_FIELD)):
         return _login_error("the sign-in form expired: please try again", 403, next_url, user)
+    reserved = state().throttle.reserve(get_db(), user, client_address())
+    if isinstance(reserved, Refusal):
+        return _login_error(reserved.message, 429, next_url, user,
+                            {"Retry-After": str(reserved.retry_after)})
     credentials = state().credentials
     assert credentials is not None
     if not credentials.check(user, request.form.get("password", "")):
-        throttle.failure(address)
-        wait = throttle.locked_for(address)
-        message = throttled_message(wait) if wait else "wrong user name or password"
-        return _login_error(message, 429 if wait else 401, next_url, user)
-    throttle.success(address)
+        return _login_error("wrong user name or password", 401, next_url, user)
+    state().throttle.release(get_db(), reserved)
     _sign_in(user)
     return redirect(next_url)
 
@@ -323,16 +537,19 @@ def logout() -> Any:
     if not csrf_valid(request.form.get(CSRF_FIELD)):
         return message_page(403, "Form expired",
                             "Missing or wrong CSRF token: reload the page and sign out again.")
+    session_id = session.get(SESSION_ID)
+    if isinstance(session_id, str) and session_id:
+        state().sessions.end(get_db(), session_id)
     session.clear()
+    setattr(g, _USER_CACHE, None)
     flash("You are signed out.", "info")
     return redirect(url_for("admin.auth.login"))
 
 
 def require_page_login() -> BaseResponse | None:
-    """Pages: no session means a redirect to the login, back here afterwards."""
+    """Pages: no live session means a redirect to the login, back here afterwards."""
     if current_user() is None:
-        target = request.full_path if request.query_string else request.path
-        return redirect(url_for("admin.auth.login", next=target))
+        return redirect(url_for("admin.auth.login", next=this_page()))
     if request.method == "POST" and not csrf_valid(request.form.get(CSRF_FIELD)):
         return message_page(403, "Form expired",
                             "Missing or wrong CSRF token: reload the page and try again.")

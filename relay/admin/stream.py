@@ -6,6 +6,8 @@ another process (a separate delivery worker) show up too: each stream polls for 
 transaction stamped earlier can commit after a later one was already seen; a small `seen` map drops
 the repeats. Under a flood a poll takes the newest MAX_ROWS changes: a live view wants the present.
 Each event's SSE `id` is the watermark, so a reconnecting browser (Last-Event-ID) misses nothing.
+A stream opened with a session asks every RECHECK_SECONDS whether the session is still live and
+ends as soon as it is not (signed out, on any host): the reconnect then gets 401.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,6 +37,7 @@ POLL_SECONDS = 0.5
 # how a closed tab is noticed, and noticing it within seconds gives its thread and slot back.
 KEEPALIVE_SECONDS = 2.0
 STREAM_SECONDS = 300.0
+RECHECK_SECONDS = 5.0
 OVERLAP = timedelta(seconds=5)
 MAX_ROWS = 500
 MAX_RESUME = timedelta(minutes=10)  # how far back a reconnect (or `since`) may reach
@@ -90,8 +93,10 @@ def _message(event: str, data: Any, event_id: str) -> str:
 
 
 def events(db: Database, feed: ChangeFeed, limiter: threading.BoundedSemaphore,
-           config: dict[str, float]) -> Iterator[str]:
-    """The stream body; the slot is taken on the first read so an unread body holds nothing."""
+           config: dict[str, float],
+           still_signed_in: Callable[[], bool] | None = None) -> Iterator[str]:
+    """The stream body; the slot is taken on the first read so an unread body holds nothing.
+    `still_signed_in` (a session's stream) is asked every `config["recheck"]` seconds."""
     if not limiter.acquire(blocking=False):
         yield (f"retry: {BUSY_RECONNECT_MS}\n: too many open streams in this process, "
                "reconnect later\n\n")
@@ -99,8 +104,13 @@ def events(db: Database, feed: ChangeFeed, limiter: threading.BoundedSemaphore,
     try:
         yield f"retry: {RECONNECT_MS}\n: connected\n\n"
         deadline = time.monotonic() + config["seconds"]
-        last_write = time.monotonic()
+        last_write = last_check = time.monotonic()
         while time.monotonic() < deadline:
+            if still_signed_in is not None and time.monotonic() - last_check >= config["recheck"]:
+                last_check = time.monotonic()
+                if not still_signed_in():
+                    yield ": signed out, stream ends\n\n"
+                    return
             try:
                 with db.session() as session:
                     changes = feed.poll(session)
@@ -123,7 +133,7 @@ def events(db: Database, feed: ChangeFeed, limiter: threading.BoundedSemaphore,
 @bp.get("/stream")
 def stream() -> Response:
     """`event: event` with the event JSON per change; filters as in the list (query params)."""
-    _, refusal = auth.authenticate_api()
+    method, refusal = auth.authenticate_api()
     if refusal is not None:
         return refusal
     try:
@@ -142,6 +152,9 @@ def stream() -> Response:
         "seconds": float(app.config.get("RELAY_ADMIN_STREAM_SECONDS", STREAM_SECONDS)),
         "poll": float(app.config.get("RELAY_ADMIN_STREAM_POLL", POLL_SECONDS)),
         "keepalive": float(app.config.get("RELAY_ADMIN_STREAM_KEEPALIVE", KEEPALIVE_SECONDS)),
+        "recheck": float(app.config.get("RELAY_ADMIN_STREAM_RECHECK", RECHECK_SECONDS)),
     }
-    return Response(events(get_db(), feed, limiter, config), mimetype="text/event-stream",
+    checker = auth.session_checker() if method == "session" else None
+    return Response(events(get_db(), feed, limiter, config, checker),
+                    mimetype="text/event-stream",
                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

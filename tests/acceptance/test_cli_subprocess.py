@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +52,24 @@ def spawn(env: dict[str, str], tmp_path: Path) -> Iterator[Background]:
     background = Background([str(RELAY)], env, tmp_path)
     yield background
     background.stop_all()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port` (Linux's /proc/net/tcp*)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    if len(address) == 8:
+                        found.add(socket.inet_ntop(socket.AF_INET,
+                                                   bytes.fromhex(address)[::-1]))
+                    else:
+                        found.add(socket.inet_ntop(socket.AF_INET6, b"".join(
+                            bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, 32, 8))))
+    return found
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -166,6 +185,7 @@ def test_worker_delivers_exposes_metrics_and_stops_on_sigterm(
                    BRAZE_REST_ENDPOINT=f"http://127.0.0.1:{braze_port}",
                    BRAZE_API_KEY="acceptance-key", BRAZE_EXPORT_RATE="1000/minute")
     spawn.wait_for(f"http://127.0.0.1:{metrics_port}/metrics", worker)
+    assert listening_addresses(metrics_port) == {"127.0.0.1"}  # not every interface
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -185,3 +205,13 @@ def test_worker_delivers_exposes_metrics_and_stops_on_sigterm(
     log = spawn.output(worker)
     assert "stopped" in log and "Traceback" not in log
     assert "acceptance-key" not in log
+
+
+def test_worker_metrics_host_chooses_the_address(relay: Callable[..., Any],
+                                                 spawn: Background) -> None:
+    assert relay("db", "upgrade").returncode == 0
+    port = free_port()
+    worker = spawn("worker", "--metrics-port", str(port), "--metrics-host", "127.0.0.2")
+    spawn.wait_for(f"http://127.0.0.2:{port}/metrics", worker)
+    assert listening_addresses(port) == {"127.0.0.2"}
+    assert spawn.stop(worker) == 0

@@ -135,14 +135,14 @@ def test_database_without_schema_is_one_line(clean_environment: None, tmp_path: 
 
 def test_worker_metrics_port_in_use_is_one_line(clean_environment: None, tmp_path: Path) -> None:
     with socket.socket() as taken:
-        taken.bind(("0.0.0.0", 0))  # noqa: S104 - where the worker's metrics listen
+        taken.bind(("127.0.0.1", 0))  # where the worker's metrics listen by default
         taken.listen()
         port = taken.getsockname()[1]
         result = CliRunner().invoke(cli, ["worker", "--metrics-port", str(port)],
                                     env={"RELAY_DATABASE_URL": f"sqlite:///{tmp_path}/r.db"})
     assert (result.exit_code, result.stdout) == (1, "")
     assert result.stderr.splitlines() == [
-        f"relay: cannot serve metrics on 0.0.0.0:{port}: Address already in use"]
+        f"relay: cannot serve metrics on 127.0.0.1:{port}: Address already in use"]
 
 
 # --- db -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from relay import braze_state, create_app, migrate
 from relay.db import get_db
+from relay.models import Base
 from relay.settings import Settings
 from tests.support import free_port, set_schema_revision
 
@@ -53,8 +54,7 @@ def restore_schema(database_url: str) -> Iterator[str]:
     engine = create_engine(database_url)
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
-        for table in ("attempt_events", "delivery_attempts", "events", "identity_cache",
-                      "inbound_requests", "environment_state", "rate_limiters"):
+        for table in (t.name for t in reversed(Base.metadata.sorted_tables)):
             connection.execute(text(f"DROP TABLE IF EXISTS {table}"
                                     + (" CASCADE" if engine.dialect.name == "postgresql"
                                        else "")))

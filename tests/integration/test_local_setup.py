@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import stat
@@ -14,10 +15,10 @@ from dotenv import dotenv_values
 from flask import Flask
 from sqlalchemy import select
 
-from relay import create_app, localsetup
+from relay import create_app, localsetup, migrate
 from relay.authentication import sign
 from relay.cli import cli
-from relay.db import get_db
+from relay.db import get_db, make_engine
 from relay.models import OutboxEvent
 from relay.settings import Settings, load_settings
 
@@ -134,3 +135,51 @@ def test_instructions_without_secrets_say_what_is_missing() -> None:
         "relay will serve on http://127.0.0.1:8000",
         "BRAZE_API_KEY is not set: events are stored and wait (see instance/.env)",
     ]
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_make_run_leaves_every_file_readable_by_its_owner_only(workdir: Path) -> None:
+    """`relay init` then `relay db upgrade` (what `make run` does), then a webhook stored: the
+    database, its -wal and -shm, and instance/.env are 0600, the instance directory 0700."""
+    previous = os.umask(0o022)  # the usual umask, which would leave new files 0644
+    try:
+        _make_run_and_check(workdir)
+    finally:
+        os.umask(previous)
+
+
+def _make_run_and_check(workdir: Path) -> None:
+    run_init()
+    upgraded = CliRunner().invoke(cli, ["db", "upgrade"], env={"FLASK_RUN_FROM_CLI": None})
+    assert upgraded.exit_code == 0, upgraded.output
+    instance = workdir / "instance"
+    app = create_app(load_settings(cwd=workdir), TESTING=True)
+    try:
+        body = json.dumps(localsetup.SAMPLE_EVENT).encode()
+        secret = dotenv_values(instance / ".env")["EXTOLE_WEBHOOK_SECRET"] or ""
+        answer = app.test_client().post("/webhooks/extole/production", data=body, headers={
+            "Content-Type": "application/json", "X-Extole-Signature": sign(body, secret)})
+        assert answer.status_code == 200
+        files = {name: instance / name for name in
+                 (".env", "relay.db", "relay.db-wal", "relay.db-shm")}
+        assert all(path.exists() for path in files.values()), sorted(os.listdir(instance))
+        assert {name: oct(_mode(path)) for name, path in files.items()} == {
+            name: "0o600" for name in files}
+        assert _mode(instance) == 0o700
+    finally:
+        get_db(app).dispose()
+
+
+def test_an_existing_world_readable_database_is_tightened(workdir: Path) -> None:
+    database = workdir / "old.db"
+    migrate.upgrade(f"sqlite:///{database}")
+    for path in (database, Path(f"{database}-wal")):
+        path.touch()
+        path.chmod(0o644)
+    engine = make_engine(f"sqlite:///{database}")
+    engine.dispose()
+    assert _mode(database) == 0o600
+    assert _mode(Path(f"{database}-wal")) == 0o600

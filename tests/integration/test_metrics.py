@@ -190,8 +190,9 @@ def test_worker_exposes_its_own_metrics(database_url: str, post_webhook: Any) ->
     post_webhook(sample("batch.json"))
     db = Database(database_url)
     port = free_port()
-    server = metrics.serve_worker_metrics(port, db, host="127.0.0.1")
+    server = metrics.serve_worker_metrics(port, db)
     try:
+        assert server.server_address[:2] == ("127.0.0.1", port)  # loopback unless told
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             samples = parse(response.read().decode())
     finally:

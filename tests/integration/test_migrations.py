@@ -10,7 +10,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from relay import migrate
 from relay.cli import cli
@@ -82,3 +82,45 @@ def test_cli_upgrades_and_reports_the_head_revision(empty_database_url: str, tmp
     again = runner.invoke(cli, ["db", "upgrade"], env=env)  # idempotent
     assert again.exit_code == 0, again.output
     assert _differences(empty_database_url) == []
+
+
+def test_0003_on_a_database_that_holds_rows(empty_database_url: str) -> None:
+    """The admin tables arrive beside existing data and leave without touching it."""
+    migrate.upgrade(empty_database_url, "0002")
+    engine = make_engine(empty_database_url)
+    now = "2026-11-20 14:14:18"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO inbound_requests (received_at, environment, method, path, headers, "
+                "body_size, status_code, outcome, accepted, duplicates, rejected) VALUES "
+                "(:t, 'production', 'POST', '/webhooks/extole/production', '{}', 2, 200, "
+                "'accepted', 1, 0, 0)"), {"t": now})
+            connection.execute(text(
+                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
+                "payload, received_at, updated_at, inbound_id) VALUES ('production', 'ev-1', "
+                "'ev-1', 'pending', 0, '{}', :t, :t, 1)"), {"t": now})
+        migrate.upgrade(empty_database_url)
+        with engine.begin() as connection:
+            assert connection.execute(text(
+                "SELECT extole_event_id, status, inbound_id FROM events")).all() == [
+                ("ev-1", "pending", 1)]
+            connection.execute(text(
+                "INSERT INTO admin_sessions (id_hash, user_name, credentials_version, "
+                "created_at, last_seen_at, expires_at) VALUES (:h, 'admin', 'v', :t, :t, :t)"),
+                {"h": "a" * 64, "t": now})
+            connection.execute(text(
+                "INSERT INTO admin_login_failures (scope, key_hash, failed_at) VALUES "
+                "('user', :h, :t), ('address', :h, :t)"), {"h": "b" * 64, "t": now})
+            assert connection.execute(text(
+                "SELECT id FROM admin_login_failures ORDER BY id")).scalars().all() == [1, 2]
+        assert _differences(empty_database_url) == []
+        command.downgrade(migrate.alembic_config(empty_database_url), "0002")
+        engine.dispose()
+        tables = set(inspect(engine).get_table_names())
+        assert not tables & {"admin_sessions", "admin_login_failures"}
+        with engine.begin() as connection:
+            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
+            assert connection.execute(text("SELECT count(*) FROM inbound_requests")).scalar() == 1
+    finally:
+        engine.dispose()

@@ -4,8 +4,10 @@ Wrong secrets and the other environment's secret are refused in every key type; 
 request is acknowledged and delivered once; a signature computed over a re-serialised body is
 refused (HS256 covers the exact raw bytes); secrets and tokens are compared with
 `hmac.compare_digest` (a spy on the running code and the source); admin pages and API refuse a
-missing session, wrong credentials and a wrong CSRF token; SQL injection strings in every admin
-filter are handled as data (exact matches find the one event carrying them, nothing else moves).
+missing session, wrong credentials and a wrong CSRF token; a session cookie copied before sign-out
+is refused after it (by both gunicorn workers); SQL injection strings in every admin filter are
+handled as data (exact matches find the one event carrying them, nothing else moves); concurrent
+password guesses across the workers get no more checks than the database-wide limit allows.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import hmac
 import inspect
 import json
 import statistics
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -277,6 +281,17 @@ def test_security(database: tuple[str, Db], procs: Processes,
                 injection.setdefault("stream q", []).append(answer.status_code)
         checks["injection"] = {k: sorted(set(v)) for k, v in injection.items()}
 
+        # -- a cookie copied while signed in, replayed after sign-out ----------------------
+        copied = admin.cookies.get("relay_admin")
+        assert copied, "no session cookie"
+        before_logout = _replay_cookie(base, copied, token, some_id, writes=False)
+        logout = admin.post(f"{base}/admin/logout", data={"csrf_token": token},
+                            allow_redirects=False, timeout=10)
+        after_logout = _replay_cookie(base, copied, token, some_id, writes=True)
+        checks["copied cookie"] = {"before": before_logout, "logout": logout.status_code,
+                                   "after": after_logout}
+        status_after_copy = db.scalar("SELECT status FROM events WHERE id = :i", i=some_id)
+
     # -- constant-time comparison: a spy on the running code, and the source ---------------
     calls: list[int] = []
     real = hmac.compare_digest
@@ -303,6 +318,11 @@ def test_security(database: tuple[str, Db], procs: Processes,
     source_hits += _secret_comparisons(Path(inspect.getfile(relay.admin.auth)))
     timing = _timing(PROD_SECRET)
 
+    # -- concurrent password guesses over both workers (last: it locks this address) -------
+    prior = int(db.scalar("SELECT count(*) FROM admin_login_failures WHERE scope = 'address'"))
+    burst = _guess_burst(base, guesses=24, threads=8)
+    checked = burst.get(401, 0)
+
     result = audit(db, box, acknowledged)
     result.assert_complete()
     received = box.event_counts()
@@ -321,6 +341,13 @@ def test_security(database: tuple[str, Db], procs: Processes,
     row.note("anonymous admin: " + "; ".join(f"{k} → {v[0]}{' ' + v[1] if v[1] else ''}"
                                             for k, v in checks["anonymous"].items()))
     row.note("CSRF: " + "; ".join(f"{k} → {v}" for k, v in csrf.items()))
+    row.note(f"session cookie copied while signed in, replayed from another client: before "
+             f"sign-out {checks['copied cookie']['before']}; sign-out → "
+             f"{checks['copied cookie']['logout']}; after "
+             f"{checks['copied cookie']['after']}")
+    row.note(f"24 concurrent wrong Basic passwords from one address over 2 workers, "
+             f"{prior} earlier failures in the window: answers {dict(sorted(burst.items()))} "
+             f"(checked {checked} + earlier {prior} = {checked + prior}; the limit is 10)")
     row.note(f"SQL injection ({len(INJECTIONS)} strings): " + "; ".join(
         f"{k} → {v}" for k, v in checks["injection"].items())
         + f"; exact searches found exactly their carrier event: {not wrong_matches}; slowest "
@@ -356,7 +383,66 @@ def test_security(database: tuple[str, Db], procs: Processes,
     assert outcomes[0::2] == ["signature", "refused", "bearer", "refused", "basic", "refused"]
     assert all(n >= 1 for n in outcomes[1::2]), outcomes
     assert not source_hits, source_hits
+    copy = checks["copied cookie"]
+    assert all(status == 200 for status in copy["before"].values()), copy
+    assert copy["logout"] == 302, copy
+    assert copy["after"] == {"GET /admin/api/events": 401, "POST /admin/api/replay": 401,
+                             f"POST /admin/api/events/{some_id}/replay": 401,
+                             "GET /admin/": 302, "GET /admin/stream": 401}, copy
+    assert status_after_copy == "delivered", status_after_copy
+    assert checked + prior == 10 and burst.get(429, 0) == 24 - checked, (prior, burst)
+    assert set(burst) <= {401, 429}, burst
     assert result.dead == 0 and not result.duplicates
+
+
+def _replay_cookie(base: str, cookie: str, token: str, event_id: int,
+                   writes: bool) -> dict[str, int]:
+    """What a client holding only a copy of the cookie (and the page's token) gets, each request
+    on a new connection so both gunicorn workers answer some. `writes` also tries to requeue
+    (only after sign-out: it must be refused, nothing may move)."""
+    answers: dict[str, int] = {}
+    headers = {"X-CSRF-Token": token, "Connection": "close"}
+    with requests.Session() as thief:
+        thief.cookies.set("relay_admin", cookie, path="/admin")
+        answers["GET /admin/api/events"] = thief.get(f"{base}/admin/api/events", timeout=10,
+                                                     headers=headers).status_code
+        answers["GET /admin/"] = thief.get(f"{base}/admin/", allow_redirects=False, timeout=10,
+                                           headers=headers).status_code
+        with thief.get(f"{base}/admin/stream", stream=True, timeout=10,
+                       headers=headers) as stream:
+            answers["GET /admin/stream"] = stream.status_code
+        if writes:
+            answers["POST /admin/api/replay"] = thief.post(
+                f"{base}/admin/api/replay", json={"status": "delivered"}, timeout=10,
+                headers=headers).status_code
+            answers[f"POST /admin/api/events/{event_id}/replay"] = thief.post(
+                f"{base}/admin/api/events/{event_id}/replay", json={}, timeout=10,
+                headers=headers).status_code
+    return answers
+
+
+def _guess_burst(base: str, guesses: int, threads: int) -> Counter[int]:
+    """`guesses` wrong Basic passwords for the admin user from `threads` threads at once."""
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def guesser(worker: int) -> None:
+        with requests.Session() as http:
+            start.wait()
+            for n in range(worker, guesses, threads):
+                answer = http.get(f"{base}/admin/api/stats", timeout=30,
+                                  auth=(ADMIN_USER, f"guess-{worker}-{n}"),
+                                  headers={"X-Forwarded-For": f"198.51.100.{n}"})
+                with lock:
+                    statuses[answer.status_code] += 1
+
+    pool = [threading.Thread(target=guesser, args=(n,)) for n in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=120)
+    return statuses
 
 
 def _other_token(base: str) -> str:

@@ -40,8 +40,6 @@ REWARD_STATE_FIELD = ("state",)
 SUBSCRIPTION_GROUP = ("subscription_group_id",)
 COUPON_KEY_TYPE = "COUPON"
 MAX_NUMBER_TEXT = 40  # longer digit strings are not amounts: they stay text
-# RELAY_EXTERNAL_ID: which Extole field becomes Braze's external_id.
-EXTERNAL_ID_SOURCES = ("partner_user_id", "email")
 
 # Fields that are not event properties: identity and profile (top level and `person`), and the
 # envelope (top level only: a person's `id` or `name` is not the event's, so it is kept).

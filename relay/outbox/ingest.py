@@ -29,7 +29,6 @@ from relay.exceptions import RejectedEvent
 from relay.extole import Event, item_value, normalise
 from relay.models import InboundRequest, OutboxEvent, Status
 from relay.outbox import dedup
-from relay.outbox.dedup import keys_of
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ def store_webhook(
     ).scalar_one()
     # Every key of every event locked (in one global order) and looked up once, before any insert.
     claims = dedup.Claims(connection, environment,
-                          (keys_of(e) for _, e, _ in prepared if e), now)
+                          (dedup.keys_of(e) for _, e, _ in prepared if e), now)
     for item, usable, why in prepared:
         if usable is None:
             session.add(_rejected_row(item, environment, inbound.id, why or "", now))
@@ -129,7 +128,7 @@ def store_events(session: Session, environment: str, events: Sequence[Event],
     key second finds it held.
     """
     connection = session.connection()
-    claims = dedup.Claims(connection, environment, (keys_of(e) for e in events), now)
+    claims = dedup.Claims(connection, environment, (dedup.keys_of(e) for e in events), now)
     ids = [_insert_one(connection, claims, event, environment, inbound_id, now)
            for event in events]
     claims.write()
@@ -139,7 +138,7 @@ def store_events(session: Session, environment: str, events: Sequence[Event],
 def _insert_one(connection: Connection, claims: dedup.Claims, event: Event, environment: str,
                 inbound_id: int | None, now: datetime) -> int | None:
     """One usable event unless one of its keys is held: its new id, else None."""
-    keys = keys_of(event)
+    keys = dedup.keys_of(event)
     if claims.is_duplicate(keys):
         return None
     # One statement object, values as parameters: compiled once, not per webhook. Its ON
@@ -243,7 +242,7 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
         if column.key not in ("id", "accepted", "duplicates", "rejected"):
             value = getattr(inbound, column.key)
             params[f"i_{column.key}"] = json.dumps(value) if column.key == "headers" else value
-    keys = list(keys_of(event))
+    keys = list(dedup.keys_of(event))
     params["keys"], params["lock_names"] = keys, dedup.lock_names(environment, keys)
     try:
         inbound_id, new_id = dialect.execute_autocommit(engine, _STORE_ONE_SQL, params)

@@ -13,7 +13,14 @@ from sqlalchemy.orm import Session
 
 from relay import retention
 from relay.db import Database
-from relay.models import AttemptEvent, DeliveryAttempt, IdentityCache, InboundRequest, OutboxEvent
+from relay.models import (
+    AttemptEvent,
+    DedupKey,
+    DeliveryAttempt,
+    IdentityCache,
+    InboundRequest,
+    OutboxEvent,
+)
 
 NOW = datetime(2027, 3, 1, 12, 0, 0)
 OLD = NOW - timedelta(days=31)
@@ -169,3 +176,42 @@ def test_purge_refuses_a_retention_below_one_day(db: Database) -> None:
         retention.purge(db, 0, dedup_days=400)
     with pytest.raises(ValueError, match="at least 1"):
         retention.purge(db, 30, dedup_days=0)
+
+
+def keys_left(db: Database) -> set[tuple[str, int | None]]:
+    with db.session() as session:
+        return {(k.key, k.event_id) for k in session.scalars(select(DedupKey))}
+
+
+def test_purged_events_leave_their_keys_until_dedup_days_after_receipt(db: Database) -> None:
+    with db.session() as s:
+        old = event(s, "delivered", OLD, None, "old")
+        ancient = event(s, "delivered", NOW - timedelta(days=500), None, "ancient")
+        dead = event(s, "dead", NOW - timedelta(days=500), None, "dead")
+        s.add_all([DedupKey(environment="production", key=name, event_id=event_id,
+                            received_at=received)
+                   for name, event_id, received in (
+                       ("old", old, OLD), ("ancient", ancient, NOW - timedelta(days=500)),
+                       ("dead", dead, NOW - timedelta(days=500)),
+                       ("reward:rw-9:EARNED", old, OLD),
+                       ("left-behind", None, NOW - timedelta(days=401)),
+                       ("recent-left-behind", None, NOW - timedelta(days=399)))])
+
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW)
+
+    assert (counts["events"], counts["dedup_keys"]) == (2, 2)
+    # The old event's keys outlive it; the ancient one's went with it (past 400 days), as did
+    # an earlier purged event's; the dead event keeps its key however old.
+    assert keys_left(db) == {("old", None), ("reward:rw-9:EARNED", None), ("dead", dead),
+                             ("recent-left-behind", None)}
+    later = retention.purge(db, 30, dedup_days=400, now=OLD + timedelta(days=401))
+    assert later["dedup_keys"] == 3
+    assert keys_left(db) == {("dead", dead)}
+
+
+def test_expired_keys_go_in_batches(db: Database) -> None:
+    with db.session() as s:
+        s.add_all([DedupKey(environment="production", key=f"k{n}", event_id=None,
+                            received_at=NOW - timedelta(days=401)) for n in range(7)])
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
+    assert counts["dedup_keys"] == 7 and keys_left(db) == set()

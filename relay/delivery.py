@@ -405,18 +405,20 @@ class Delivery:
         if isinstance(error, RateLimited):
             until = max(_naive_utc(error.reset_at), now + timedelta(seconds=1))
             with self.db.session() as session:
+                # The environment's row before the events' (`_record_in` locks them): the
+                # order every worker transaction takes them in, so none waits in a cycle.
+                braze_state.mark_rate_limited(session, environment, until)
                 self._record_in(session, environment, error.exchange, events, "rate limited",
                                 request=request)
-                braze_state.mark_rate_limited(session, environment, until)
                 leases.release(session, self.owner, events, until,
                                f"waiting: Braze rate limit ({what}) until {until:%H:%M:%S} UTC")
             return
         if isinstance(error, Unauthorized):
             with self.db.session() as session:
-                self._record_in(session, environment, error.exchange, events, "key refused",
-                                request=request)
                 paused = braze_state.mark_refused(session, environment, str(error),
                                                   KEY_PAUSE_SECONDS)
+                self._record_in(session, environment, error.exchange, events, "key refused",
+                                request=request)
                 # No credit here: the resume credits the whole refusal to every retrying
                 # event (shift_failure_clock), these included; crediting both counted it twice.
                 leases.release(session, self.owner, events, paused,
@@ -445,15 +447,17 @@ class Delivery:
         identities = {p.event.id: p.identity for p in batch}
         try:
             with self.db.session() as session:
-                self._record_in(session, environment, exchange, events, note, outcomes,
-                                request)
-                # Braze answered 2xx or 400: past its key check, so the key works.
+                # Braze answered 2xx or 400: past its key check, so the key works. The
+                # environment's row (and the retrying events the resume shifts) before this
+                # batch's events, which `_record_in` locks: every worker takes them in this order.
                 refused_for = braze_state.mark_ok(session, environment)
                 if refused_for:
                     # Waiting for a working key never counts toward RELAY_RETRY_MAX_AGE.
                     leases.shift_failure_clock(session, environment, refused_for)
                     log.info("%s delivery resumed after the key was refused for %.0f s",
                              environment, refused_for)
+                self._record_in(session, environment, exchange, events, note, outcomes,
+                                request)
                 if outcome.delivered:
                     leases.mark_delivered(session, self.owner,
                                           [p.event for p in outcome.delivered], identities)

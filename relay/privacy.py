@@ -43,7 +43,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Text, cast, func, or_, select
+from sqlalchemy import Text, cast, false, func, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -206,6 +206,8 @@ def forget(db: Database, *, email: str | None = None, external_id: str | None = 
     try:
         while True:
             with db.session() as session:
+                # SQLite: the write lock first, so the pass reads and erases one state.
+                dialect.take_write_lock(session, OutboxEvent, false())
                 ids = _candidate_ids(session, person)
                 busy = leases.fence(session, token, ids, FENCE_SECONDS)
                 if not busy:

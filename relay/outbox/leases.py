@@ -3,8 +3,11 @@
 A worker claims a batch of due events under a lease (`claim_due`), keeps the lease while it sends
 them (`renew_leases`), then records Braze's answer: `mark_delivered`, `mark_dead`, `mark_failed`
 (a counted failure, backed off), `release` (a wait that counts no attempt). Marks change only the
-rows the worker still holds, so one whose lease expired changes, logs and counts nothing. Leases
+rows the worker still holds, so one whose lease expired changes, logs and counts nothing; every
+other write of a worker about its events asks `held_by` first, in its own transaction. Leases
 of dead workers are swept (`sweep_expired_leases`) so their events come back (at-least-once).
+`relay forget` holds leases too (`fence`, `unfence`): the person's events wait while it erases,
+and a worker that held one before writes nothing about it afterwards.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Retention: delete what the relay no longer needs after RELAY_RETENTION_DAYS.
 
 Delivered and skipped events (by `received_at`), the Braze requests that carried only such events,
-inbound log rows no kept event refers to, and identity cache answers long expired. Dead, pending
+inbound log rows no kept event refers to (refused requests included), the per-minute counts of
+refused requests, and identity cache answers long expired. Dead, pending
 and rejected events stay until an operator handles them, with their inbound row and attempts.
 
 Work is done in batches, each its own short transaction, so the receiver and the workers never
@@ -24,6 +25,7 @@ from relay.models import (
     IdentityCache,
     InboundRequest,
     OutboxEvent,
+    RefusedRequestCount,
     Status,
 )
 
@@ -44,7 +46,8 @@ def purge(
     if retention_days < 1:
         raise ValueError("retention_days must be at least 1")
     cutoff = (now or utcnow()) - timedelta(days=retention_days)
-    counts = {"events": 0, "delivery_attempts": 0, "inbound_requests": 0, "identity_cache": 0}
+    counts = {"events": 0, "delivery_attempts": 0, "inbound_requests": 0, "identity_cache": 0,
+              "refused_request_counts": 0}
     while True:
         events, attempts = _purge_events(db, cutoff, batch_size)
         counts["events"] += events
@@ -57,6 +60,8 @@ def purge(
         counts["inbound_requests"] += n
     while n := _purge_identity_cache(db, cutoff, batch_size):
         counts["identity_cache"] += n
+    while n := _purge_refused_counts(db, cutoff, batch_size):
+        counts["refused_request_counts"] += n
     if any(counts.values()):
         log.info("purged rows older than %s (%d days): %s", cutoff.date(), retention_days,
                  ", ".join(f"{name} {n}" for name, n in counts.items()))
@@ -136,3 +141,16 @@ def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> in
         return rowcount(session.execute(
             delete(IdentityCache).where(key.in_(keys), IdentityCache.expires_at < cutoff)
         ))
+
+
+def _purge_refused_counts(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Counts of refused requests for minutes older than the retention period."""
+    key = tuple_(RefusedRequestCount.minute, RefusedRequestCount.remote_addr)
+    with db.session() as session:
+        keys = [tuple(row) for row in session.execute(
+            select(RefusedRequestCount.minute, RefusedRequestCount.remote_addr)
+            .where(RefusedRequestCount.minute < cutoff).limit(batch_size)
+        )]
+        if not keys:
+            return 0
+        return rowcount(session.execute(delete(RefusedRequestCount).where(key.in_(keys))))

@@ -20,7 +20,7 @@ from relay import metrics, refused
 from relay.authentication import authenticate, authenticate_headers, redact_headers
 from relay.db import describe_error, get_db, utcnow
 from relay.exceptions import AuthenticationFailed, DatabaseUnavailable, InvalidBody, RelayError
-from relay.extole import parse_body, storable_text
+from relay.extole import decode_json, sanitise, storable_text
 from relay.models import InboundRequest
 from relay.outbox.ingest import Receipt, store_single, store_webhook
 from relay.settings import ENVIRONMENTS, Settings
@@ -100,17 +100,18 @@ def _checked_items(settings: Settings, environment: str, inbound: InboundRequest
         raise Refusal(415, "unsupported_media_type",
                       f"content type must be application/json, got {shown[:100]!r}")
     try:
-        body = parse_body(raw)
+        body = decode_json(raw)
+        if isinstance(body, list) and len(body) > settings.max_items:
+            # Before the items are walked, normalised or stored: a request's cost stays bounded.
+            raise Refusal(413, "too_many_items",
+                          f"body has {len(body)} items, more than RELAY_MAX_ITEMS "
+                          f"({settings.max_items})")
+        body = sanitise(body)
     except InvalidBody as invalid:
         raise Refusal(400, "bad_json", str(invalid)) from None
     if isinstance(body, dict):
         return [body]
     if isinstance(body, list):
-        if len(body) > settings.max_items:
-            # Before anything is normalised or stored: one request's cost stays bounded.
-            raise Refusal(413, "too_many_items",
-                          f"body has {len(body)} items, more than RELAY_MAX_ITEMS "
-                          f"({settings.max_items})")
         return body
     raise Refusal(400, "bad_json", "body must be a JSON object or an array of objects")
 

@@ -2,11 +2,10 @@
 
 Before issue 13, a 1 MiB body of 524,000 unusable items (`[0,0,...]`) took 92 s, answered with
 36 MB, took the process to ~400 MB and made most concurrent genuine webhooks time out. Now an array
-over
-RELAY_MAX_ITEMS (1000) gets 413 and stores nothing but its inbound log entry (no body), a batch of
-1000 unusable items is stored by one insert and answered with the first 100 rejections and their
-count, and genuine webhooks posted meanwhile get 200 and are delivered. Answer times, answer
-sizes and the gunicorn workers' memory are measured.
+over RELAY_MAX_ITEMS (1000) gets 413 and stores nothing but its inbound log entry (no body), a
+batch of 1000 unusable items is stored by one insert and answered with the first 100 rejections
+and their count, and genuine webhooks posted meanwhile get 200 and are delivered. Answer times,
+answer sizes and the gunicorn workers' memory are measured.
 """
 
 from __future__ import annotations

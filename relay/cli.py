@@ -393,7 +393,7 @@ def init() -> None:
     click.echo(localsetup.instructions(load_settings()))
 
 
-@cli.command(short_help="Run a local imitation of Braze.")
+@cli.command(short_help="Run a local imitation of Braze and Extole's rewards API.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9010, show_default=True, type=int)
 @click.option("--api-key", "api_keys", multiple=True,
@@ -404,10 +404,14 @@ def init() -> None:
 @click.option("--latency-ms", default=0, type=click.IntRange(0), show_default=True)
 @click.option("--rate-limit", default=None, help="e.g. 20/3s: requests allowed per window.")
 @click.option("--reject-key", "reject_keys", multiple=True, help="Key answered 401.")
+@click.option("--extole-token", "extole_tokens", multiple=True,
+              help="Extole API token, PROGRAM=TOKEN or TOKEN (repeatable; none: any token "
+                   "reads program production).")
 def sandbox(host: str, port: int, api_keys: tuple[str, ...], fail_rate: float,
             fail_status: int, latency_ms: int, rate_limit: str | None,
-            reject_keys: tuple[str, ...]) -> None:
-    """Run a local imitation of Braze's /users/track and /users/export/ids."""
+            reject_keys: tuple[str, ...], extole_tokens: tuple[str, ...]) -> None:
+    """Run a local imitation of Braze's /users/track and /users/export/ids, and of Extole's
+    GET /v2/rewards over the rewards posted to /sandbox/extole/rewards."""
     from relay.sandbox import SandboxConfig, run_sandbox
 
     if rate_limit:
@@ -417,7 +421,8 @@ def sandbox(host: str, port: int, api_keys: tuple[str, ...], fail_rate: float,
             raise click.BadParameter(str(exc), param_hint="--rate-limit") from None
     config = SandboxConfig(api_keys=list(api_keys), fail_rate=fail_rate,
                            fail_status=fail_status, latency_ms=latency_ms,
-                           rate_limit=rate_limit, reject_keys=list(reject_keys))
+                           rate_limit=rate_limit, reject_keys=list(reject_keys),
+                           extole_tokens=list(extole_tokens))
     click.echo(f"Braze sandbox on http://{host}:{port} (profiles: /sandbox/profiles)")
     run_sandbox(host, port, config)
 

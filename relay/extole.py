@@ -30,6 +30,9 @@ EMAIL = ("email", "email_address", "recipient_email")
 PROFILE = {"first_name": ("first_name",), "last_name": ("last_name",), "phone": ("phone_number",)}
 PASSED_ON = ("funnel", "program", "share_link")
 PLACES = ("person", "data")
+# The Extole event id of a reward event reconciliation recovered from Extole's rewards API:
+# `reconciled:<reward_id>:<STATE>` (relay.reconcile), an id Extole itself never makes.
+RECONCILED_PREFIX = "reconciled:"
 
 # Fields that are not event properties: identity and profile (top level and `person`), and the
 # envelope (top level only: a person's `id` or `name` is not the event's, so it is kept).
@@ -69,6 +72,11 @@ class Event:
         if self.email:
             return "email:" + self.email
         return None
+
+
+def is_reconciled(extole_event_id: str | None) -> bool:
+    """Whether an event was recovered by reconciliation rather than posted by Extole."""
+    return bool(extole_event_id and extole_event_id.startswith(RECONCILED_PREFIX))
 
 
 def canonical_json(value: Any) -> str:

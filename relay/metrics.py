@@ -50,6 +50,12 @@ IDENTITY_LOOKUPS = Counter(
     "Email to Braze identity resolutions, by result (cache_hit, found, not_found, error).",
     ["result"],
 )
+RECONCILE_REWARDS = Counter(
+    "relay_reconcile_rewards",
+    "Rewards reconciliation read from Extole, by environment and result (present, backfilled, "
+    "error).",
+    ["environment", "result"],
+)
 
 
 class OutboxCollector(Collector):

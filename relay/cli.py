@@ -363,12 +363,69 @@ def purge(days: int | None) -> None:
         click.echo(f"  {kind}: {count}")
 
 
+# --- reconciliation -----------------------------------------------------------------------------
+
+SHOWN_BACKFILLS = 50
+
+
+@cli.command()
+@click.option("--environment", type=click.Choice(ENVIRONMENTS),
+              help="Only this environment [default: every one with an Extole API token].")
+@click.option("--since", help="Look back to this ISO-8601 time instead of "
+                              "RELAY_RECONCILE_WINDOW.")
+@click.option("--dry-run", is_flag=True, help="Say what would be backfilled; store nothing.")
+def reconcile(environment: str | None, since: str | None, dry_run: bool) -> None:
+    """Recover reward events Extole never delivered, from its rewards API.
+
+    Reads Extole's rewards over the window and stores, as reward events delivered like any
+    other, each reward state the environment does not hold yet; prints what it saw and
+    backfilled. Exit code 1 when an environment could not be reconciled (a refused token,
+    Extole unavailable, another run in progress).
+    """
+    from relay.eventmap import EventMap
+    from relay.exceptions import ReconcileBusy
+    from relay.outbox.filters import parse_since
+    from relay.reconcile import Reconciler
+
+    try:
+        moment = parse_since(since)
+    except FilterError as error:
+        raise click.BadParameter(str(error), param_hint="--since") from None
+    settings = load_settings()
+    with _database(settings) as database:
+        reconciler = Reconciler(settings, database, EventMap.load(settings.event_map))
+        environments = [environment] if environment else reconciler.environments()
+        if not environments:
+            raise RelayError("no Extole API token is set (EXTOLE_API_TOKEN, "
+                             "EXTOLE_STAGING_API_TOKEN): nothing to reconcile")
+        failed = 0
+        for name in environments:
+            try:
+                report = reconciler.run(name, since=moment, dry_run=dry_run)
+            except ReconcileBusy as busy:
+                click.echo(f"{busy}: not started")
+                failed += 1
+                continue
+            assert report is not None  # only the worker's due-only runs answer None
+            click.echo(report.summary())
+            verb = "would backfill" if dry_run else "backfilled"
+            for extole_id in report.backfilled_ids[:SHOWN_BACKFILLS]:
+                click.echo(f"  {verb} {extole_id}")
+            if len(report.backfilled_ids) > SHOWN_BACKFILLS:
+                click.echo(f"  … and {len(report.backfilled_ids) - SHOWN_BACKFILLS} more")
+            for problem in report.problems:
+                click.echo(f"  error: {problem}")
+            failed += not report.ok
+    if failed:
+        raise RelayError(f"{failed} environment{'s' if failed != 1 else ''} not reconciled")
+
+
 # --- checking -----------------------------------------------------------------------------------
 
 
 @cli.command("check-config")
 def check_config() -> None:
-    """Validate settings and try each Braze key."""
+    """Validate settings and try each Braze key and Extole API token."""
     from relay import checks
 
     settings = load_settings()  # an invalid value stops here with one line and exit code 2

@@ -37,7 +37,7 @@ from relay.db import Database, rowcount, utcnow
 from relay.eventmap import EventMap
 from relay.exceptions import ExtoleError, ReconcileBusy, RejectedEvent, RelayError
 from relay.extole import EVENT_ID, EVENT_TIME, EVENT_TYPE, RECONCILED_PREFIX, Event, normalise
-from relay.extoleapi import MAX_LIMIT, REWARDS_PATH, ExtoleClient, interval
+from relay.extoleapi import MAX_LIMIT, REWARDS_PATH, TOKEN_VARIABLES, ExtoleClient, interval
 from relay.models import InboundRequest, OutboxEvent, ReconcileLock, ReconcileRun
 from relay.outbox.ingest import store_webhook
 from relay.settings import ENVIRONMENTS, Settings
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 300
 MAX_PROBLEMS = 20
-TOKEN_VARIABLES = {"production": "EXTOLE_API_TOKEN", "staging": "EXTOLE_STAGING_API_TOKEN"}
+
 # Of a reward as the API lists it, these become the item's envelope (type, event id, time):
 # the reward's own spellings are left out so the item carries exactly one of each.
 _ENVELOPE = frozenset({"state", *EVENT_ID, *EVENT_TYPE, *EVENT_TIME})

@@ -28,6 +28,8 @@ from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.serving import make_server
 
+from relay.exceptions import RelayError
+
 log = logging.getLogger(__name__)
 
 TRACK = "/users/track"
@@ -529,7 +531,7 @@ class _Sandbox:
                 "events_dropped": dropped, "event_ids": dict(self.event_ids)}
 
 
-class _ExtoleRefusal(Exception):
+class _ExtoleRefusal(RelayError):
     """An answer of Extole's with its error body: `{"code", "message", "http_status_code",
     "parameters", "unique_id"}`."""
 
@@ -677,6 +679,9 @@ def _extole_view(sandbox: _Sandbox) -> Response:
             return response
         sandbox.record(EXTOLE_REWARDS, program, 200, dict(request.args))
         malformed = faults["extole_malformed"]
+        latency = faults["latency_ms"] / 1000.0
+    if latency > 0:
+        time.sleep(latency)
     if malformed == "not_json":
         return Response("<html><body>Service Temporarily Unavailable</body></html>",
                         status=200, content_type="text/html")

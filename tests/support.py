@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import requests
 from flask import Flask
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.pool import NullPool
+from werkzeug.serving import make_server
 
 from relay.authentication import sign
 from relay.db import get_db
@@ -208,3 +210,18 @@ def post_ids(post_webhook: Callable[..., Any], *events: dict[str, Any],
     answer = post_webhook(list(events), environment)
     assert answer.status_code == 200, answer.get_data(as_text=True)
     return list(answer.json["ids"])
+
+
+@contextlib.contextmanager
+def serving(app: Flask) -> Iterator[str]:
+    """Serve a WSGI app (the sandbox) on a free port of 127.0.0.1 from a thread, for the length
+    of a `with` block; its base URL."""
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -138,14 +138,18 @@ def event_detail(session: Session, event_id: int) -> dict[str, Any]:
 
 
 def reconciliation(session: Session, environments: Sequence[str]) -> dict[str, Any]:
-    """Each environment's last reconciliation run (None before the first) and when a run last
-    succeeded, for the admin page and `/admin/api/stats`."""
+    """Each environment's last reconciliation run (its fields null before the first) and when a
+    run last succeeded, for the admin page and `/admin/api/stats`."""
     report: dict[str, Any] = {}
+    successes = last_reconcile_success(session)
     for environment in environments:
         run = session.scalar(select(ReconcileRun).where(ReconcileRun.environment == environment)
                              .order_by(ReconcileRun.id.desc()).limit(1))
         if run is None:
-            report[environment] = None
+            report[environment] = dict.fromkeys(
+                ("last_run_at", "finished_at", "trigger", "window_start", "window_end", "seen",
+                 "present", "backfilled", "errors", "error", "duration_ms", "last_success_at"))
+            report[environment]["problems"] = []
             continue
         report[environment] = {
             "last_run_at": _iso(run.started_at),
@@ -160,7 +164,7 @@ def reconciliation(session: Session, environments: Sequence[str]) -> dict[str, A
             "error": run.error,
             "problems": run.problems or [],
             "duration_ms": round(run.duration_ms, 1),
-            "last_success_at": _iso(last_reconcile_success(session).get(environment)),
+            "last_success_at": _iso(successes.get(environment)),
         }
     return report
 

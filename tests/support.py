@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ PROD_SECRET = "prod-secret-0123456789"
 STAGING_SECRET = "staging-secret-9876543210"
 BRAZE_URL = "https://rest.iad-01.braze.com"
 PROD_KEY = "prod-braze-key-aaaa"
+ADMIN_PASSWORD = "admin-password"  # the test settings' (conftest `make_settings`)
 STAGING_KEY = "staging-braze-key-bbbb"
 
 
@@ -225,3 +227,20 @@ def serving(app: Flask) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+# --- the admin pages ----------------------------------------------------------------------------
+
+
+def form_token(html: str) -> str:
+    """The CSRF token of the (first) form on a page."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF field in the form"
+    return match.group(1)
+
+
+def login(client: Any, password: str = ADMIN_PASSWORD, **kwargs: Any) -> Any:
+    """Sign the test client in through the login form (with its CSRF token)."""
+    token = form_token(client.get("/admin/login", **kwargs).text)
+    return client.post("/admin/login", data={"username": "admin", "password": password,
+                                             "csrf_token": token}, **kwargs)

@@ -32,8 +32,8 @@ from tests.support import (
     set_schema_revision,
 )
 
-COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "sandbox", "serve",
-            "worker")
+COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
+            "serve", "worker")
 
 
 @pytest.fixture

@@ -5,19 +5,26 @@ reward state once, whatever else arrives at the same time; every run is recorded
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import responses
+from click.testing import CliRunner, Result
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
+from relay.cli import cli
 from relay.db import get_db, utcnow
 from relay.exceptions import ReconcileBusy
 from relay.extoleapi import ExtoleClient
@@ -25,8 +32,9 @@ from relay.models import InboundRequest, OutboxEvent, ReconcileLock, ReconcileRu
 from relay.reconcile import LEASE_SECONDS, Reconciler, RunReport
 from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.scheduler import reconcile as reconcile_job
-from relay.settings import Settings
+from relay.settings import _VARIABLES, Settings
 from tests.support import (
+    POSTGRESQL_ONLY,
     PROD_KEY,
     STAGING_KEY,
     login,
@@ -38,6 +46,7 @@ from tests.support import (
 TOKEN = "extole-production-token-0001"
 STAGING_TOKEN = "extole-staging-token-0002"
 PAGE = sample_json("extole_rewards_page.json")
+RELAY = str(Path(sys.executable).parent / "relay")
 SENT_ID = "c93e7a1f5b2d4c6e8a0f1b3d"
 EARNED_ID = "e5f6a7b8c9d0e1f2a3b4c5d6"
 
@@ -484,3 +493,108 @@ def test_metrics_count_rewards_by_result_and_the_last_success(
               if name == "relay_reconcile_last_success_timestamp_seconds"
               and labels == (("environment", "production"),)]
     assert abs(last - datetime.now().timestamp()) < 600
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def relay_reconcile(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, database_url: str,
+                    sandbox: tuple[str, Any]) -> Callable[..., Result]:
+    """`relay reconcile ARGS` on the test database against the sandbox, no other setting."""
+    for name in _VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    url, _ = sandbox
+
+    def run(*args: str, **env: str | None) -> Result:
+        settings: dict[str, str | None] = {
+            "RELAY_DATABASE_URL": database_url, "EXTOLE_API_TOKEN": TOKEN,
+            "EXTOLE_API_URL": url, **env}
+        return CliRunner().invoke(cli, ["reconcile", *args], env=settings,
+                                  catch_exceptions=False)
+
+    return run
+
+
+SUMMARY = (r"production: \S+Z/\S+Z: seen (\d+), present (\d+), {verb} (\d+), errors (\d+) "
+           r"\(\d+\.\d s\)")
+
+
+def summary(line: str, verb: str = "backfilled") -> tuple[str, ...]:
+    """(seen, present, backfilled, errors) of a run's summary line."""
+    found = re.fullmatch(SUMMARY.format(verb=verb), line)
+    assert found, line
+    return found.groups()
+
+
+def test_the_command_prints_what_it_saw_and_backfilled(
+        app: Flask, sandbox: tuple[str, Any], relay_reconcile: Callable[..., Result]) -> None:
+    extole_has(sandbox, rewards_now(PAGE))
+    dry = relay_reconcile("--dry-run")
+    assert dry.exit_code == 0, dry.output
+    lines = dry.stdout.splitlines()
+    assert summary(lines[0], "would backfill") == ("2", "0", "2", "0")
+    assert lines[1:] == [f"  would backfill reconciled:{SENT_ID}:SENT",
+                         f"  would backfill reconciled:{EARNED_ID}:EARNED"]
+    assert counts(app)["events"] == 0
+
+    done = relay_reconcile()
+    assert done.exit_code == 0, done.output
+    lines = done.stdout.splitlines()
+    assert summary(lines[0]) == ("2", "0", "2", "0")
+    assert lines[1:] == [f"  backfilled reconciled:{SENT_ID}:SENT",
+                         f"  backfilled reconciled:{EARNED_ID}:EARNED"]
+    again = relay_reconcile("--environment", "production")
+    assert summary(again.stdout.strip()) == ("2", "2", "0", "0")
+
+
+def test_the_command_fails_clearly(
+        app: Flask, sandbox: tuple[str, Any], relay_reconcile: Callable[..., Result]) -> None:
+    extole_has(sandbox, rewards_now(PAGE))
+    refused = relay_reconcile(EXTOLE_API_TOKEN="wrong-token")
+    assert refused.exit_code == 1
+    assert "; stopped: Extole refused the production API token (401: method_unauthorized: " in (
+        refused.stdout)
+    assert refused.stderr.splitlines()[-1] == "relay: 1 environment not reconciled"
+    assert "wrong-token" not in refused.output
+    assert counts(app)["events"] == 0
+
+    none = relay_reconcile(EXTOLE_API_TOKEN=None)
+    assert none.exit_code == 1
+    assert none.stderr == ("relay: no Extole API token is set (EXTOLE_API_TOKEN, "
+                           "EXTOLE_STAGING_API_TOKEN): nothing to reconcile\n")
+    staging = relay_reconcile("--environment", "staging")
+    assert staging.exit_code == 1
+    assert staging.stderr == ("relay: EXTOLE_STAGING_API_TOKEN is not set: staging is not "
+                              "reconciled\n")
+    since = relay_reconcile("--since", "last tuesday")
+    assert since.exit_code == 2
+    assert "Error: Invalid value for --since: since must be an ISO-8601 time" in since.stderr
+    future = relay_reconcile("--since", "2999-01-01T00:00:00Z")
+    assert future.exit_code == 1
+    assert future.stderr == "relay: --since 2999-01-01T00:00:00Z is not in the past\n"
+
+
+@POSTGRESQL_ONLY
+def test_two_reconcile_processes_at_once_store_each_reward_state_once(
+        app: Flask, sandbox: tuple[str, Any], database_url: str, tmp_path: Any) -> None:
+    url, state = sandbox
+    extole_has(sandbox, rewards_now([reward(f"r-{n:04d}") for n in range(1200)]))
+    state.faults["latency_ms"] = 300
+    env = {k: v for k, v in os.environ.items() if k not in _VARIABLES}
+    env.update(RELAY_DATABASE_URL=database_url, EXTOLE_API_TOKEN=TOKEN, EXTOLE_API_URL=url)
+    processes = [subprocess.Popen([RELAY, "reconcile"], env=env, cwd=tmp_path, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    backfilled = 0
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        if process.returncode == 0:
+            backfilled += int(summary(stdout.splitlines()[0])[2])
+        else:  # the other one held the environment
+            assert process.returncode == 1, stderr
+            assert re.fullmatch(r"production: another run \(\S+\) has been in progress since "
+                                r"\S+Z: not started\n", stdout), stdout
+    assert backfilled == 1200
+    assert extole_ids(app) == sorted(f"reconciled:r-{n:04d}:EARNED" for n in range(1200))

@@ -132,7 +132,8 @@ def check_extole(settings: Settings, *,
                                       "is not reconciled"))
             continue
         client = ExtoleClient(settings.extole_api_url, token, environment=environment,
-                              connect_timeout=timeout[0], read_timeout=timeout[1], attempts=1)
+                              connect_timeout=timeout[0], read_timeout=timeout[1], attempts=1,
+                              log_requests=False)
         try:
             client.check_token()
         except ExtoleError as error:

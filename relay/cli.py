@@ -368,7 +368,7 @@ def purge(days: int | None) -> None:
 SHOWN_BACKFILLS = 50
 
 
-@cli.command()
+@cli.command(short_help="Recover reward states Extole never delivered.")
 @click.option("--environment", type=click.Choice(ENVIRONMENTS),
               help="Only this environment [default: every one with an Extole API token].")
 @click.option("--since", help="Look back to this ISO-8601 time instead of "
@@ -423,7 +423,7 @@ def reconcile(environment: str | None, since: str | None, dry_run: bool) -> None
 # --- checking -----------------------------------------------------------------------------------
 
 
-@cli.command("check-config")
+@cli.command("check-config", short_help="Validate settings, Braze keys, Extole tokens.")
 def check_config() -> None:
     """Validate settings and try each Braze key and Extole API token."""
     from relay import checks

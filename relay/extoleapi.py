@@ -65,7 +65,8 @@ class ExtoleClient:
                  connect_timeout: float = 5.0, read_timeout: float = 30.0,
                  attempts: int = ATTEMPTS, backoff_base: float = BACKOFF_BASE,
                  session: requests.Session | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, log_requests: bool = True) -> None:
+        """`log_requests=False` for a caller that reports each outcome itself (check-config)."""
         if not token:
             raise ValueError(f"Extole API token for {environment} is empty")
         self.base_url = base_url.rstrip("/")
@@ -79,6 +80,7 @@ class ExtoleClient:
         self._owns_session = session is None
         self._session = session or requests.Session()
         self._sleep = sleep
+        self._log = log.info if log_requests else log.debug
 
     def __repr__(self) -> str:
         return f"ExtoleClient(base_url={self.base_url!r}, environment={self.environment!r})"
@@ -140,7 +142,7 @@ class ExtoleClient:
                 delay = self._backoff(attempt)
             else:
                 took = (time.monotonic() - started) * 1000
-                log.info("extole %s GET %s offset=%s limit=%s -> %d (%.0f ms)",
+                self._log("extole %s GET %s offset=%s limit=%s -> %d (%.0f ms)",
                          self.environment, path, params.get("offset"), params.get("limit"),
                          response.status_code, took)
                 status = response.status_code

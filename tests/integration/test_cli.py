@@ -85,7 +85,7 @@ def test_help_lists_every_command_with_one_line_each(relay: Callable[..., Result
 @pytest.mark.parametrize("command", [
     ["serve"], ["worker"], ["db", "upgrade"], ["db", "current"], ["db", "history"],
     ["events", "list"], ["events", "show"], ["events", "retry"], ["events", "replay"],
-    ["forget"], ["purge"], ["check-config"], ["sandbox"], ["init"]])
+    ["forget"], ["purge"], ["check-config"], ["sandbox"], ["init"], ["reconcile"]])
 def test_every_command_has_help(clean_environment: None, command: list[str]) -> None:
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output

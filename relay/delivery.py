@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from relay import attributes as person_attributes
 from relay import braze_state, dialect, metrics
 from relay.braze import (
     BadRequest,
@@ -92,7 +93,7 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
     event_sources: list[Planned] = []
     for planned in sorted(batch, key=lambda p: (p.event.event_time, p.event.id)):
         event = planned.event
-        values = {k: v for k, v in (event.attributes or {}).items() if k not in planned.stale}
+        values = person_attributes.without(event.attributes, planned.stale)
         if email_identifier and "email" in planned.identity:
             values.pop("email", None)  # it is the identifier already
         if planned.create_alias:
@@ -100,13 +101,13 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
         if values or planned.create_alias:
             key = identity_of(planned)
             if key in position:
-                attributes[position[key]].update(values)
+                person_attributes.merge(attributes[position[key]], values)
                 attribute_sources[position[key]].append(planned)
             else:
                 obj = dict(planned.identity)
                 if planned.create_alias:
                     obj["_update_existing_only"] = False
-                obj.update(values)
+                person_attributes.merge(obj, values)
                 position[key] = len(attributes)
                 attributes.append(obj)
                 attribute_sources.append([planned])
@@ -123,7 +124,7 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
 def objects_needed(planned: Planned, persons_with_attributes: set[str],
                    email_identifier: bool) -> int:
     by_email = email_identifier and "email" in planned.identity
-    sent = {k for k in (planned.event.attributes or {})
+    sent = {k for k in person_attributes.keys(planned.event.attributes)
             if k not in planned.stale and not (by_email and k == "email")}
     has_attributes = planned.create_alias or bool(sent)
     return 1 + (1 if has_attributes and identity_of(planned) not in persons_with_attributes else 0)

@@ -210,7 +210,9 @@ class Reconciler:
         for index, reward in enumerate(page):
             try:
                 item = reward_item(reward)
-                usable.append((item, normalise(item, self.event_map, report.started_at)))
+                usable.append((item, normalise(
+                    item, self.event_map, report.started_at,
+                    external_id_from=self.settings.external_id_from)))
             except RejectedEvent as rejection:
                 report.problem(f"reward {offset + index} of the window: {rejection}")
         with self.db.session() as session:
@@ -250,7 +252,8 @@ class Reconciler:
             outcome="reconciled", auth_method="token", error=None)
         with self.db.session() as session:
             receipt = store_webhook(session, inbound, items, report.environment,
-                                    self.event_map)
+                                    self.event_map,
+                                    external_id_from=self.settings.external_id_from)
         report.present += receipt.duplicates
         report.backfilled += receipt.accepted
         for rejection in receipt.rejected:

@@ -50,6 +50,8 @@ class Settings:
     braze_max_objects: int = 75
     braze_export_rate: Rate = Rate(250, 60.0)
     braze_email_identity: str = "lookup"
+    # Which Extole field becomes Braze's external_id: `partner_user_id` or `email`.
+    external_id_from: str = "partner_user_id"
     identity_ttl: int = 3600
     event_map: str | None = None
     retry_base: float = 5.0
@@ -158,6 +160,13 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _external_id_source(value: str) -> str:
+    """`partner_user_id` (also spelt `external_id`, the other name Extole bodies use for it)
+    or `email`."""
+    chosen = _choice("partner_user_id", "external_id", "email")(value)
+    return "partner_user_id" if chosen == "external_id" else chosen
+
+
 def _rate(value: str) -> Rate:
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(second|minute|hour)s?\s*", value.lower())
     if not match or int(match.group(1)) < 1:
@@ -205,6 +214,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "BRAZE_EXPORT_RATE": ("braze_export_rate", _rate),
     "BRAZE_EMAIL_IDENTITY": ("braze_email_identity", _choice("lookup", "email")),
     "RELAY_IDENTITY_TTL": ("identity_ttl", _int(0)),
+    "RELAY_EXTERNAL_ID": ("external_id_from", _external_id_source),
     "RELAY_EVENT_MAP": ("event_map", _existing_file),
     "RELAY_RETRY_BASE": ("retry_base", _number(0)),
     "RELAY_RETRY_MAX_DELAY": ("retry_max_delay", _number(0)),

@@ -184,10 +184,10 @@ def post_webhook(client: FlaskClient) -> Callable[..., Any]:
     """Post a body (bytes, or JSON-able) signed with the environment's secret."""
 
     def post(body: Any, environment: str = "production", headers: dict[str, str] | None = None,
-             secret: str | None = None) -> Any:
+             secret: str | None = None, query: str = "") -> Any:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         secret = secret or (STAGING_SECRET if environment == "staging" else PROD_SECRET)
-        return client.post(f"/webhooks/extole/{environment}", data=raw,
+        return client.post(f"/webhooks/extole/{environment}{query}", data=raw,
                            headers=headers if headers is not None else signed(raw, secret))
 
     return post

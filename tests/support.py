@@ -44,8 +44,18 @@ ADMIN_PASSWORD = "admin-password"  # the test settings' (conftest `make_settings
 STAGING_KEY = "staging-braze-key-bbbb"
 
 
+# Samples posted to a URL with a query: `reward_no_type.json` is a reshaped reward body without a
+# type, for a webhook whose URL names it (README, "Reward events").
+SAMPLE_QUERIES = {"reward_no_type.json": "?type=earned_reward"}
+
+
 def sample(name: str) -> bytes:
     return (SAMPLES / name).read_bytes()
+
+
+def sample_url(name: str, environment: str) -> str:
+    """Where a sample is posted: its environment's route, with the sample's query if any."""
+    return f"/webhooks/extole/{environment}{SAMPLE_QUERIES.get(name, '')}"
 
 
 def sample_json(name: str) -> Any:

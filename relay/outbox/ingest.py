@@ -55,8 +55,14 @@ def store_webhook(
     items: Sequence[Any],
     environment: str,
     event_map: EventMap,
+    *,
+    default_type: str | None = None,
+    external_id_from: str = "partner_user_id",
 ) -> Receipt:
     """Record the request and its events in the caller's transaction.
+
+    `default_type` and `external_id_from` are passed to `normalise` (the webhook URL's `type`
+    parameter and RELAY_EXTERNAL_ID).
 
     The caller wakes the workers after the commit (`relay.wakeup`): a NOTIFY inside this
     transaction would serialise every commit on PostgreSQL's notification queue lock.
@@ -69,7 +75,8 @@ def store_webhook(
     prepared: list[tuple[Any, Event | None, str | None]] = []
     for index, item in enumerate(items):
         try:
-            event = normalise(item, event_map, now)
+            event = normalise(item, event_map, now, default_type=default_type,
+                              external_id_from=external_id_from)
             if event.email and len(event.email) > MAX_EMAIL_LENGTH:
                 raise RejectedEvent(f"email is longer than {MAX_EMAIL_LENGTH} characters")
         except RejectedEvent as rejection:
@@ -167,7 +174,8 @@ SELECT (SELECT id FROM stored) AS inbound_id, (SELECT id FROM event) AS event_id
 
 
 def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment: str,
-                 event_map: EventMap) -> Receipt | None:
+                 event_map: EventMap, *, default_type: str | None = None,
+                 external_id_from: str = "partner_user_id") -> Receipt | None:
     """One usable event on PostgreSQL, both rows by one statement in autocommit mode.
 
     One round trip instead of four (BEGIN, insert, insert, COMMIT) and no session: the statement
@@ -178,7 +186,8 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
         return None
     now = inbound.received_at
     try:
-        event = normalise(item, event_map, now)
+        event = normalise(item, event_map, now, default_type=default_type,
+                          external_id_from=external_id_from)
     except RejectedEvent:
         return None
     if event.email and len(event.email) > MAX_EMAIL_LENGTH:

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, defer
 
+from relay import attributes as person_attributes
 from relay import dialect, metrics
 from relay.db import rowcount, utcnow
 from relay.models import OutboxEvent, Status
@@ -316,6 +317,8 @@ def newer_delivered_attributes(session: Session, environment: str,
                                oldest: dict[str, datetime]) -> dict[str, dict[str, datetime]]:
     """Per person, per attribute: the newest event time of a delivered event that set it.
 
+    Each subscription group is an attribute of its own (`relay.attributes.keys`).
+
     Only delivered events newer than `oldest[person]` (the oldest event about to be sent for
     that person) matter: theirs are the values an older event must not overwrite.
     """
@@ -343,7 +346,7 @@ def newer_delivered_attributes(session: Session, environment: str,
         if key is None or moment is None or moment <= behind[key]:
             continue
         per_person = newest.setdefault(key, {})
-        for name in attributes or {}:
+        for name in person_attributes.keys(attributes):
             if name not in per_person or per_person[name] < moment:
                 per_person[name] = moment
     return newest

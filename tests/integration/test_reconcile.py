@@ -37,6 +37,7 @@ from tests.support import (
     POSTGRESQL_ONLY,
     PROD_KEY,
     STAGING_KEY,
+    events_by_extole_id,
     login,
     sample_json,
     serving,
@@ -154,11 +155,16 @@ def test_each_reward_becomes_the_reward_event_its_webhook_would_have_been(
                             "event_time": page[0]["created_at"],
                             **{k: v for k, v in page[0].items()
                                if k not in ("state", "created_at")}}
+    # The webhook's mapping and properties (README, "Reward events").
+    assert sent.braze_event == "Reward Sent"
     assert sent.properties is not None
-    assert sent.properties["reward_id"] == SENT_ID
-    assert sent.properties["extole_event_id"] == f"reconciled:{SENT_ID}:SENT"
+    assert {k: sent.properties[k] for k in ("reward_id", "reward_state", "coupon_code",
+                                            "face_value", "extole_event_id")} == {
+        "reward_id": SENT_ID, "reward_state": "SENT", "coupon_code": "FRIEND20-7QX4",
+        "face_value": 20.0, "extole_event_id": f"reconciled:{SENT_ID}:SENT"}
     earned = events[f"reconciled:{EARNED_ID}:EARNED"]
-    assert earned.external_id == "cust-1036950000"
+    assert (earned.braze_event, earned.external_id) == ("Earned Reward", "cust-1036950000")
+    assert earned.properties is not None and "coupon_code" not in earned.properties
     # One inbound row for the page, its body the items stored.
     with get_db(app).session() as session:
         inbound = session.scalars(select(InboundRequest)).one()
@@ -193,6 +199,11 @@ def test_a_state_change_between_runs_is_backfilled_as_the_new_state(
     report = reconciler().run("production")
     assert numbers(report) == (1, 0, 1, 0)
     assert extole_ids(app) == ["reconciled:r-1:EARNED", "reconciled:r-1:FULFILLED"]
+    fulfilled = events_by_extole_id(app)["reconciled:r-1:FULFILLED"]
+    assert fulfilled.braze_event == "Reward Fulfilled"
+    assert fulfilled.properties is not None
+    assert (fulfilled.properties["coupon_code"], fulfilled.properties["face_value"]) == (
+        "CODE-1", 10.0)
 
 
 def test_paging_over_more_than_1000_rewards(

@@ -105,6 +105,22 @@ def test_valid_values_are_parsed(tmp_path: Path) -> None:
     assert load(tmp_path, BRAZE_EXPORT_RATE="15000/hour").braze_export_rate == Rate(15000, 3600.0)
 
 
+def test_external_id_source(tmp_path: Path) -> None:
+    assert load(tmp_path).external_id_from == "partner_user_id"
+    assert load(tmp_path, RELAY_EXTERNAL_ID=" Email ").external_id_from == "email"
+    # `external_id` is the other name Extole bodies give partner_user_id: the same choice.
+    assert load(tmp_path, RELAY_EXTERNAL_ID="external_id").external_id_from == "partner_user_id"
+    assert load(tmp_path, RELAY_EXTERNAL_ID="PARTNER_USER_ID").external_id_from == (
+        "partner_user_id")
+
+
+def test_invalid_external_id_source_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, RELAY_EXTERNAL_ID="person_id")
+    assert str(caught.value) == ("RELAY_EXTERNAL_ID: must be one of partner_user_id, external_id, "
+                                 "email, got 'person_id'")
+
+
 def test_blank_values_mean_the_default(tmp_path: Path) -> None:
     settings = load(tmp_path, RELAY_RETRY_BASE="", RELAY_LOG_FORMAT="   ",
                     EXTOLE_WEBHOOK_SECRET=" ")
@@ -126,6 +142,8 @@ INVALID = [
     ("BRAZE_EXPORT_RATE", "0/minute"),
     ("BRAZE_EXPORT_RATE", "250/day"),
     ("BRAZE_EMAIL_IDENTITY", "phone"),
+    ("RELAY_EXTERNAL_ID", "person_id"),
+    ("RELAY_EXTERNAL_ID", "e-mail"),
     ("RELAY_IDENTITY_TTL", "-1"),
     ("RELAY_IDENTITY_TTL", "1h"),
     ("RELAY_EVENT_MAP", "/nonexistent/events.toml"),

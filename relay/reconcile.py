@@ -166,13 +166,15 @@ class Reconciler:
         if dry_run:
             self._read(report)
             return report
+        if only_if_due and not self._due(environment, now):
+            return None  # read only: most of the worker's looks end here, writing nothing
         if not self._acquire(environment, now):
             if only_if_due:
                 return None
             raise ReconcileBusy(f"{environment}: {self._holder(environment)}")
         try:
             if only_if_due and not self._due(environment, now):
-                return None
+                return None  # another worker ran it between our look and our lock
             self._read(report)
             self._record(report)
         finally:
@@ -188,10 +190,10 @@ class Reconciler:
             for offset, page in client.reward_pages(report.window_start, report.window_end):
                 self._page(report, offset, page)
                 if self.stopping.is_set():
-                    report.error = "stopped: the worker is shutting down"
+                    report.error = "the worker is shutting down"
                     break
                 if not report.dry_run and not self._renew(report.environment):
-                    report.error = "stopped: the lock expired (another run took it over)"
+                    report.error = "its lock expired and another run took it over"
                     break
         except ExtoleError as error:
             report.error = str(error)

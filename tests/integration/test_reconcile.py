@@ -324,6 +324,20 @@ def test_a_page_whose_rewards_lack_fields_is_reported_never_a_crash(
     assert counts(app)["events"] == 0
 
 
+def test_a_worker_shutting_down_stops_its_run_between_pages(
+        app: Flask, sandbox: tuple[str, Any], reconciler: Callable[..., Reconciler]) -> None:
+    extole_has(sandbox, rewards_now([reward(f"r-{n:04d}") for n in range(1001)]))
+    stopping = threading.Event()
+    stopping.set()
+    report = reconciler(stopping=stopping).run("production", trigger="worker")
+    assert report is not None and report.error == "the worker is shutting down"
+    assert numbers(report) == (1000, 0, 1000, 0)  # the first page is stored, whole
+    assert report.summary().endswith("; stopped: the worker is shutting down")
+    [run] = runs(app)
+    assert (run.error, run.backfilled) == ("the worker is shutting down", 1000)
+    assert numbers(reconciler().run("production")) == (1001, 1000, 1, 0)
+
+
 # --- concurrency ---------------------------------------------------------------------------------
 
 

@@ -343,7 +343,7 @@ def forget(email: str | None, external_id: str | None, yes: bool) -> None:
     with _database() as database, database.session() as session:
         counts = privacy.forget(session, email=email, external_id=external_id)
     for kind, count in counts.items():
-        verb = "deleted" if kind == "identity_cache" else "redacted"
+        verb = "deleted" if kind in ("identity_cache", "dedup_keys") else "redacted"
         click.echo(f"{kind}: {count} {verb}")
 
 
@@ -351,14 +351,19 @@ def forget(email: str | None, external_id: str | None, yes: bool) -> None:
 @click.option("--older-than", "days", type=click.IntRange(1), default=None,
               help="Days to keep [default: RELAY_RETENTION_DAYS].")
 def purge(days: int | None) -> None:
-    """Delete delivered/skipped events and logs past retention."""
+    """Delete delivered/skipped events and logs past retention.
+
+    The de-duplication keys of purged events stay until RELAY_DEDUP_DAYS after their receipt,
+    so a replayed request is still recognised; older ones are deleted too.
+    """
     from relay import retention
 
     settings = load_settings()
     days = days or settings.retention_days
     with _database(settings) as database:
-        counts = retention.purge(database, days)
-    click.echo(f"purged rows received more than {days} days ago:")
+        counts = retention.purge(database, days, dedup_days=settings.dedup_days)
+    click.echo(f"purged rows received more than {days} days ago "
+               f"(keys of purged events: {settings.dedup_days} days):")
     for kind, count in counts.items():
         click.echo(f"  {kind}: {count}")
 

@@ -7,6 +7,9 @@ mention them are scrubbed precisely, so other people's data survives: in JSON, a
 other string that mentions them becomes a marker. Raw inbound bodies cannot be edited safely (they
 are the exact bytes Extole sent), so a body that mentions them is replaced by a marker; headers are
 kept unless a header value itself mentions them. Identity cache entries for them are deleted.
+De-duplication keys are event ids, reward ids and hashes, which name nobody; a key that does
+mention them (a reshaped body whose event `id` is a person's id) is deleted, as their event's own
+`dedup_key` is erased: a replay of that request is then new again, which forgetting accepts.
 
 Matching is case-insensitive and bounded by identifier characters, so forgetting ann@example.com
 leaves joann@example.com alone and forgetting external id 42 leaves 420 alone. SQL narrows the rows
@@ -26,7 +29,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from relay import dialect
-from relay.models import DeliveryAttempt, IdentityCache, InboundRequest, OutboxEvent
+from relay.models import DedupKey, DeliveryAttempt, IdentityCache, InboundRequest, OutboxEvent
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,7 @@ def forget(
         "inbound_requests": _forget_inbound(session, person),
         "delivery_attempts": _forget_attempts(session, person),
         "identity_cache": _forget_identity_cache(session, person),
+        "dedup_keys": _forget_dedup_keys(session, person),
     }
     session.flush()
     log.info("forgot a person: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -239,3 +243,11 @@ def _forget_identity_cache(session: Session, person: Person) -> int:
         session.delete(row)
     return len(rows)
 
+
+
+def _forget_dedup_keys(session: Session, person: Person) -> int:
+    rows = [row for row in session.scalars(select(DedupKey).where(person.contains(DedupKey.key)))
+            if person.mentioned_in(row.key)]
+    for row in rows:
+        session.delete(row)
+    return len(rows)

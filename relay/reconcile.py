@@ -39,6 +39,7 @@ from relay.exceptions import ExtoleError, ReconcileBusy, RejectedEvent, RelayErr
 from relay.extole import EVENT_ID, EVENT_TIME, EVENT_TYPE, RECONCILED_PREFIX, Event, normalise
 from relay.extoleapi import MAX_LIMIT, REWARDS_PATH, TOKEN_VARIABLES, ExtoleClient, interval
 from relay.models import InboundRequest, OutboxEvent, ReconcileLock, ReconcileRun
+from relay.outbox import dedup
 from relay.outbox.ingest import store_webhook
 from relay.settings import ENVIRONMENTS, Settings
 
@@ -229,14 +230,12 @@ class Reconciler:
             self._store(report, offset, missing)
 
     def _held(self, session: Session, environment: str, events: Sequence[Event]) -> list[bool]:
-        """Whether the environment already holds each event (read only: a first sort, so a run
-        over rewards that are all present writes nothing; the ingest's insert decides)."""
-        keys = {event.dedup_key for event in events}
-        if not keys:
-            return []
-        found = set(session.scalars(select(OutboxEvent.dedup_key).where(
-            OutboxEvent.environment == environment, OutboxEvent.dedup_key.in_(sorted(keys)))))
-        return [event.dedup_key in found for event in events]
+        """Whether the environment already holds each event by one of its de-duplication keys
+        (its event id, or its reward and state): read only, a first sort so that a run over
+        rewards that are all present writes nothing. The ingest's insert decides."""
+        keys = [dedup.keys_of(event) for event in events]
+        taken = dedup.held(session.connection(), environment, {k for each in keys for k in each})
+        return [not taken.isdisjoint(each) for each in keys]
 
     def _store(self, report: RunReport, offset: int,
                missing: Sequence[tuple[dict[str, Any], Event]]) -> None:

@@ -60,6 +60,7 @@ class Settings:
     log_format: str = "text"
     max_body_bytes: int = 1048576
     retention_days: int = 30
+    dedup_days: int = 400
     # Tunables of the worker, in the README's table too.
     worker_batch_size: int = 500
     worker_threads: int = 8
@@ -222,6 +223,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RELAY_LOG_FORMAT": ("log_format", _choice("text", "json")),
     "RELAY_MAX_BODY_BYTES": ("max_body_bytes", _int(1)),
     "RELAY_RETENTION_DAYS": ("retention_days", _int(1)),
+    "RELAY_DEDUP_DAYS": ("dedup_days", _int(1)),
     "RELAY_WORKER_BATCH_SIZE": ("worker_batch_size", _int(1, 10000)),
     "RELAY_WORKER_THREADS": ("worker_threads", _int(1, 64)),
     "RELAY_LEASE_SECONDS": ("lease_seconds", _int(10)),
@@ -290,6 +292,13 @@ def load_settings(
         raise SettingsError(
             "RELAY_RETRY_MAX_DELAY: must be at least RELAY_RETRY_BASE "
             f"({settings.retry_max_delay:g} < {settings.retry_base:g})"
+        )
+    if settings.dedup_days < settings.retention_days:
+        # Keys must outlive their events: a key gone before its event is purged lets a replay of
+        # a purged event in.
+        raise SettingsError(
+            "RELAY_DEDUP_DAYS: must be at least RELAY_RETENTION_DAYS "
+            f"({settings.dedup_days} < {settings.retention_days})"
         )
     if settings.admin_password and not settings.secret_key:
         raise SettingsError(

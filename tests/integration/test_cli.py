@@ -384,9 +384,9 @@ def test_forget_asks_first_then_prints_counts(relay: Callable[..., Result], app:
 
     result = relay("forget", "--email", "Ann.Lee@example.com", input="y\n")
     assert result.exit_code == 0
-    assert result.stdout.splitlines()[-4:] == [
+    assert result.stdout.splitlines()[-5:] == [
         "events: 1 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
-        "identity_cache: 0 deleted"]
+        "identity_cache: 0 deleted", "dedup_keys: 0 deleted"]
     stored = events_by_extole_id(app)
     assert stored["r7k2m9q4x1b8c3d5e6f0"].email is None
     assert stored["rc00112233445566778"].email == "bo.chen@example.org"
@@ -403,7 +403,7 @@ def test_forget_by_external_id_with_yes(relay: Callable[..., Result], app: Flask
     result = relay("forget", "--external-id", "cust-3001", "--yes")
     assert result.stdout.splitlines() == [
         "events: 2 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
-        "identity_cache: 0 deleted"]
+        "identity_cache: 0 deleted", "dedup_keys: 0 deleted"]
     stored = events_by_extole_id(app)
     assert stored["bt-0001"].external_id is None and stored["bt-0003"].email == "dee@example.net"
 
@@ -420,11 +420,14 @@ def test_purge_prints_counts_and_deletes(relay: Callable[..., Result], app: Flas
 
     kept = relay("purge")  # RELAY_RETENTION_DAYS defaults to 30
     assert kept.stdout.splitlines()[1:] == ["  events: 0", "  delivery_attempts: 0",
-                                            "  inbound_requests: 0", "  identity_cache: 0"]
+                                            "  inbound_requests: 0", "  identity_cache: 0",
+                                            "  dedup_keys: 0"]
     result = relay("purge", RELAY_RETENTION_DAYS="7")
+    # The purged events' keys stay (RELAY_DEDUP_DAYS, 400 by default): replays stay duplicates.
     assert result.stdout.splitlines() == [
-        "purged rows received more than 7 days ago:", "  events: 2", "  delivery_attempts: 0",
-        "  inbound_requests: 2", "  identity_cache: 0"]
+        "purged rows received more than 7 days ago (keys of purged events: 400 days):",
+        "  events: 2", "  delivery_attempts: 0", "  inbound_requests: 2", "  identity_cache: 0",
+        "  dedup_keys: 0"]
     assert set(events_by_extole_id(app)) == {"us1234abcd5678ef9013"}
     assert relay("purge", "--older-than", "0").exit_code == 2
 

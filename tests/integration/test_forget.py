@@ -16,6 +16,7 @@ from relay.db import Database, get_db, utcnow
 from relay.models import (
     AttemptEvent,
     Base,
+    DedupKey,
     DeliveryAttempt,
     IdentityCache,
     InboundRequest,
@@ -135,7 +136,7 @@ def test_forget_by_email_and_external_id_leaves_no_trace(db: Database,
     # 6 own events + Bo's sign-up naming Ann as his advocate; 7 bodies + the odd request;
     # one Braze request; both cache entries.
     assert counts == {"events": 7, "inbound_requests": 8, "delivery_attempts": 1,
-                      "identity_cache": 2}
+                      "identity_cache": 2, "dedup_keys": 0}
     after = snapshot(db)
     changed = {key for key in before if before[key] != after.get(key)}
     assert len(changed) == sum(counts.values())
@@ -246,7 +247,8 @@ def test_forget_someone_unknown_changes_nothing(db: Database,
                                                 populated: dict[str, int]) -> None:
     before = snapshot(db)
     assert forget(db, email="nobody@example.com", external_id="cust-0") == {
-        "events": 0, "inbound_requests": 0, "delivery_attempts": 0, "identity_cache": 0}
+        "events": 0, "inbound_requests": 0, "delivery_attempts": 0, "identity_cache": 0,
+        "dedup_keys": 0}
     assert snapshot(db) == before
 
 
@@ -315,3 +317,26 @@ def test_a_forgotten_pending_event_is_never_sent(app: Flask, db: Database, post_
     with db.session() as session:
         [event] = session.scalars(select(OutboxEvent))
     assert (event.status, event.last_error) == ("dead", "no identifier")
+
+
+def test_keys_name_nobody_but_one_that_does_is_deleted(db: Database, app: Flask,
+                                                       post_webhook: Any) -> None:
+    """Event ids and hashes are kept (they name nobody); a reshaped body whose event `id` is the
+    person's id leaves a key naming them, and that key goes with the rest."""
+    items = [{"type": "signed_up", "id": f"signup:{ANN_ID}", "partner_user_id": ANN_ID},
+             {"type": "shared", "email": ANN_EMAIL},  # no id: keyed by a hash
+             {"type": "shared", "id": "ev-other", "email": ANN_EMAIL}]
+    assert post_webhook(items).status_code == 200
+    with db.session() as session:
+        before = set(session.scalars(select(DedupKey.key)))
+    assert f"signup:{ANN_ID}" in before and len(before) == 3
+
+    counts = forget(db, email=ANN_EMAIL, external_id=ANN_ID)
+
+    assert counts["dedup_keys"] == 1
+    with db.session() as session:
+        after = set(session.scalars(select(DedupKey.key)))
+    assert after == before - {f"signup:{ANN_ID}"}
+    assert traces(db, ANN_EMAIL, ANN_ID) == []
+    # The others still recognise a replay.
+    assert post_webhook(items[1:]).get_json()["duplicates"] == 2

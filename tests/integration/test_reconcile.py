@@ -623,3 +623,72 @@ def test_two_reconcile_processes_at_once_store_each_reward_state_once(
                                 r"\S+Z: not started\n", stdout), stdout
     assert backfilled == 1200
     assert extole_ids(app) == sorted(f"reconciled:r-{n:04d}:EARNED" for n in range(1200))
+
+
+# --- reconciliation and webhooks meet (README, "Reward events": the duplicate rule) -------------
+
+
+def webhook_item(reward_id: str, state: str, event_id: str, **fields: Any) -> dict[str, Any]:
+    """A reward webhook as Extole posts it when the body is left as is."""
+    return {"event_id": event_id, "type": state, "reward_id": reward_id,
+            "event_time": (utcnow() - timedelta(hours=1)).isoformat() + "Z",
+            "partner_user_id": f"cust-{reward_id}", "face_value": "10.00",
+            "face_value_type": "USD", **fields}
+
+
+def test_missing_states_are_backfilled_and_none_of_the_present_ones_resent(
+        app: Flask, sandbox: tuple[str, Any], reconciler: Callable[..., Reconciler],
+        post_webhook: Callable[..., Any]) -> None:
+    """Webhooks came for two reward states; Extole now lists one of them as it is, one reward
+    moved on (FULFILLED → SENT) and one reward whose webhook never came."""
+    fulfilled = sample_json("reward_fulfilled_coupon.json")  # reward c93e…, FULFILLED
+    earned = webhook_item(EARNED_ID, "EARNED", "wh-earned-1")
+    assert post_webhook([fulfilled, earned]).json["accepted"] == 2
+    never = reward("never-came", "FULFILLED", partner_reward_id="CODE-9")
+    extole_has(sandbox, rewards_now([*PAGE, never]))
+    report = reconciler().run("production")
+    assert numbers(report) == (3, 1, 2, 0)
+    assert report is not None and report.backfilled_ids == [
+        f"reconciled:{SENT_ID}:SENT", "reconciled:never-came:FULFILLED"]
+    assert extole_ids(app) == sorted([fulfilled["event_id"], "wh-earned-1",
+                                      f"reconciled:{SENT_ID}:SENT",
+                                      "reconciled:never-came:FULFILLED"])
+    assert numbers(reconciler().run("production")) == (3, 3, 0, 0)
+
+
+def test_a_webhook_after_the_run_for_the_same_reward_state_is_a_duplicate(
+        app: Flask, sandbox: tuple[str, Any], reconciler: Callable[..., Reconciler],
+        post_webhook: Callable[..., Any]) -> None:
+    extole_has(sandbox, rewards_now([reward("late")]))
+    assert numbers(reconciler().run("production")) == (1, 0, 1, 0)
+    answer = post_webhook(webhook_item("late", "EARNED", "wh-late-1"))
+    assert answer.status_code == 200
+    assert (answer.json["accepted"], answer.json["duplicates"]) == (0, 1)
+    assert extole_ids(app) == ["reconciled:late:EARNED"]
+    # Another state of the same reward is another event.
+    assert post_webhook(webhook_item("late", "FULFILLED", "wh-late-2")).json["accepted"] == 1
+
+
+def test_a_run_overlapping_webhooks_for_the_same_reward_states_stores_each_once(
+        app: Flask, sandbox: tuple[str, Any], reconciler: Callable[..., Reconciler],
+        post_webhook: Callable[..., Any]) -> None:
+    """Webhooks for the same reward states arrive while a run reads and stores them: whichever
+    comes second is a duplicate, on both sides."""
+    _, state = sandbox
+    count = 300
+    extole_has(sandbox, rewards_now([reward(f"o-{n:03d}") for n in range(count)]))
+    state.faults["latency_ms"] = 50
+    outcome: list[Any] = []
+    thread = threading.Thread(target=lambda: outcome.append(reconciler().run("production")))
+    thread.start()
+    answers = [post_webhook(webhook_item(f"o-{n:03d}", "EARNED", f"wh-o-{n:03d}")).json
+               for n in range(count)]
+    thread.join(timeout=120)
+    [report] = outcome
+    assert numbers(report) == (count, count - report.backfilled, report.backfilled, 0)
+    accepted = sum(a["accepted"] for a in answers)
+    assert sum(a["duplicates"] for a in answers) == count - accepted
+    assert accepted + report.backfilled == count
+    with get_db(app).session() as session:
+        rewards = session.scalars(select(OutboxEvent.properties)).all()
+    assert sorted(p["reward_id"] for p in rewards if p) == [f"o-{n:03d}" for n in range(count)]

@@ -50,6 +50,7 @@ def test_defaults_are_the_readme_table(tmp_path: Path) -> None:
     assert settings.max_body_bytes == 1048576
     assert settings.retry_max_age == 86400
     assert settings.retention_days == 30
+    assert settings.dedup_days == 400
     assert settings == Settings()
 
 
@@ -161,6 +162,9 @@ INVALID = [
     ("RELAY_MAX_BODY_BYTES", "0"),
     ("RELAY_MAX_BODY_BYTES", "1MB"),
     ("RELAY_RETENTION_DAYS", "0"),
+    ("RELAY_DEDUP_DAYS", "0"),
+    ("RELAY_DEDUP_DAYS", "a year"),
+    ("RELAY_DEDUP_DAYS", "29"),  # below the retention (30): keys would go before their events
     ("RELAY_WORKER_BATCH_SIZE", "0"),
     ("RELAY_WORKER_THREADS", "65"),
     ("RELAY_LEASE_SECONDS", "5"),
@@ -181,6 +185,15 @@ def test_invalid_value_names_its_variable_in_one_line(tmp_path: Path, variable: 
     assert "\n" not in message
     assert len(message) < 200
     assert "hunter2" not in message  # a database password is not repeated
+
+
+def test_dedup_days_default_and_bounds(tmp_path: Path) -> None:
+    assert load(tmp_path).dedup_days == 400
+    assert load(tmp_path, RELAY_DEDUP_DAYS="30").dedup_days == 30
+    with pytest.raises(SettingsError, match=r"^RELAY_DEDUP_DAYS: must be at least "
+                                            r"RELAY_RETENTION_DAYS \(400 < 500\)$"):
+        load(tmp_path, RELAY_RETENTION_DAYS="500")
+    assert load(tmp_path, RELAY_RETENTION_DAYS="500", RELAY_DEDUP_DAYS="500").dedup_days == 500
 
 
 def test_admin_password_needs_a_secret_key(tmp_path: Path) -> None:

@@ -70,6 +70,12 @@ _UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
+def _named(entry: str) -> tuple[str | None, str]:
+    """"NAME=KEY" → (NAME, KEY); "KEY" → (None, KEY)."""
+    name, sep, key = entry.partition("=")
+    return (name.strip(), key.strip()) if sep else (None, name.strip())
+
+
 def _is_num(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -332,14 +338,13 @@ class _Sandbox:
         self.lock = threading.Lock()
         self.keys: dict[str, str] = {}
         for entry in config.api_keys:
-            name, sep, key = entry.partition("=")
-            key = key if sep else name
-            self.keys[key.strip()] = name.strip() if sep else f"key-{key.strip()[-4:]}"
+            name, key = _named(entry)
+            self.keys[key] = name or f"key-{key[-4:]}"
+        # Extole: token -> the program whose rewards it reads.
         self.extole_tokens: dict[str, str] = {}
         for entry in config.extole_tokens:
-            program, sep, token = entry.partition("=")
-            self.extole_tokens[(token if sep else program).strip()] = (
-                program.strip() if sep else EXTOLE_DEFAULT_PROGRAM)
+            program, token = _named(entry)
+            self.extole_tokens[token] = program or EXTOLE_DEFAULT_PROGRAM
         self.rng = random.Random(config.seed)
         self.reset()
 

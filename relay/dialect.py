@@ -145,6 +145,22 @@ def take_write_lock(session: Session, entity: type[Any], where: ColumnElement[bo
         session.execute(update(entity).where(where).values({key.name: key}))
 
 
+# --- files ----------------------------------------------------------------------------------------
+
+
+def checkpoint_wal(engine: Engine) -> bool | None:
+    """SQLite: copy the write-ahead log into the database file and truncate it to zero bytes,
+    so the page images it held (rows as they were before a change, or an erasure) leave the
+    `-wal` file. It waits (the busy timeout) for readers of older snapshots and writers;
+    False when one kept it from finishing, True when done. PostgreSQL: None (its WAL and old
+    row versions are the server's, reclaimed by its own checkpoints and VACUUM)."""
+    if not is_sqlite(engine):
+        return None
+    with engine.connect() as connection:
+        busy = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").scalar_one()
+    return int(busy) == 0
+
+
 # --- PostgreSQL's single-statement path ---------------------------------------------------------
 
 

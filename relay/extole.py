@@ -426,6 +426,20 @@ def item_value(item: dict[str, Any], name: str) -> Any:
     return None
 
 
+def identifiers(item: Any) -> tuple[str | None, str | None]:
+    """Whose item this is, (external_id, email), found as `normalise` finds them, also in an
+    item it rejected (no type, a bad time): `relay forget` recognises a person's rejected
+    items by it. Values `normalise` would refuse count as absent."""
+    if not isinstance(item, dict):
+        return None, None
+    fields = _Fields(item)
+    try:
+        external_id = _scalar_text(fields.first(EXTERNAL_ID), "partner_user_id/external_id")
+    except RejectedEvent:
+        external_id = None
+    return external_id, normalise_email(fields.first(EMAIL, kind=str))
+
+
 def _json_kind(value: Any) -> str:
     if value is None:
         return "null"

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
 
 from relay import create_app, logs, migrate
+from relay.cli import cli
 from relay.models import Base
-from relay.settings import Settings
+from relay.settings import _VARIABLES, Settings
 from relay.worker import Worker
 from tests.support import (
     BRAZE_URL,
@@ -177,6 +179,28 @@ def make_worker(app: Flask, settings: Settings) -> Iterator[Callable[..., Worker
     yield factory
     for worker in made:
         worker.close()
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """For `relay` commands: no setting leaks in from the machine or a developer's .env."""
+    for name in _VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def relay(clean_environment: None, database_url: str) -> Callable[..., Result]:
+    """Run `relay ARGS` against the test database; extra keyword arguments are settings."""
+
+    def run(*args: str, input: str | None = None, **env: str) -> Result:
+        settings = {"RELAY_DATABASE_URL": database_url, "EXTOLE_WEBHOOK_SECRET": PROD_SECRET,
+                    "EXTOLE_STAGING_WEBHOOK_SECRET": STAGING_SECRET, **env}
+        return CliRunner().invoke(cli, list(args), env=settings, input=input,
+                                  catch_exceptions=False)
+
+    return run
 
 
 @pytest.fixture

@@ -189,6 +189,29 @@ class Background:
                 process.wait()
 
 
+@contextlib.contextmanager
+def served_sandbox(config: Any = None) -> Iterator[tuple[str, Flask]]:
+    """`relay sandbox` served by werkzeug on a free port, in a thread, for a `with` block: its
+    base URL and its app (whose test client reaches /sandbox/faults without a socket)."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from relay.sandbox import SandboxConfig, create_sandbox_app
+
+    app = create_sandbox_app(config or SandboxConfig(api_keys=[f"prod={PROD_KEY}",
+                                                               f"staging={STAGING_KEY}"]))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="sandbox", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", app
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+
+
 # --- what the app stored ------------------------------------------------------------------------
 
 

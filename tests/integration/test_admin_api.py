@@ -46,11 +46,11 @@ def login(client: FlaskClient) -> str:
 
 
 def reward(**overrides: Any) -> dict[str, Any]:
+    # Each its own reward: one reward in one state is one event (README, "Duplicates").
     event = {"type": "reward_earned", "event_id": f"ev-{uuid.uuid4().hex[:12]}",
              "event_time": "2026-11-20T14:14:18Z", "partner_user_id": "cust-1",
-             "email": "Ann.Lee@Example.com", "face_value": 50,
-             # Each its own reward: one reward's state twice would be a duplicate.
-             "reward_id": f"r-{uuid.uuid4().hex[:12]}"}
+             "email": "Ann.Lee@Example.com", "reward_id": f"r-{uuid.uuid4().hex[:12]}",
+             "face_value": 50}
     event.update(overrides)
     return event
 

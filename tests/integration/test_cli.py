@@ -19,13 +19,11 @@ from relay import migrate
 from relay.cli import cli
 from relay.db import get_db, utcnow
 from relay.models import InboundRequest, OutboxEvent
-from relay.settings import _VARIABLES
 from tests.support import (
     BRAZE_URL,
     PROD_KEY,
     PROD_SECRET,
     STAGING_KEY,
-    STAGING_SECRET,
     events_by_extole_id,
     free_port,
     sample,
@@ -34,28 +32,6 @@ from tests.support import (
 
 COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
             "serve", "worker")
-
-
-@pytest.fixture
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No setting leaks in from the machine or from a developer's instance/.env."""
-    for name in _VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def relay(clean_environment: None, database_url: str) -> Callable[..., Result]:
-    """Run `relay ARGS` against the test database; extra keyword arguments are settings."""
-
-    def run(*args: str, input: str | None = None, **env: str) -> Result:
-        settings = {"RELAY_DATABASE_URL": database_url, "EXTOLE_WEBHOOK_SECRET": PROD_SECRET,
-                    "EXTOLE_STAGING_WEBHOOK_SECRET": STAGING_SECRET, **env}
-        return CliRunner().invoke(cli, list(args), env=settings, input=input,
-                                  catch_exceptions=False)
-
-    return run
 
 
 def set_status(app: Flask, extole_ids: list[str], status: str, **values: Any) -> None:

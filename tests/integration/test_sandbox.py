@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from relay.braze import BrazeClient, RateLimited
 from relay.sandbox import SandboxConfig, create_sandbox_app
+from tests.support import served_sandbox
 
 PROD = "prod-key-0000-1111"
 STAGING = "staging-key-0000-2222"
@@ -497,16 +497,8 @@ def test_config_refuses_bad_values(kwargs: dict[str, Any]) -> None:
 
 @pytest.fixture
 def live() -> Iterator[tuple[str, FlaskClient]]:
-    app = create_sandbox_app(SandboxConfig(api_keys=[f"prod={PROD}"]))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}", app.test_client()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with served_sandbox(SandboxConfig(api_keys=[f"prod={PROD}"])) as (url, app):
+        yield url, app.test_client()
 
 
 def test_braze_client_end_to_end(live: tuple[str, FlaskClient]) -> None:

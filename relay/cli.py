@@ -385,12 +385,69 @@ def purge(days: int | None) -> None:
         click.echo(f"  {kind}: {count}")
 
 
+# --- reconciliation -----------------------------------------------------------------------------
+
+SHOWN_BACKFILLS = 50
+
+
+@cli.command(short_help="Recover reward states Extole never delivered.")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS),
+              help="Only this environment [default: every one with an Extole API token].")
+@click.option("--since", help="Look back to this ISO-8601 time instead of "
+                              "RELAY_RECONCILE_WINDOW.")
+@click.option("--dry-run", is_flag=True, help="Say what would be backfilled; store nothing.")
+def reconcile(environment: str | None, since: str | None, dry_run: bool) -> None:
+    """Recover reward events Extole never delivered, from its rewards API.
+
+    Reads Extole's rewards over the window and stores, as reward events delivered like any
+    other, each reward state the environment does not hold yet; prints what it saw and
+    backfilled. Exit code 1 when an environment could not be reconciled (a refused token,
+    Extole unavailable, another run in progress).
+    """
+    from relay.eventmap import EventMap
+    from relay.exceptions import ReconcileBusy
+    from relay.outbox.filters import parse_since
+    from relay.reconcile import Reconciler
+
+    try:
+        moment = parse_since(since)
+    except FilterError as error:
+        raise click.BadParameter(str(error), param_hint="--since") from None
+    settings = load_settings()
+    with _database(settings) as database:
+        reconciler = Reconciler(settings, database, EventMap.load(settings.event_map))
+        environments = [environment] if environment else reconciler.environments()
+        if not environments:
+            raise RelayError("no Extole API token is set (EXTOLE_API_TOKEN, "
+                             "EXTOLE_STAGING_API_TOKEN): nothing to reconcile")
+        failed = 0
+        for name in environments:
+            try:
+                report = reconciler.run(name, since=moment, dry_run=dry_run)
+            except ReconcileBusy as busy:
+                click.echo(f"{busy}: not started")
+                failed += 1
+                continue
+            assert report is not None  # only the worker's due-only runs answer None
+            click.echo(report.summary())
+            verb = "would backfill" if dry_run else "backfilled"
+            for extole_id in report.backfilled_ids[:SHOWN_BACKFILLS]:
+                click.echo(f"  {verb} {extole_id}")
+            if len(report.backfilled_ids) > SHOWN_BACKFILLS:
+                click.echo(f"  … and {len(report.backfilled_ids) - SHOWN_BACKFILLS} more")
+            for problem in report.problems:
+                click.echo(f"  error: {problem}")
+            failed += not report.ok
+    if failed:
+        raise RelayError(f"{failed} environment{'s' if failed != 1 else ''} not reconciled")
+
+
 # --- checking -----------------------------------------------------------------------------------
 
 
-@cli.command("check-config")
+@cli.command("check-config", short_help="Validate settings, Braze keys, Extole tokens.")
 def check_config() -> None:
-    """Validate settings and try each Braze key."""
+    """Validate settings and try each Braze key and Extole API token."""
     from relay import checks
 
     settings = load_settings()  # an invalid value stops here with one line and exit code 2
@@ -415,7 +472,7 @@ def init() -> None:
     click.echo(localsetup.instructions(load_settings()))
 
 
-@cli.command(short_help="Run a local imitation of Braze.")
+@cli.command(short_help="Run a local imitation of Braze and Extole's rewards API.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9010, show_default=True, type=int)
 @click.option("--api-key", "api_keys", multiple=True,
@@ -426,10 +483,14 @@ def init() -> None:
 @click.option("--latency-ms", default=0, type=click.IntRange(0), show_default=True)
 @click.option("--rate-limit", default=None, help="e.g. 20/3s: requests allowed per window.")
 @click.option("--reject-key", "reject_keys", multiple=True, help="Key answered 401.")
+@click.option("--extole-token", "extole_tokens", multiple=True,
+              help="Extole API token, PROGRAM=TOKEN or TOKEN (repeatable; none: any token "
+                   "reads program production).")
 def sandbox(host: str, port: int, api_keys: tuple[str, ...], fail_rate: float,
             fail_status: int, latency_ms: int, rate_limit: str | None,
-            reject_keys: tuple[str, ...]) -> None:
-    """Run a local imitation of Braze's /users/track and /users/export/ids."""
+            reject_keys: tuple[str, ...], extole_tokens: tuple[str, ...]) -> None:
+    """Run a local imitation of Braze's /users/track and /users/export/ids, and of Extole's
+    GET /v2/rewards over the rewards posted to /sandbox/extole/rewards."""
     from relay.sandbox import SandboxConfig, run_sandbox
 
     if rate_limit:
@@ -439,7 +500,8 @@ def sandbox(host: str, port: int, api_keys: tuple[str, ...], fail_rate: float,
             raise click.BadParameter(str(exc), param_hint="--rate-limit") from None
     config = SandboxConfig(api_keys=list(api_keys), fail_rate=fail_rate,
                            fail_status=fail_status, latency_ms=latency_ms,
-                           rate_limit=rate_limit, reject_keys=list(reject_keys))
+                           rate_limit=rate_limit, reject_keys=list(reject_keys),
+                           extole_tokens=list(extole_tokens))
     click.echo(f"Braze sandbox on http://{host}:{port} (profiles: /sandbox/profiles)")
     run_sandbox(host, port, config)
 

@@ -40,6 +40,9 @@ REWARD_STATE_FIELD = ("state",)
 SUBSCRIPTION_GROUP = ("subscription_group_id",)
 COUPON_KEY_TYPE = "COUPON"
 MAX_NUMBER_TEXT = 40  # longer digit strings are not amounts: they stay text
+# The Extole event id of a reward event reconciliation recovered from Extole's rewards API:
+# `reconciled:<reward_id>:<STATE>` (relay.reconcile), an id Extole itself never makes.
+RECONCILED_PREFIX = "reconciled:"
 
 # Fields that are not event properties: identity and profile (top level and `person`), and the
 # envelope (top level only: a person's `id` or `name` is not the event's, so it is kept).
@@ -86,6 +89,11 @@ class Event:
         if self.email:
             return "email:" + self.email
         return None
+
+
+def is_reconciled(extole_event_id: str | None) -> bool:
+    """Whether an event was recovered by reconciliation rather than posted by Extole."""
+    return bool(extole_event_id and extole_event_id.startswith(RECONCILED_PREFIX))
 
 
 def canonical_json(value: Any) -> str:

@@ -278,3 +278,45 @@ class AdminLoginFailure(Base):
     scope: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64))
     failed_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class ReconcileRun(Base):
+    """One finished reconciliation run of one environment (README, "Reconciliation").
+
+    `seen` rewards Extole listed in the window; `present` of them the environment already held
+    (by reward and state); `backfilled` stored now as reward events; `errors` rewards that could
+    not be used (their reasons, the first few, in `problems`). `error` says why a run stopped
+    early (a refused token, Extole unavailable, an answer that is not a list of rewards): such a
+    run is not a success.
+    """
+
+    __tablename__ = "reconcile_runs"
+    __table_args__ = (Index("ix_reconcile_runs_environment_id", "environment", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime] = mapped_column(DateTime)
+    window_start: Mapped[datetime] = mapped_column(DateTime)
+    window_end: Mapped[datetime] = mapped_column(DateTime)
+    seen: Mapped[int] = mapped_column(Integer, default=0)
+    present: Mapped[int] = mapped_column(Integer, default=0)
+    backfilled: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    problems: Mapped[list[str] | None] = mapped_column(Json)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+
+class ReconcileLock(Base):
+    """Who runs an environment's reconciliation now: one row per environment while a run holds
+    it, until `expires_at` (renewed after every page), so a run whose process died frees the
+    environment by itself. Shared by every worker and host through the database."""
+
+    __tablename__ = "reconcile_locks"
+
+    environment: Mapped[str] = mapped_column(String(16), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)

@@ -1,7 +1,12 @@
-"""A local imitation of Braze's /users/track and /users/export/ids, strict where Braze is strict.
+"""A local imitation of Braze's /users/track and /users/export/ids, strict where Braze is strict,
+and of Extole's GET /v2/rewards (the rewards reconciliation reads).
 
 It keeps profiles in memory per workspace (per API key) so tests and demos can see what Braze would
-hold, and injects faults (errors, latency, rate limits, refused keys and events) on demand.
+hold, and injects faults (errors, latency, rate limits, refused keys and events) on demand. Rewards
+posted to POST /sandbox/extole/rewards are served by GET /v2/rewards to the token of their program,
+with Extole's parameters (`time_interval`, `success_only`, `limit` up to 1000, `offset`) and
+Extole's error bodies; its faults (statuses for the next requests, malformed answers, fields left
+out) are set through POST /sandbox/faults like Braze's.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from typing import Any, cast
 from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.serving import make_server
+
+from relay.eventmap import REWARD_STATES
+from relay.exceptions import RelayError
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +52,28 @@ EXPORT_IDS = ("external_ids", "user_aliases", "braze_id", "email_address", "phon
 EXPORT_FIELDS = ("external_id", "braze_id", "user_aliases", "email", "phone", "first_name",
                  "last_name")
 FAULT_FIELDS = ("fail_rate", "fail_status", "latency_ms", "rate_limit", "reject_keys",
-                "refuse_event_ids", "refuse_mode")
+                "refuse_event_ids", "refuse_mode", "extole_fail_statuses", "extole_malformed",
+                "extole_drop_fields")
+EXTOLE_REWARDS = "/v2/rewards"
+EXTOLE_MAX_LIMIT = 1000
+EXTOLE_DEFAULT_LIMIT = 100
+EXTOLE_DEFAULT_PROGRAM = "production"
+# The states Extole's rewards API reports; success_only (its default) leaves the failed ones out.
+EXTOLE_REWARD_STATES = REWARD_STATES
+EXTOLE_FAILED_STATES = ("FAILED", "FAILED_FULFILLMENT")
+EXTOLE_MALFORMED = ("not_json", "not_list")
+_EXTOLE_ERROR_CODES = {401: "method_unauthorized", 403: "access_denied", 429: "too_many_requests"}
+_DURATION = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*$")
 _UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
           "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0}
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def _named(entry: str) -> tuple[str | None, str]:
+    """"NAME=KEY" → (NAME, KEY); "KEY" → (None, KEY)."""
+    name, sep, key = entry.partition("=")
+    return (name.strip(), key.strip()) if sep else (None, name.strip())
 
 
 def _is_num(value: Any) -> bool:
@@ -85,6 +110,20 @@ def validate_faults(data: Any) -> dict[str, Any]:
             out[name] = list(data[name])
     if data.get("refuse_mode", "errors") not in ("errors", "400"):
         raise ValueError('refuse_mode must be "errors" or "400"')
+    if "extole_fail_statuses" in data:
+        statuses = data["extole_fail_statuses"]
+        if not (isinstance(statuses, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) and 400 <= v <= 599
+                for v in statuses)):
+            raise ValueError("extole_fail_statuses must be an array of HTTP statuses from 400 "
+                             "to 599")
+        out["extole_fail_statuses"] = list(statuses)
+    if data.get("extole_malformed") not in (None, *EXTOLE_MALFORMED):
+        raise ValueError("extole_malformed must be null or one of " + ", ".join(EXTOLE_MALFORMED))
+    if "extole_drop_fields" in data:
+        if not _str_list(data["extole_drop_fields"]):
+            raise ValueError("extole_drop_fields must be an array of strings")
+        out["extole_drop_fields"] = list(data["extole_drop_fields"])
     return out
 
 
@@ -102,9 +141,15 @@ class SandboxConfig:
     refuse_mode: str = "errors"
     max_objects: int = 75
     seed: int | None = None  # makes fail_rate reproducible
+    # Extole: "PROGRAM=TOKEN" or "TOKEN" (program production); none: any token reads production.
+    extole_tokens: list[str] = field(default_factory=list)
+    extole_fail_statuses: list[int] = field(default_factory=list)  # answers of the next requests
+    extole_malformed: str | None = None  # "not_json" or "not_list": every answer is broken
+    extole_drop_fields: list[str] = field(default_factory=list)  # left out of every reward
 
     def __post_init__(self) -> None:
         self.api_keys = [str(k) for k in self.api_keys]
+        self.extole_tokens = [str(k) for k in self.extole_tokens]
         self.reject_keys = [str(k) for k in self.reject_keys]
         self.refuse_event_ids = [str(k) for k in self.refuse_event_ids]
         validate_faults(self.faults())
@@ -112,6 +157,8 @@ class SandboxConfig:
             raise ValueError("max_objects must be a positive integer")
         if any(not key.rpartition("=")[2].strip() for key in self.api_keys):
             raise ValueError("api_keys has an empty key (expected NAME=KEY or KEY)")
+        if any(not key.rpartition("=")[2].strip() for key in self.extole_tokens):
+            raise ValueError("extole_tokens has an empty token (expected PROGRAM=TOKEN or TOKEN)")
 
     def faults(self) -> dict[str, Any]:
         faults = {name: getattr(self, name) for name in FAULT_FIELDS}
@@ -291,9 +338,13 @@ class _Sandbox:
         self.lock = threading.Lock()
         self.keys: dict[str, str] = {}
         for entry in config.api_keys:
-            name, sep, key = entry.partition("=")
-            key = key if sep else name
-            self.keys[key.strip()] = name.strip() if sep else f"key-{key.strip()[-4:]}"
+            name, key = _named(entry)
+            self.keys[key] = name or f"key-{key[-4:]}"
+        # Extole: token -> the program whose rewards it reads.
+        self.extole_tokens: dict[str, str] = {}
+        for entry in config.extole_tokens:
+            program, token = _named(entry)
+            self.extole_tokens[token] = program or EXTOLE_DEFAULT_PROGRAM
         self.rng = random.Random(config.seed)
         self.reset()
 
@@ -306,6 +357,8 @@ class _Sandbox:
         self.faults = self.config.faults()
         self.windows: dict[tuple[str, str], list[float]] = {}
         self.seq = 0
+        # Extole: program -> reward_id -> the reward as the rewards API shows it.
+        self.rewards: dict[str, dict[str, dict[str, Any]]] = {}
 
     def workspace_name(self, key: str) -> str | None:
         if self.keys:
@@ -514,6 +567,165 @@ class _Sandbox:
                 "events_dropped": dropped, "event_ids": dict(self.event_ids)}
 
 
+class _ExtoleRefusal(RelayError):
+    """An answer of Extole's with its error body: `{"code", "message", "http_status_code",
+    "parameters", "unique_id"}`."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 parameters: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.parameters = parameters or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "http_status_code": self.status,
+                "parameters": self.parameters, "unique_id": secrets.token_hex(8)}
+
+
+def _extole_time(value: Any, what: str) -> datetime:
+    """An ISO-8601 time with an offset (or Z), as UTC; ValueError naming `what` otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be an ISO-8601 time string")
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not an ISO-8601 time") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{what} {value!r} has no offset (add Z or +00:00)")
+    return moment.astimezone(UTC)
+
+
+def _extole_interval(value: str, now: datetime) -> tuple[datetime, datetime]:
+    """Extole's `time_interval`: `start/end` (ISO-8601 explicit form) or a duration ending now
+    (`P2D`, `PT36H`)."""
+    text = value.strip()
+    if "/" in text:
+        first, _, last = text.partition("/")
+        start = _extole_time(first, "time_interval start")
+        end = _extole_time(last, "time_interval end")
+        if end < start:
+            raise ValueError("time_interval ends before it starts")
+        return start, end
+    match = _DURATION.match(text)
+    if not match or not any(match.groups()):
+        raise ValueError(f"time_interval {value!r} is neither start/end nor a duration")
+    days, hours, minutes, seconds = (int(v or 0) for v in match.groups())
+    span = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    return datetime.fromtimestamp(now.timestamp() - span, UTC), now
+
+
+def _extole_number(args: Any, name: str, default: int, low: int, high: int | None,
+                   code: str) -> int:
+    raw = args.get(name)
+    if raw is None:
+        return default
+    try:
+        number = int(raw)
+    except ValueError:
+        raise _ExtoleRefusal(400, f"invalid_{name}", f"{name} must be a whole number",
+                             {name: raw}) from None
+    if number < low:
+        raise _ExtoleRefusal(400, f"invalid_{name}", f"{name} must be at least {low}",
+                             {name: raw})
+    if high is not None and number > high:
+        raise _ExtoleRefusal(400, code, f"{name} must be at most {high}", {name: raw})
+    return number
+
+
+def _extole_rewards(sandbox: _Sandbox, program: str, args: Any) -> list[dict[str, Any]]:
+    """The page GET /v2/rewards answers, or _ExtoleRefusal for a parameter Extole refuses."""
+    now = datetime.now(UTC)
+    window: tuple[datetime, datetime] | None = None
+    if args.get("time_interval") is not None:
+        try:
+            window = _extole_interval(args["time_interval"], now)
+        except ValueError as exc:
+            raise _ExtoleRefusal(400, "time_interval_invalid", str(exc),
+                                 {"time_interval": args["time_interval"]}) from None
+    success_only = args.get("success_only", "true").strip().lower()
+    if success_only not in ("true", "false"):
+        raise _ExtoleRefusal(400, "invalid_success_only", "success_only must be true or false",
+                             {"success_only": args["success_only"]})
+    limit = _extole_number(args, "limit", EXTOLE_DEFAULT_LIMIT, 1, EXTOLE_MAX_LIMIT,
+                           "max_fetch_size_1000")
+    offset = _extole_number(args, "offset", 0, 0, None, "invalid_offset")
+    state = args.get("state")
+    if state is not None and state.strip().upper() not in EXTOLE_REWARD_STATES:
+        raise _ExtoleRefusal(400, "invalid_reward_state", f"unknown reward state {state!r}",
+                             {"state": state})
+    chosen = []
+    for reward in sandbox.rewards.get(program, {}).values():
+        created = _extole_time(reward["created_at"], "created_at")
+        if window and not window[0] <= created < window[1]:
+            continue
+        if success_only == "true" and reward["state"] in EXTOLE_FAILED_STATES:
+            continue
+        if state is not None and reward["state"] != state.strip().upper():
+            continue
+        chosen.append((created, reward["reward_id"], reward))
+    chosen.sort(key=lambda entry: (entry[0], entry[1]))
+    dropped = sandbox.faults["extole_drop_fields"]
+    return [{k: v for k, v in reward.items() if k not in dropped}
+            for _, _, reward in chosen[offset:offset + limit]]
+
+
+def _checked_rewards(body: Any) -> list[dict[str, Any]]:
+    """Rewards posted to POST /sandbox/extole/rewards: one object or an array of them, each with
+    a `reward_id`, a `state` Extole knows and a `created_at` with an offset."""
+    rewards = body if isinstance(body, list) else [body]
+    checked = []
+    for index, reward in enumerate(rewards):
+        where = f"reward {index}"
+        if not isinstance(reward, dict):
+            raise ValueError(f"{where} must be a JSON object")
+        if not (isinstance(reward.get("reward_id"), str) and reward["reward_id"].strip()):
+            raise ValueError(f"{where}: reward_id must be a non-empty string")
+        state = reward.get("state")
+        if not (isinstance(state, str) and state.strip().upper() in EXTOLE_REWARD_STATES):
+            raise ValueError(f"{where}: state must be one of {', '.join(EXTOLE_REWARD_STATES)}")
+        _extole_time(reward.get("created_at"), f"{where}: created_at")
+        checked.append({**reward, "state": state.strip().upper()})
+    return checked
+
+
+def _extole_view(sandbox: _Sandbox) -> Response:
+    """GET /v2/rewards as Extole answers it: token, then faults, then parameters."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    headers: dict[str, str] = {}
+    with sandbox.lock:
+        faults = sandbox.faults
+        try:
+            if not token or (sandbox.extole_tokens and token not in sandbox.extole_tokens):
+                raise _ExtoleRefusal(401, "method_unauthorized",
+                                     "The access token is missing, invalid or expired")
+            program = sandbox.extole_tokens.get(token, EXTOLE_DEFAULT_PROGRAM)
+            if faults["extole_fail_statuses"]:
+                status = faults["extole_fail_statuses"].pop(0)
+                if status == 429:
+                    headers["Retry-After"] = "1"
+                raise _ExtoleRefusal(status, _EXTOLE_ERROR_CODES.get(status, "server_error"),
+                                     f"sandbox fault: HTTP {status}")
+            page = _extole_rewards(sandbox, program, request.args)
+        except _ExtoleRefusal as refusal:
+            sandbox.record(EXTOLE_REWARDS, None, refusal.status, dict(request.args))
+            response = jsonify(refusal.body())
+            response.status_code = refusal.status
+            response.headers.update(headers)
+            return response
+        sandbox.record(EXTOLE_REWARDS, program, 200, dict(request.args))
+        malformed = faults["extole_malformed"]
+        latency = faults["latency_ms"] / 1000.0
+    if latency > 0:
+        time.sleep(latency)
+    if malformed == "not_json":
+        return Response("<html><body>Service Temporarily Unavailable</body></html>",
+                        status=200, content_type="text/html")
+    if malformed == "not_list":
+        return jsonify({"rewards": page})
+    return jsonify(page)
+
+
 def _parse_json(raw: bytes) -> Any:
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
@@ -624,6 +836,30 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
                 sandbox.faults.update(update)
         with sandbox.lock:
             return jsonify(sandbox.faults)
+
+    @app.get(EXTOLE_REWARDS)
+    def extole_rewards() -> Response:
+        return _extole_view(sandbox)
+
+    @app.route("/sandbox/extole/rewards", methods=["GET", "POST"])
+    def posted_rewards() -> Response | tuple[Response, int]:
+        """POST: rewards (one or an array) into a program (`?program=`, default production); a
+        reward posted again replaces the one with its reward_id (a state change). GET: them all.
+        """
+        if request.method == "POST":
+            program = request.args.get("program", EXTOLE_DEFAULT_PROGRAM).strip()
+            try:
+                rewards = _checked_rewards(_parse_json(request.get_data()))
+            except (ValueError, RecursionError) as exc:
+                return jsonify({"message": str(exc)}), 400
+            with sandbox.lock:
+                held = sandbox.rewards.setdefault(program, {})
+                for reward in rewards:
+                    held[reward["reward_id"]] = reward
+                return jsonify({"stored": len(rewards), "rewards": len(held)})
+        with sandbox.lock:
+            return jsonify({"programs": {name: list(held.values())
+                                         for name, held in sandbox.rewards.items()}})
 
     @app.post("/sandbox/reset")
     def reset() -> Response:

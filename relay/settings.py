@@ -71,6 +71,12 @@ class Settings:
     braze_connect_timeout: float = 5.0
     braze_read_timeout: float = 30.0
     proxy_fix: int = 0
+    # Reconciliation from Extole's rewards API (README, "Reconciliation").
+    extole_api_token: str | None = field(default=None, repr=False)
+    extole_staging_api_token: str | None = field(default=None, repr=False)
+    extole_api_url: str = "https://api.extole.io"
+    reconcile_interval: int = 3600
+    reconcile_window: int = 172800
 
     def braze_key(self, environment: str) -> str | None:
         """The key for one environment: production and staging never share one."""
@@ -85,6 +91,12 @@ class Settings:
         if environment == "production":
             return self.extole_webhook_secret
         return self.extole_staging_webhook_secret
+
+    def extole_token(self, environment: str) -> str | None:
+        """The Extole API token that reads one environment's rewards (None: not reconciled)."""
+        if environment == "production":
+            return self.extole_api_token
+        return self.extole_staging_api_token
 
     def __repr__(self) -> str:
         """Secrets are left out; a database password is masked."""
@@ -168,7 +180,8 @@ def _rate(value: str) -> Rate:
 def _url(value: str) -> str:
     url = value.strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
-        raise ValueError(f"expected an http(s) URL like https://rest.iad-01.braze.com, got {url!r}")
+        raise ValueError(f"expected an http(s) URL such as https://rest.iad-01.braze.com or "
+                         f"https://api.extole.io, got {url!r}")
     return url
 
 
@@ -222,6 +235,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "BRAZE_CONNECT_TIMEOUT": ("braze_connect_timeout", _number(0)),
     "BRAZE_READ_TIMEOUT": ("braze_read_timeout", _number(0)),
     "RELAY_PROXY_FIX": ("proxy_fix", _int(0, 10)),
+    "EXTOLE_API_TOKEN": ("extole_api_token", _text),
+    "EXTOLE_STAGING_API_TOKEN": ("extole_staging_api_token", _text),
+    "EXTOLE_API_URL": ("extole_api_url", _url),
+    "RELAY_RECONCILE_INTERVAL": ("reconcile_interval", _int(0)),
+    "RELAY_RECONCILE_WINDOW": ("reconcile_window", _int(60)),
 }
 
 SECRET_VARIABLES = frozenset(
@@ -230,6 +248,8 @@ SECRET_VARIABLES = frozenset(
         "BRAZE_STAGING_API_KEY",
         "EXTOLE_WEBHOOK_SECRET",
         "EXTOLE_STAGING_WEBHOOK_SECRET",
+        "EXTOLE_API_TOKEN",
+        "EXTOLE_STAGING_API_TOKEN",
         "RELAY_ADMIN_PASSWORD",
         "RELAY_SECRET_KEY",
     }

@@ -20,6 +20,7 @@ from relay.db import get_db
 from relay.exceptions import DatabaseUnavailable, EventNotFound, FilterError, InvalidTransition
 from relay.outbox import operator, queries
 from relay.outbox.filters import EventFilter
+from relay.settings import ENVIRONMENTS, Settings
 
 bp = Blueprint("api", __name__)
 
@@ -132,16 +133,22 @@ class StatsCache:
 
 
 def _compute_stats() -> dict[str, Any]:
+    settings: Settings = current_app.config["RELAY_SETTINGS"]
     with get_db().session() as session:
+        reconciliation = queries.reconciliation(session, ENVIRONMENTS)
+        for environment, last in reconciliation.items():
+            last["configured"] = bool(settings.extole_token(environment))
         return {
             "counts": queries.counts_by_status(session),
             "oldest_pending_seconds": round(queries.oldest_pending_age(session), 1),
-            "braze": environment_report(session, current_app.config["RELAY_SETTINGS"]),
+            "braze": environment_report(session, settings),
+            "reconciliation": reconciliation,
         }
 
 
 def collect_stats() -> dict[str, Any]:
-    """Counts per status, the oldest pending event's age and each Braze key's state."""
+    """Counts per status, the oldest pending event's age, each Braze key's state and each
+    environment's last reconciliation run."""
     cache: StatsCache = current_app.extensions.setdefault("relay.admin.stats", StatsCache())
     return cache.get()
 

@@ -30,8 +30,8 @@ from tests.support import (
     set_schema_revision,
 )
 
-COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "sandbox", "serve",
-            "worker")
+COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
+            "serve", "worker")
 
 
 def set_status(app: Flask, extole_ids: list[str], status: str, **values: Any) -> None:
@@ -61,7 +61,7 @@ def test_help_lists_every_command_with_one_line_each(relay: Callable[..., Result
 @pytest.mark.parametrize("command", [
     ["serve"], ["worker"], ["db", "upgrade"], ["db", "current"], ["db", "history"],
     ["events", "list"], ["events", "show"], ["events", "retry"], ["events", "replay"],
-    ["forget"], ["purge"], ["check-config"], ["sandbox"], ["init"]])
+    ["forget"], ["purge"], ["check-config"], ["sandbox"], ["init"], ["reconcile"]])
 def test_every_command_has_help(clean_environment: None, command: list[str]) -> None:
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -445,6 +445,10 @@ def test_check_config_all_ok(relay: Callable[..., Result]) -> None:
         "admin: OK (user admin)",
         "braze production: OK",
         "braze staging: OK",
+        "extole production: not configured (EXTOLE_API_TOKEN is not set): production is not "
+        "reconciled",
+        "extole staging: not configured (EXTOLE_STAGING_API_TOKEN is not set): staging is not "
+        "reconciled",
     ]
     production, staging = calls
     assert production.request.headers["Authorization"] == f"Bearer {PROD_KEY}"
@@ -471,6 +475,32 @@ def test_check_config_names_each_problem_and_never_the_key(relay: Callable[..., 
     assert "braze staging: connection refused" in lines
     assert result.stderr == "relay: 2 problems found\n"
     assert PROD_KEY not in result.output and STAGING_KEY not in result.output
+
+
+def test_check_config_tries_each_extole_token(relay: Callable[..., Result]) -> None:
+    extole = "https://api.extole.io/v2/rewards"
+    with responses.RequestsMock() as mock:
+        mock.post(EXPORT, json={"users": [], "message": "success"}, status=201)
+        mock.post(f"{STAGING_URL}/users/export/ids", json={"users": [], "message": "success"})
+        mock.get(extole, json=[], match=[responses.matchers.header_matcher(
+            {"Authorization": "Bearer extole-prod-token"})])
+        mock.get(extole, status=403, json={
+            "code": "access_denied", "message": "Access denied", "http_status_code": 403,
+            "parameters": {}, "unique_id": "u-1"}, match=[responses.matchers.header_matcher(
+                {"Authorization": "Bearer extole-staging-token"})])
+        result = relay("check-config", **braze_env(
+            EXTOLE_API_TOKEN="extole-prod-token", EXTOLE_STAGING_API_TOKEN="extole-staging-token"))
+        probe = next(call.request for call in mock.calls if call.request.method == "GET")
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[-2:] == [
+        "extole production: OK (token reads rewards at https://api.extole.io)",
+        "extole staging: Extole refused the staging API token (403: access_denied: Access denied "
+        "(unique_id u-1)): check EXTOLE_STAGING_API_TOKEN (it needs the scope to read rewards)",
+    ]
+    assert result.stderr == "relay: 1 problem found\n"
+    assert probe.url.startswith("https://api.extole.io/v2/rewards?time_interval=")
+    assert "&success_only=false&limit=1&offset=0" in probe.url
+    assert "extole-prod-token" not in result.output
 
 
 def test_check_config_other_braze_answers(relay: Callable[..., Result]) -> None:

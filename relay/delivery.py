@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from relay import braze_state, dialect, metrics
+from relay import braze_state, dialect, metrics, triggers
 from relay.braze import (
     BadRequest,
     BrazeClient,
@@ -29,6 +29,7 @@ from relay.braze import (
     Unauthorized,
 )
 from relay.db import Database, utcnow
+from relay.eventmap import EventMap
 from relay.exceptions import DatabaseUnavailable
 from relay.extole import braze_time, canonical_json
 from relay.limiter import take_token
@@ -160,8 +161,10 @@ class Delivery:
 
     def __init__(self, settings: Settings, db: Database, owner: str,
                  clients: Callable[[str], BrazeClient], pool: ThreadPoolExecutor | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, event_map: EventMap | None = None) -> None:
         self.settings = settings
+        # Read at delivery for the triggers an event starts (its campaign_id / canvas_id).
+        self.event_map = event_map or EventMap.load(settings.event_map)
         self.db = db
         self.owner = owner
         self.clients = clients
@@ -437,8 +440,12 @@ class Delivery:
                     log.info("%s delivery resumed after the key was refused for %.0f s",
                              environment, refused_for)
                 if outcome.delivered:
-                    leases.mark_delivered(session, self.owner,
-                                          [p.event for p in outcome.delivered], identities)
+                    delivered = leases.mark_delivered(
+                        session, self.owner, [p.event for p in outcome.delivered], identities)
+                    # In the same transaction: an event is delivered with its triggers or not
+                    # at all, so no crash can leave a delivered event without them.
+                    triggers.create_for_delivered(session, delivered, identities,
+                                                  self.event_map, self.settings.trigger_delay)
                 if outcome.dead:
                     leases.mark_dead(session, self.owner, outcome.dead, events, identities)
         except DatabaseUnavailable:

@@ -17,12 +17,35 @@ from relay.exceptions import EventMapError
 
 EMAIL_SUBSCRIBE_STATES = ("opted_in", "subscribed", "unsubscribed")
 MAX_NAME = 255  # Braze event names, and the outbox column that keeps them
+MAX_TARGET_ID = 64  # Braze campaign and Canvas ids (UUIDs), and the triggers column
+# The keys of one entry, whatever table it sits in (an event type's, a reward state's).
+ENTRY_KEYS = frozenset({"braze_event", "aliases", "email_subscribe", "campaign_id", "canvas_id"})
+# Entry key -> trigger kind (README, "Campaign and Canvas triggers").
+TRIGGER_KEYS = {"campaign_id": "campaign", "canvas_id": "canvas"}
 
 
 @dataclass(frozen=True)
 class Mapping:
+    """One entry of the map: the Braze event name, and what else the event does in Braze.
+
+    `campaign_id` / `canvas_id` name an API-triggered campaign or Canvas started for the person
+    once the event is delivered: at most once (README, "Campaign and Canvas triggers").
+    """
+
     braze_event: str
     email_subscribe: str | None = None
+    campaign_id: str | None = None
+    canvas_id: str | None = None
+
+    @property
+    def triggers(self) -> list[tuple[str, str]]:
+        """(kind, Braze id) of each campaign or Canvas this entry starts."""
+        found = []
+        if self.campaign_id:
+            found.append(("campaign", self.campaign_id))
+        if self.canvas_id:
+            found.append(("canvas", self.canvas_id))
+        return found
 
 
 def type_key(extole_type: str) -> str:
@@ -63,25 +86,7 @@ def _parse(document: dict[str, Any], origin: str) -> dict[str, Mapping]:
     defined_by: dict[str, str] = {}
     for name, table in events.items():
         where = f"{origin}: [events.{name}]"
-        if not isinstance(table, dict):
-            raise EventMapError(f"{where} must be a table")
-        unknown = set(table) - {"braze_event", "aliases", "email_subscribe"}
-        if unknown:
-            raise EventMapError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
-        braze_event = table.get("braze_event")
-        if not isinstance(braze_event, str) or not braze_event.strip():
-            raise EventMapError(f"{where} needs braze_event = \"<Braze event name>\"")
-        aliases = table.get("aliases", [])
-        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-            raise EventMapError(f"{where}: aliases must be a list of strings")
-        subscribe = table.get("email_subscribe")
-        if subscribe is not None and subscribe not in EMAIL_SUBSCRIBE_STATES:
-            raise EventMapError(
-                f"{where}: email_subscribe must be one of {', '.join(EMAIL_SUBSCRIBE_STATES)}"
-            )
-        if len(braze_event.strip()) > MAX_NAME:
-            raise EventMapError(f"{where}: braze_event is longer than {MAX_NAME} characters")
-        mapping = Mapping(braze_event=braze_event.strip(), email_subscribe=subscribe)
+        mapping, aliases = parse_entry(table, where)
         for extole_type in [name, *aliases]:
             key = type_key(extole_type)
             if not key:
@@ -93,3 +98,41 @@ def _parse(document: dict[str, Any], origin: str) -> dict[str, Mapping]:
             defined_by[key] = name
             entries[key] = mapping
     return entries
+
+
+def parse_entry(table: Any, where: str) -> tuple[Mapping, list[str]]:
+    """One entry (its table named by `where` in messages): the mapping and its aliases.
+
+    Every table of the map (`[events.<type>]`, and any other kind of entry) has these keys, so
+    a trigger can be named wherever an event name can.
+    """
+    if not isinstance(table, dict):
+        raise EventMapError(f"{where} must be a table")
+    unknown = set(table) - ENTRY_KEYS
+    if unknown:
+        raise EventMapError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+    braze_event = table.get("braze_event")
+    if not isinstance(braze_event, str) or not braze_event.strip():
+        raise EventMapError(f"{where} needs braze_event = \"<Braze event name>\"")
+    aliases = table.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise EventMapError(f"{where}: aliases must be a list of strings")
+    subscribe = table.get("email_subscribe")
+    if subscribe is not None and subscribe not in EMAIL_SUBSCRIBE_STATES:
+        raise EventMapError(
+            f"{where}: email_subscribe must be one of {', '.join(EMAIL_SUBSCRIBE_STATES)}"
+        )
+    if len(braze_event.strip()) > MAX_NAME:
+        raise EventMapError(f"{where}: braze_event is longer than {MAX_NAME} characters")
+    targets: dict[str, str | None] = {}
+    for key in TRIGGER_KEYS:
+        value = table.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()
+                                  or len(value.strip()) > MAX_TARGET_ID
+                                  or any(c.isspace() for c in value.strip())):
+            raise EventMapError(f"{where}: {key} must be a Braze id (a string of at most "
+                                f"{MAX_TARGET_ID} characters without spaces)")
+        targets[key] = value.strip() if isinstance(value, str) else None
+    mapping = Mapping(braze_event=braze_event.strip(), email_subscribe=subscribe,
+                      campaign_id=targets["campaign_id"], canvas_id=targets["canvas_id"])
+    return mapping, list(aliases)

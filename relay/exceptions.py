@@ -64,3 +64,7 @@ class EventNotFound(RelayError):
 
 class InvalidTransition(RelayError):
     """The event is not in a state that allows this."""
+
+
+class TriggerNotFound(RelayError):
+    """No trigger with that id."""

@@ -50,6 +50,11 @@ IDENTITY_LOOKUPS = Counter(
     "Email to Braze identity resolutions, by result (cache_hit, found, not_found, error).",
     ["result"],
 )
+TRIGGERS = Counter(
+    "relay_triggers",
+    "Campaign/Canvas trigger state transitions, by environment and the state entered.",
+    ["environment", "state"],
+)
 
 
 class OutboxCollector(Collector):

@@ -1,7 +1,8 @@
 """What runs when: the delivery worker's jobs, and the processes that run them.
 
-Three APScheduler jobs: delivery (every RELAY_POLL_INTERVAL, and at once when `relay.wakeup`
-wakes it; coalesced, one run at a time), the lease sweeper (every SWEEP_SECONDS: events of dead
+Four APScheduler jobs: delivery (every RELAY_POLL_INTERVAL, and at once when `relay.wakeup`
+wakes it; coalesced, one run at a time), campaign and Canvas triggers (every RELAY_POLL_INTERVAL,
+one run at a time: `relay.triggers`), the lease sweeper (every SWEEP_SECONDS: events of dead
 workers come back) and the retention purge (daily, the first run 5 minutes after start). They run
 inside the web processes (`start_in_process`, for `relay serve --with-worker`) or in a process of
 their own (`run_worker`, for `relay worker`, which stops on SIGTERM after the batch in flight).
@@ -21,6 +22,7 @@ from flask import Flask
 
 from relay import retention
 from relay.db import Database, get_db, utcnow
+from relay.exceptions import DatabaseUnavailable
 from relay.outbox import leases
 from relay.settings import Settings
 from relay.wakeup import WAKER_EXTENSION, Waker, start_listener
@@ -32,6 +34,7 @@ SWEEP_SECONDS = 30
 PURGE_HOURS = 24
 FIRST_PURGE_AFTER = timedelta(minutes=5)
 DELIVER_JOB = "deliver"
+TRIGGER_JOB = "triggers"
 WORKER_EXTENSION = "relay.worker"  # (Worker, scheduler) of `serve --with-worker`, on the app
 
 
@@ -41,7 +44,7 @@ class _BusyDeliveryFilter(logging.Filter):
     dropped instead of being printed every poll interval under steady traffic."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (DELIVER_JOB in str(record.args)
+        return not ((DELIVER_JOB in str(record.args) or TRIGGER_JOB in str(record.args))
                     and "maximum number of running instances" in str(record.msg))
 
 
@@ -58,6 +61,14 @@ def deliver(worker: Worker, waker: Waker) -> None:
     finally:
         if not finished:
             waker.end()
+
+
+def send_triggers(worker: Worker) -> None:
+    """The trigger job (`relay.triggers`): a database outage waits for the next run."""
+    try:
+        worker.send_triggers()
+    except DatabaseUnavailable as outage:
+        log.warning("triggers paused: %s", outage)
 
 
 def sweep_leases(db: Database) -> int:
@@ -90,6 +101,8 @@ def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> Backgro
     now = datetime.now().astimezone()
     scheduler.add_job(deliver, "interval", args=(worker, waker),
                       seconds=settings.poll_interval, id=DELIVER_JOB, next_run_time=now)
+    scheduler.add_job(send_triggers, "interval", args=(worker,), seconds=settings.poll_interval,
+                      id=TRIGGER_JOB, next_run_time=now)
     scheduler.add_job(sweep_leases, "interval", args=(worker.db,), seconds=SWEEP_SECONDS,
                       id="sweep_leases")
     scheduler.add_job(purge, "interval", args=(worker.db, settings.retention_days),

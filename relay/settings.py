@@ -58,6 +58,7 @@ class Settings:
     log_format: str = "text"
     max_body_bytes: int = 1048576
     retention_days: int = 30
+    trigger_delay: float = 0.0
     # Tunables of the worker, in the README's table too.
     worker_batch_size: int = 500
     worker_threads: int = 8
@@ -199,6 +200,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RELAY_LOG_FORMAT": ("log_format", _choice("text", "json")),
     "RELAY_MAX_BODY_BYTES": ("max_body_bytes", _int(1)),
     "RELAY_RETENTION_DAYS": ("retention_days", _int(1)),
+    "RELAY_TRIGGER_DELAY": ("trigger_delay", _number(0, strict=False)),
     "RELAY_WORKER_BATCH_SIZE": ("worker_batch_size", _int(1, 10000)),
     "RELAY_WORKER_THREADS": ("worker_threads", _int(1, 64)),
     "RELAY_LEASE_SECONDS": ("lease_seconds", _int(10)),

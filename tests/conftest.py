@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
+from werkzeug.serving import make_server
 
 from relay import create_app, logs, migrate
 from relay.models import Base
+from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.settings import Settings
 from relay.worker import Worker
 from tests.support import (
@@ -191,3 +194,20 @@ def post_webhook(client: FlaskClient) -> Callable[..., Any]:
                            headers=headers if headers is not None else signed(raw, secret))
 
     return post
+
+
+@pytest.fixture
+def sandbox_url() -> Iterator[str]:
+    """The Braze sandbox (PROD_KEY is workspace `prod`, STAGING_KEY `staging`) served by
+    werkzeug on a free port, in a thread; its base URL."""
+    sandbox_app = create_sandbox_app(SandboxConfig(api_keys=[f"prod={PROD_KEY}",
+                                                             f"staging={STAGING_KEY}"]))
+    server = make_server("127.0.0.1", 0, sandbox_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="sandbox", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()

@@ -6,7 +6,6 @@ holds them; faults injected into the sandbox are survived the way the README say
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -16,34 +15,22 @@ import pytest
 import requests
 from flask import Flask
 from sqlalchemy import select, update
-from werkzeug.serving import make_server
 
 from relay import delivery
 from relay.db import utcnow
 from relay.models import OutboxEvent
-from relay.sandbox import SandboxConfig, create_sandbox_app
 from relay.settings import Settings
 from relay.worker import Worker
-from tests.support import PROD_KEY, STAGING_KEY, sample, sample_json
+from tests.support import sample, sample_json
 
 ANN = "cust-1036950000"
 BO = "bo.chen@example.org"
 
 
 @pytest.fixture
-def sandbox() -> Iterator[str]:
-    """The sandbox served by werkzeug on a free port, in a thread; its base URL."""
-    app = create_sandbox_app(SandboxConfig(api_keys=[f"prod={PROD_KEY}",
-                                                     f"staging={STAGING_KEY}"]))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="sandbox", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+def sandbox(sandbox_url: str) -> str:
+    """The Braze sandbox on a free port (the shared `sandbox_url`); its base URL."""
+    return sandbox_url
 
 
 @pytest.fixture

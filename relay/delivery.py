@@ -440,12 +440,15 @@ class Delivery:
                     log.info("%s delivery resumed after the key was refused for %.0f s",
                              environment, refused_for)
                 if outcome.delivered:
+                    now = utcnow()
                     delivered = leases.mark_delivered(
-                        session, self.owner, [p.event for p in outcome.delivered], identities)
+                        session, self.owner, [p.event for p in outcome.delivered], identities,
+                        now)
                     # In the same transaction: an event is delivered with its triggers or not
                     # at all, so no crash can leave a delivered event without them.
                     triggers.create_for_delivered(session, delivered, identities,
-                                                  self.event_map, self.settings.trigger_delay)
+                                                  self.event_map, self.settings.trigger_delay,
+                                                  now)
                 if outcome.dead:
                     leases.mark_dead(session, self.owner, outcome.dead, events, identities)
         except DatabaseUnavailable:

@@ -18,6 +18,7 @@ a trigger is never sent twice by the relay itself:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -59,6 +60,7 @@ WORKER_LOST = ("no answer recorded: the worker stopped while the request was in 
                "Braze may have sent the message")
 # Braze: 250,000 requests an hour for the trigger endpoints together (shared with /messages/send).
 TRIGGER_RATE = Rate(250_000, 3600.0)
+MAX_LIMITER_SLEEP = 0.5  # a wait for the limiter up to this long is slept, a longer one is not
 # Operators may resend or drop a trigger in these states; the others are in progress or final.
 RESENDABLE = (TriggerState.UNCERTAIN.value, TriggerState.FAILED.value)
 DROPPABLE = (TriggerState.UNCERTAIN.value, TriggerState.FAILED.value, TriggerState.DUE.value)
@@ -167,27 +169,25 @@ class TriggerSender:
             ready = [e for e in environments if e not in waiting]
             if not ready:
                 break
-            claimed, blocked = self.claim(ready)
+            claimed, blocked, wait = self.claim(ready)
             if claimed is None:
                 if blocked is None:
                     break
-                waiting.add(blocked)  # its limit is used up for now: the others go on
+                if wait <= MAX_LIMITER_SLEEP:
+                    time.sleep(wait)  # our share of Braze's limit refills within a moment
+                else:
+                    waiting.add(blocked)  # used up for now: the other environment goes on
                 continue
             self.send(claimed)
             sent += 1
         return sent
 
-    def _paced(self, environment: str) -> bool:
-        """Whether this environment may send now: Braze's shared limit for these endpoints as
-        the last answer told it, and our own share of it (kept in the database, for every
-        worker)."""
-        client = self.clients(environment)
-        return client.pacing_delay(CAMPAIGN_TRIGGER_PATH) <= 0
-
-    def claim(self, environments: Sequence[str]) -> tuple[Claimed | None, str | None]:
+    def claim(self, environments: Sequence[str]) -> tuple[Claimed | None, str | None, float]:
         """Commit up to 50 due triggers of the oldest due target as `sending`, and record the
-        request that will carry them, before it leaves. (None, environment) when that
-        environment must wait for the rate limit; (None, None) when nothing is due."""
+        request that will carry them, before it leaves: (claimed, None, 0). (None, environment,
+        seconds) when that environment must wait for the rate limit: Braze's shared limit for
+        these endpoints as its last answer told it, and our own pacing under it (kept in the
+        database, for every worker). (None, None, 0) when nothing is due."""
         now = utcnow()
         with self.db.session() as session:
             head = session.execute(
@@ -197,11 +197,13 @@ class TriggerSender:
                 .order_by(Trigger.due_at, Trigger.id).limit(1)
             ).first()
             if head is None:
-                return None, None
+                return None, None, 0.0
             environment, kind, target_id = head
-            if not self._paced(environment) or take_token(
-                    session, f"triggers:{environment}", TRIGGER_RATE) > 0:
-                return None, environment
+            wait = self.clients(environment).pacing_delay(CAMPAIGN_TRIGGER_PATH)
+            if wait <= 0:
+                wait = take_token(session, f"triggers:{environment}", TRIGGER_RATE)
+            if wait > 0:
+                return None, environment, wait
             due = dialect.for_update(
                 select(Trigger.id)
                 .where(Trigger.state == TriggerState.DUE.value, Trigger.due_at <= now,
@@ -211,7 +213,7 @@ class TriggerSender:
                 session, skip_locked=True)
             ids = list(session.scalars(due))
             if not ids:
-                return None, None  # another worker took them meanwhile
+                return None, None, 0.0  # another worker took them meanwhile
             rows = list(session.execute(
                 update(Trigger)
                 .where(Trigger.id.in_(ids), Trigger.state == TriggerState.DUE.value)
@@ -222,9 +224,10 @@ class TriggerSender:
                 .execution_options(synchronize_session=False)
             ).all())
             rows.sort(key=lambda row: row[0])
-            properties: dict[int, dict[str, Any] | None] = dict(session.execute(
-                select(OutboxEvent.id, OutboxEvent.properties)
-                .where(OutboxEvent.id.in_([row.event_id for row in rows]))).tuples().all())
+            properties: dict[int, dict[str, Any] | None] = {
+                event_id: values for event_id, values in session.execute(
+                    select(OutboxEvent.id, OutboxEvent.properties)
+                    .where(OutboxEvent.id.in_([row.event_id for row in rows])))}
             body = BrazeClient.trigger_body(kind, target_id, [
                 {**(row.recipient or {}), "properties": properties.get(row.event_id) or {}}
                 for row in rows])
@@ -244,7 +247,7 @@ class TriggerSender:
                           body, attempt.id)
         _transition([(t, e, environment) for t, e in claimed.triggers], "due", "sending",
                     f"{kind} {target_id}")
-        return claimed, None
+        return claimed, None, 0.0
 
     def send(self, claimed: Claimed) -> None:
         """Send one claimed request and record what Braze's answer makes of its triggers."""

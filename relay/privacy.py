@@ -6,7 +6,9 @@ mention them are scrubbed precisely, so other people's data survives: in JSON, a
 (one event or attributes object of a Braze batch) that mentions them is replaced whole and any
 other string that mentions them becomes a marker. Raw inbound bodies cannot be edited safely (they
 are the exact bytes Extole sent), so a body that mentions them is replaced by a marker; headers are
-kept unless a header value itself mentions them. Identity cache entries for them are deleted.
+kept unless a header value itself mentions them. Identity cache entries for them are deleted, and
+so are the campaign/Canvas triggers of their events or addressed to them (a due one is never
+sent).
 
 Matching is case-insensitive and bounded by identifier characters, so forgetting ann@example.com
 leaves joann@example.com alone and forgetting external id 42 leaves 420 alone. SQL narrows the rows
@@ -26,7 +28,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from relay import dialect
-from relay.models import DeliveryAttempt, IdentityCache, InboundRequest, OutboxEvent
+from relay.models import DeliveryAttempt, IdentityCache, InboundRequest, OutboxEvent, Trigger
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +119,15 @@ def forget(
     session: Session, *, email: str | None = None, external_id: str | None = None
 ) -> dict[str, int]:
     """Erase one person in the caller's transaction; answers how many rows of each table
-    changed (identity cache: deleted)."""
+    changed (identity cache and triggers: deleted)."""
     person = Person(email, external_id)
+    triggers = _forget_triggers(session, person)  # first: it finds their events by identifier
     counts = {
         "events": _forget_events(session, person),
         "inbound_requests": _forget_inbound(session, person),
         "delivery_attempts": _forget_attempts(session, person),
         "identity_cache": _forget_identity_cache(session, person),
+        "triggers": triggers,
     }
     session.flush()
     log.info("forgot a person: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -226,6 +230,26 @@ def _forget_attempts(session: Session, person: Person) -> int:
                 touched = True
         changed += touched
     return changed
+
+
+def _forget_triggers(session: Session, person: Person) -> int:
+    """Their events' triggers, and any trigger addressed to them (its recipient): deleted."""
+    own_events = select(OutboxEvent.id).where(_own(person))
+    candidates = session.scalars(select(Trigger).where(or_(
+        Trigger.event_id.in_(own_events), person.contains(Trigger.recipient))))
+    rows = [t for t in candidates
+            if person.json_mentions(t.recipient) or _is_own_event(session, t.event_id, person)]
+    for row in rows:
+        session.delete(row)
+    session.flush()
+    return len(rows)
+
+
+def _is_own_event(session: Session, event_id: int, person: Person) -> bool:
+    event = session.get(OutboxEvent, event_id)
+    return event is not None and (
+        (person.email is not None and event.email == person.email)
+        or (person.external_id is not None and event.external_id == person.external_id))
 
 
 def _forget_identity_cache(session: Session, person: Person) -> int:

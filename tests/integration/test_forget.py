@@ -135,7 +135,7 @@ def test_forget_by_email_and_external_id_leaves_no_trace(db: Database,
     # 6 own events + Bo's sign-up naming Ann as his advocate; 7 bodies + the odd request;
     # one Braze request; both cache entries.
     assert counts == {"events": 7, "inbound_requests": 8, "delivery_attempts": 1,
-                      "identity_cache": 2}
+                      "identity_cache": 2, "triggers": 0}
     after = snapshot(db)
     changed = {key for key in before if before[key] != after.get(key)}
     assert len(changed) == sum(counts.values())
@@ -246,7 +246,8 @@ def test_forget_someone_unknown_changes_nothing(db: Database,
                                                 populated: dict[str, int]) -> None:
     before = snapshot(db)
     assert forget(db, email="nobody@example.com", external_id="cust-0") == {
-        "events": 0, "inbound_requests": 0, "delivery_attempts": 0, "identity_cache": 0}
+        "events": 0, "inbound_requests": 0, "delivery_attempts": 0, "identity_cache": 0,
+        "triggers": 0}
     assert snapshot(db) == before
 
 

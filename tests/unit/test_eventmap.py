@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.eventmap import EventMap, Mapping, type_key
+from relay.eventmap import EventMap, Mapping, parse_entry, type_key
 from relay.exceptions import EventMapError
 
 README_TABLE = {
@@ -168,3 +168,37 @@ braze_event = "Shared"
 aliases = ["Shared", "SHARED", "share"]
 """))
     assert events.lookup("share").braze_event == "Shared"
+
+
+def test_entries_may_start_a_campaign_or_a_canvas(tmp_path: Path) -> None:
+    events = EventMap.load(write(tmp_path, """
+[events.reward_fulfilled]
+braze_event = "Reward Fulfilled"
+campaign_id = " 3c2b1a09-8f7e-4d6c-b5a4-93827160f5e4 "
+
+[events.signed_up]
+braze_event = "Referred Signed Up"
+canvas_id = "cnv-1"
+campaign_id = "cmp-1"
+"""))
+    assert events.lookup("Reward Fulfilled").triggers == [
+        ("campaign", "3c2b1a09-8f7e-4d6c-b5a4-93827160f5e4")]
+    assert events.lookup("signed_up").triggers == [("campaign", "cmp-1"), ("canvas", "cnv-1")]
+    assert events.lookup("shared").triggers == []
+    assert events.lookup("unknown type").triggers == []
+
+
+@pytest.mark.parametrize("value", ['""', "5", '"has space"', '"' + "x" * 65 + '"', "[]"])
+@pytest.mark.parametrize("key", ["campaign_id", "canvas_id"])
+def test_a_trigger_id_must_be_a_braze_id(tmp_path: Path, key: str, value: str) -> None:
+    with pytest.raises(EventMapError, match=f"\\[events.shared\\]: {key} must be a Braze id"):
+        EventMap.load(write(tmp_path, f'[events.shared]\nbraze_event = "Shared"\n{key} = {value}'))
+
+
+def test_parse_entry_is_the_shape_of_every_entry() -> None:
+    """Any kind of entry (event types now, reward states too) reads the same keys."""
+    mapping, aliases = parse_entry({"braze_event": "Reward Fulfilled", "campaign_id": "c-1",
+                                    "aliases": ["FULFILLED"]}, "[rewards.fulfilled]")
+    assert mapping == Mapping("Reward Fulfilled", campaign_id="c-1") and aliases == ["FULFILLED"]
+    with pytest.raises(EventMapError, match=r"\[rewards.x\] has unknown keys: nope"):
+        parse_entry({"braze_event": "X", "nope": 1}, "[rewards.x]")

@@ -50,6 +50,7 @@ def test_defaults_are_the_readme_table(tmp_path: Path) -> None:
     assert settings.max_body_bytes == 1048576
     assert settings.retry_max_age == 86400
     assert settings.retention_days == 30
+    assert settings.trigger_delay == 0.0
     assert settings == Settings()
 
 
@@ -103,6 +104,8 @@ def test_valid_values_are_parsed(tmp_path: Path) -> None:
     assert load(tmp_path, RELAY_DATABASE_URL="postgres://h/db").database_url == (
         "postgresql+psycopg://h/db")
     assert load(tmp_path, BRAZE_EXPORT_RATE="15000/hour").braze_export_rate == Rate(15000, 3600.0)
+    assert load(tmp_path, RELAY_TRIGGER_DELAY="0").trigger_delay == 0.0
+    assert load(tmp_path, RELAY_TRIGGER_DELAY="90.5").trigger_delay == 90.5
 
 
 def test_blank_values_mean_the_default(tmp_path: Path) -> None:
@@ -143,6 +146,8 @@ INVALID = [
     ("RELAY_MAX_BODY_BYTES", "0"),
     ("RELAY_MAX_BODY_BYTES", "1MB"),
     ("RELAY_RETENTION_DAYS", "0"),
+    ("RELAY_TRIGGER_DELAY", "-1"),
+    ("RELAY_TRIGGER_DELAY", "soon"),
     ("RELAY_WORKER_BATCH_SIZE", "0"),
     ("RELAY_WORKER_THREADS", "65"),
     ("RELAY_LEASE_SECONDS", "5"),

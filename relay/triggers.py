@@ -153,7 +153,7 @@ class TriggerSender:
         self.clients = clients
         # A `sending` trigger whose lease expired belongs to a worker that died mid-request: the
         # lease covers the longest a live worker can take (connect and read timeouts; the client
-        # does not pace these requests by sleeping, `_paced` waits before the claim instead).
+        # does not pace these requests by sleeping: `claim` asks `pacing_delay` first instead).
         self.lease = timedelta(seconds=settings.lease_seconds + settings.braze_connect_timeout
                                + settings.braze_read_timeout)
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 RELAY = Path(sys.executable).parent / "relay"
 COMMANDS = ["check-config", "db", "events", "forget", "init", "purge", "sandbox", "serve",
-            "worker"]
+            "triggers", "worker"]
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def steady(port: int, rate: float, seconds: float, run: str) -> dict[str, Any]:
     count = int(rate * seconds)
     results = run_steady(port, signed_webhooks(count, run), rate)
     latencies = [r.latency * 1000 for r in results if r.status == 200]
-    return {"rate": rate, "sent": count, "answered_202": len(latencies),
+    return {"rate": rate, "sent": count, "answered_200": len(latencies),
             "errors": count - len(latencies),
             "p50_ms": common.percentile(latencies, 50),
             "p99_ms": common.percentile(latencies, 99),

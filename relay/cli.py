@@ -403,14 +403,20 @@ def triggers_drop(trigger_id: int) -> None:
 @cli.command()
 @click.option("--email", help="The person's email (any case).")
 @click.option("--external-id", help="The person's Braze external_id.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(0), default=120.0,
+              show_default=True,
+              help="Seconds to wait for deliveries of their events already in flight.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def forget(email: str | None, external_id: str | None, yes: bool) -> None:
+def forget(email: str | None, external_id: str | None, wait_seconds: float, yes: bool) -> None:
     """Erase one person's personal data from every table.
 
-    Their events keep their ids, times and statuses but lose every personal field; raw inbound
-    bodies and Braze requests that mention them are redacted; their identity cache entries and
-    campaign/Canvas triggers are deleted. This cannot be undone. Braze's own copy is not touched
-    (use Braze's user deletion).
+    Their events (rejected ones included) keep their ids, times and statuses but lose every
+    personal field; raw inbound bodies and Braze requests that mention them, in any JSON
+    spelling, are redacted; their identity cache entries and campaign/Canvas triggers are
+    deleted. Deliveries of their events already in flight are waited for (--wait), new ones held
+    back meanwhile, so none writes the data back. On SQLite the write-ahead log is checkpointed
+    and truncated. This cannot be undone. Braze's own copy is not touched (use Braze's user
+    deletion).
     """
     from relay import privacy
 
@@ -421,25 +427,41 @@ def forget(email: str | None, external_id: str | None, yes: bool) -> None:
     if not yes:
         click.confirm(f"Erase all personal data of {who} from the relay's database? "
                       "This cannot be undone", abort=True)
-    with _database() as database, database.session() as session:
-        counts = privacy.forget(session, email=email, external_id=external_id)
-    for kind, count in counts.items():
-        verb = "deleted" if kind in ("identity_cache", "triggers") else "redacted"
+
+    def waiting(busy: dict[int, Any]) -> None:
+        click.echo(f"waiting (up to {wait_seconds:g} s) for {len(busy)} of their events being "
+                   "delivered right now", err=True)
+
+    with _database() as database:
+        done = privacy.forget(database, email=email, external_id=external_id,
+                              wait_seconds=wait_seconds, on_wait=waiting)
+    for kind, count in done.counts.items():
+        verb = "deleted" if kind in ("identity_cache", "triggers", "dedup_keys") else "redacted"
         click.echo(f"{kind}: {count} {verb}")
+    if done.checkpointed is False:
+        raise RelayError(
+            "the data is erased from every table, but SQLite's write-ahead log could not be "
+            "checkpointed (another connection kept reading): older copies stay in the -wal "
+            "file until SQLite's next checkpoint; run forget again to retry")
 
 
 @cli.command()
 @click.option("--older-than", "days", type=click.IntRange(1), default=None,
               help="Days to keep [default: RELAY_RETENTION_DAYS].")
 def purge(days: int | None) -> None:
-    """Delete delivered/skipped events and logs past retention."""
+    """Delete delivered/skipped events and logs past retention.
+
+    The de-duplication keys of purged events stay until RELAY_DEDUP_DAYS after their receipt,
+    so a replayed request is still recognised; older ones are deleted too.
+    """
     from relay import retention
 
     settings = load_settings()
     days = days or settings.retention_days
     with _database(settings) as database:
-        counts = retention.purge(database, days)
-    click.echo(f"purged rows received more than {days} days ago:")
+        counts = retention.purge(database, days, dedup_days=settings.dedup_days)
+    click.echo(f"purged rows received more than {days} days ago "
+               f"(keys of purged events: {settings.dedup_days} days):")
     for kind, count in counts.items():
         click.echo(f"  {kind}: {count}")
 

@@ -1,6 +1,7 @@
 """Engine and sessions for SQLite (embedded default) and PostgreSQL (production).
 
-SQLite runs in WAL mode with a busy timeout and full fsync, so a 2xx always means "on disk";
+SQLite runs in WAL mode with a busy timeout and full fsync, so a 2xx always means "on disk", and
+with secure_delete, so a row deleted or overwritten (`relay forget`) leaves no copy in the file;
 PostgreSQL connections time out quickly so an outage becomes a 503, not a hung request. A SQLite
 database holds personal data and admin sessions: its file is created readable by its owner only
 (SQLite gives the `-wal` and `-shm` files the database file's mode), and an existing one that
@@ -118,6 +119,9 @@ def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # Deleted and overwritten rows are zeroed, not left in free space of the file, where
+    # `relay forget` could not reach them (many SQLite builds default to OFF).
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 

@@ -1,11 +1,18 @@
 """From claimed outbox events to Braze: identity resolution, batching, applying Braze's answers.
 
 Every Braze request is recorded once (body, status, answer, duration) and linked to the events it
-carried; every outcome becomes a status through `relay.leases.leases`, never a swallowed exception.
+carried; every outcome becomes a status through `relay.outbox.leases`, never a swallowed exception.
+
+Everything a worker writes about its events (the recorded request, the identity cache, the marks)
+is written only for the events it still holds the lease on, checked in the same transaction
+(`leases.held_by`). An event taken from it meanwhile (its lease expired, or `relay forget` fenced
+it) gets nothing written, and its objects are erased from the recorded request: a delivery that
+was in flight cannot write a forgotten person back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -17,6 +24,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from relay import attributes as person_attributes
 from relay import braze_state, dialect, metrics, triggers
 from relay.braze import (
     BadRequest,
@@ -35,6 +43,7 @@ from relay.extole import braze_time, canonical_json
 from relay.limiter import take_token
 from relay.models import AttemptEvent, DeliveryAttempt, IdentityCache, OutboxEvent
 from relay.outbox import leases
+from relay.privacy import ERASED_BODY, ERASED_OBJECT
 from relay.retry import RetryPolicy
 from relay.settings import Settings
 
@@ -93,7 +102,7 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
     event_sources: list[Planned] = []
     for planned in sorted(batch, key=lambda p: (p.event.event_time, p.event.id)):
         event = planned.event
-        values = {k: v for k, v in (event.attributes or {}).items() if k not in planned.stale}
+        values = person_attributes.without(event.attributes, planned.stale)
         if email_identifier and "email" in planned.identity:
             values.pop("email", None)  # it is the identifier already
         if planned.create_alias:
@@ -101,13 +110,13 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
         if values or planned.create_alias:
             key = identity_of(planned)
             if key in position:
-                attributes[position[key]].update(values)
+                person_attributes.merge(attributes[position[key]], values)
                 attribute_sources[position[key]].append(planned)
             else:
                 obj = dict(planned.identity)
                 if planned.create_alias:
                     obj["_update_existing_only"] = False
-                obj.update(values)
+                person_attributes.merge(obj, values)
                 position[key] = len(attributes)
                 attributes.append(obj)
                 attribute_sources.append([planned])
@@ -124,7 +133,7 @@ def build_track_request(batch: Sequence[Planned], email_identifier: bool = False
 def objects_needed(planned: Planned, persons_with_attributes: set[str],
                    email_identifier: bool) -> int:
     by_email = email_identifier and "email" in planned.identity
-    sent = {k for k in (planned.event.attributes or {})
+    sent = {k for k in person_attributes.keys(planned.event.attributes)
             if k not in planned.stale and not (by_email and k == "email")}
     has_attributes = planned.create_alias or bool(sent)
     return 1 + (1 if has_attributes and identity_of(planned) not in persons_with_attributes else 0)
@@ -267,8 +276,10 @@ class Delivery:
                                "waiting for the Braze export limiter (BRAZE_EXPORT_RATE)")
             return None
         client = self.clients(environment)
+        note, exchange = "lookup", None
         try:
-            users, exchange = client.export_ids_by_email(email)
+            users, answered = client.export_ids_by_email(email)
+            exchange = answered
         except RateLimited as error:
             # The export limit is Braze's own per endpoint: tracking goes on meanwhile.
             until = max(_naive_utc(error.reset_at), utcnow() + timedelta(seconds=1))
@@ -281,15 +292,12 @@ class Delivery:
             # Braze cannot look this address up: treat it as unknown and create the alias.
             log.warning("export for events %s refused (%s): treated as not found",
                         [e.id for e in events], error)
-            self._record(environment, error.exchange, events, "lookup refused")
-            users = []
+            exchange, users, note = error.exchange, [], "lookup refused"
         except BrazeError as error:
             metrics.IDENTITY_LOOKUPS.labels("error").inc()
             self._handle_error(environment, error, [Planned(e, {}) for e in events],
                                "identity lookup")
             return None
-        else:
-            self._record(environment, exchange, events, "lookup")
         with_external = [u for u in users if u.get("external_id")]
         chosen = with_external[0] if with_external else (users[0] if users else None)
         found = chosen is not None
@@ -300,6 +308,11 @@ class Delivery:
                   "braze_id": braze_id, "found": found,
                   "expires_at": utcnow() + timedelta(seconds=self.settings.identity_ttl)}
         with self.db.session() as session:
+            held = self._record_in(session, environment, exchange, events, note)
+            if not held:
+                # Taken from this worker while Braze answered (forgotten, or the lease
+                # expired): neither the answer nor the events are this worker's to use.
+                return None
             session.execute(dialect.upsert(session, IdentityCache, values,
                                            ["environment", "email"]))
         return found, external_id, braze_id
@@ -336,7 +349,7 @@ class Delivery:
             self._bad_request(environment, batch, request, error)
             return
         except BrazeError as error:
-            self._handle_error(environment, error, batch, "delivery")
+            self._handle_error(environment, error, batch, "delivery", request)
             return
         except Exception as error:  # noqa: BLE001 - a bug must not strand leased events
             log.exception("unexpected error delivering events %s", [p.event.id for p in batch])
@@ -347,7 +360,7 @@ class Delivery:
             for planned in self._sources(request, problem):
                 outcome.dead.setdefault(planned.event.id, self._refusal(problem))
         outcome.delivered = [p for p in batch if p.event.id not in outcome.dead]
-        self._apply(environment, result.exchange, batch, outcome)
+        self._apply(environment, result.exchange, batch, outcome, request=request)
 
     @staticmethod
     def _sources(request: TrackRequest, problem: dict[str, Any]) -> list[Planned]:
@@ -373,37 +386,43 @@ class Delivery:
                 flagged.setdefault(planned.event.id, self._refusal(problem))
         if flagged and len(flagged) < len(batch):
             # Braze named the culprits: they die, the rest is sent again at once.
-            self._apply(environment, error.exchange, batch, Outcome(dead=flagged), "split")
+            self._apply(environment, error.exchange, batch, Outcome(dead=flagged), "split",
+                        request)
             self.send(environment, [p for p in batch if p.event.id not in flagged])
             return
         if len(batch) == 1 or flagged:
             status = error.exchange.status if error.exchange else 400
             message = f"Braze refused the request (HTTP {status}): {error}"
             dead = flagged or {p.event.id: message for p in batch}
-            self._apply(environment, error.exchange, batch, Outcome(dead=dead))
+            self._apply(environment, error.exchange, batch, Outcome(dead=dead), request=request)
             return
-        self._record(environment, error.exchange, [p.event for p in batch], "split")
+        self._record(environment, error.exchange, [p.event for p in batch], "split", request)
         middle = len(batch) // 2
         self.send(environment, batch[:middle])
         self.send(environment, batch[middle:])
 
     def _handle_error(self, environment: str, error: BrazeError, batch: list[Planned],
-                      what: str) -> None:
+                      what: str, request: TrackRequest | None = None) -> None:
+        """`request`: the /users/track body sent (None for an identity lookup)."""
         events = [p.event for p in batch]
         now = utcnow()
         if isinstance(error, RateLimited):
             until = max(_naive_utc(error.reset_at), now + timedelta(seconds=1))
             with self.db.session() as session:
-                self._record_in(session, environment, error.exchange, events, "rate limited")
+                # The environment's row before the events' (`_record_in` locks them): the
+                # order every worker transaction takes them in, so none waits in a cycle.
                 braze_state.mark_rate_limited(session, environment, until)
+                self._record_in(session, environment, error.exchange, events, "rate limited",
+                                request=request)
                 leases.release(session, self.owner, events, until,
                                f"waiting: Braze rate limit ({what}) until {until:%H:%M:%S} UTC")
             return
         if isinstance(error, Unauthorized):
             with self.db.session() as session:
-                self._record_in(session, environment, error.exchange, events, "key refused")
                 paused = braze_state.mark_refused(session, environment, str(error),
                                                   KEY_PAUSE_SECONDS)
+                self._record_in(session, environment, error.exchange, events, "key refused",
+                                request=request)
                 # No credit here: the resume credits the whole refusal to every retrying
                 # event (shift_failure_clock), these included; crediting both counted it twice.
                 leases.release(session, self.owner, events, paused,
@@ -412,33 +431,37 @@ class Delivery:
             log.warning("%s delivery paused: %s", environment, error)
             return
         if isinstance(error, ServerError | TransportError):
-            self._fail(environment, error.exchange, batch, str(error))
+            self._fail(environment, error.exchange, batch, str(error), request)
             return
-        self._fail(environment, error.exchange, batch, f"{what} failed: {error}")
+        self._fail(environment, error.exchange, batch, f"{what} failed: {error}", request)
 
     def _fail(self, environment: str, exchange: Exchange | None, batch: list[Planned],
-              error: str) -> None:
+              error: str, request: TrackRequest | None = None) -> None:
         events = [p.event for p in batch]
         with self.db.session() as session:
-            self._record_in(session, environment, exchange, events, "failed")
+            self._record_in(session, environment, exchange, events, "failed", request=request)
             leases.mark_failed(session, self.owner, events, error, self.policy, rng=self.rng)
 
     def _apply(self, environment: str, exchange: Exchange | None, batch: list[Planned],
-               outcome: Outcome, note: str | None = None) -> None:
+               outcome: Outcome, note: str | None = None,
+               request: TrackRequest | None = None) -> None:
         events = [p.event for p in batch]
         outcomes = {p.event.id: "delivered" for p in outcome.delivered}
         outcomes.update({event_id: "dead" for event_id in outcome.dead})
         identities = {p.event.id: p.identity for p in batch}
         try:
             with self.db.session() as session:
-                self._record_in(session, environment, exchange, events, note, outcomes)
-                # Braze answered 2xx or 400: past its key check, so the key works.
+                # Braze answered 2xx or 400: past its key check, so the key works. The
+                # environment's row (and the retrying events the resume shifts) before this
+                # batch's events, which `_record_in` locks: every worker takes them in this order.
                 refused_for = braze_state.mark_ok(session, environment)
                 if refused_for:
                     # Waiting for a working key never counts toward RELAY_RETRY_MAX_AGE.
                     leases.shift_failure_clock(session, environment, refused_for)
                     log.info("%s delivery resumed after the key was refused for %.0f s",
                              environment, refused_for)
+                self._record_in(session, environment, exchange, events, note, outcomes,
+                                request)
                 if outcome.delivered:
                     now = utcnow()
                     delivered = leases.mark_delivered(
@@ -460,29 +483,62 @@ class Delivery:
     # -- recording -------------------------------------------------------------------------
 
     def _record(self, environment: str, exchange: Exchange | None,
-                events: Sequence[OutboxEvent], outcome: str) -> None:
+                events: Sequence[OutboxEvent], outcome: str,
+                request: TrackRequest | None = None) -> None:
         with self.db.session() as session:
-            self._record_in(session, environment, exchange, events, outcome)
+            self._record_in(session, environment, exchange, events, outcome, request=request)
 
-    @staticmethod
-    def _record_in(session: Session, environment: str, exchange: Exchange | None,
+    def _record_in(self, session: Session, environment: str, exchange: Exchange | None,
                    events: Sequence[OutboxEvent], outcome: str | None,
-                   outcomes: dict[int, str] | None = None) -> None:
+                   outcomes: dict[int, str] | None = None,
+                   request: TrackRequest | None = None) -> set[int]:
+        """Record one Braze request, linked to the events this worker still holds; answers
+        their ids (locked until the caller's transaction ends).
+
+        The objects of events no longer held are erased from the recorded body (`request` says
+        which object came from which event; an identity lookup none of whose events is held is
+        erased whole): those events may have been forgotten while Braze answered.
+        """
+        held = leases.held_by(session, self.owner, [e.id for e in events])
         if exchange is None:
-            return
+            return held
         metrics.BRAZE_SECONDS.labels(
             exchange.endpoint, str(exchange.status) if exchange.status else "error"
         ).observe(exchange.duration_ms / 1000.0)
+        request_body, response_body = exchange.request_body, exchange.response_body
+        if len(held) < len(events):
+            request_body, response_body = _without_lost(exchange, request, held)
         attempt = DeliveryAttempt(
             environment=environment, endpoint=exchange.endpoint,
             started_at=exchange.started_at.replace(tzinfo=None),
             duration_ms=exchange.duration_ms, status_code=exchange.status,
-            request_body=exchange.request_body, response_body=exchange.response_body,
+            request_body=request_body, response_body=response_body,
             error=exchange.error)
         session.add(attempt)
         session.flush()
-        session.execute(
-            AttemptEvent.__table__.insert(),
-            [{"attempt_id": attempt.id, "event_id": e.id,
-              "outcome": (outcomes or {}).get(e.id, outcome)} for e in events],
-        )
+        linked = [{"attempt_id": attempt.id, "event_id": e.id,
+                   "outcome": (outcomes or {}).get(e.id, outcome)} for e in events if e.id in held]
+        if linked:
+            session.execute(AttemptEvent.__table__.insert(), linked)
+        return held
+
+
+def _without_lost(exchange: Exchange, request: TrackRequest | None,
+                  held: set[int]) -> tuple[str, str]:
+    """The request and answer to record when some of its events are no longer this worker's."""
+    erased = ERASED_BODY.decode()
+    if not held:
+        return erased, erased
+    if request is None:
+        # An identity lookup: every event in it has the one email asked about, which some of
+        # them still hold (the others' leases expired).
+        return exchange.request_body, exchange.response_body
+    body = dict(request.body)
+    if "attributes" in body:
+        body["attributes"] = [
+            ERASED_OBJECT if any(p.event.id not in held for p in sources) else obj
+            for obj, sources in zip(body["attributes"], request.attribute_sources, strict=True)]
+    body["events"] = [obj if planned.event.id in held else ERASED_OBJECT
+                      for obj, planned in zip(body["events"], request.event_sources, strict=True)]
+    # Braze's answer to /users/track names objects by their index only.
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")), exchange.response_body

@@ -116,17 +116,23 @@ def lock_key(session: Session, key: int) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
-_LOCK_TEXT_KEYS = text(
-    "SELECT count(pg_advisory_xact_lock(hashtextextended(key, 0))) "
-    "FROM unnest(CAST(:keys AS text[])) AS key"
+# Locks are taken in the order of their lock ids (the hashes), not of the texts: two texts with
+# the same hash are one lock, and only an order of the locks themselves rules out every cycle.
+# The same SQL is part of `relay.outbox.ingest`'s single statement (LOCK_TEXT_KEYS_SQL).
+LOCK_TEXT_KEYS_SQL = (
+    "SELECT count(pg_advisory_xact_lock(lock_id)) AS locked FROM ("
+    "SELECT DISTINCT hashtextextended(name, 0) AS lock_id "
+    "FROM unnest(CAST(:lock_names AS text[])) AS name ORDER BY lock_id) AS ordered"
 )
+_LOCK_TEXT_KEYS = text(LOCK_TEXT_KEYS_SQL)
 
 
 def lock_text_keys(connection: Connection, keys: Iterable[str]) -> None:
-    """Transaction-scoped advisory locks on text keys, taken in sorted order (PostgreSQL), so two
-    transactions locking overlapping keys cannot deadlock. SQLite: nothing to do."""
-    if is_postgresql(connection):
-        connection.execute(_LOCK_TEXT_KEYS, {"keys": sorted(set(keys))})
+    """Transaction-scoped advisory locks on text keys, taken in one global order (PostgreSQL),
+    so two transactions locking overlapping keys cannot deadlock. SQLite: nothing to do."""
+    names = sorted(set(keys))
+    if names and is_postgresql(connection):
+        connection.execute(_LOCK_TEXT_KEYS, {"lock_names": names})
 
 
 def take_write_lock(session: Session, entity: type[Any], where: ColumnElement[bool]) -> None:
@@ -138,7 +144,28 @@ def take_write_lock(session: Session, entity: type[Any], where: ColumnElement[bo
         session.execute(update(entity).where(where).values({key.name: key}))
 
 
+# --- files ----------------------------------------------------------------------------------------
+
+
+def checkpoint_wal(engine: Engine) -> bool | None:
+    """SQLite: copy the write-ahead log into the database file and truncate it to zero bytes,
+    so the page images it held (rows as they were before a change, or an erasure) leave the
+    `-wal` file. It waits (the busy timeout) for readers of older snapshots and writers;
+    False when one kept it from finishing, True when done. PostgreSQL: None (its WAL and old
+    row versions are the server's, reclaimed by its own checkpoints and VACUUM)."""
+    if not is_sqlite(engine):
+        return None
+    with engine.connect() as connection:
+        busy = connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").scalar_one()
+    return int(busy) == 0
+
+
 # --- PostgreSQL's single-statement path ---------------------------------------------------------
+
+
+def is_foreign_key_violation(error: BaseException) -> bool:
+    """PostgreSQL refused a statement for a foreign key (SQLSTATE 23503): nothing of it stayed."""
+    return getattr(getattr(error, "orig", None), "sqlstate", None) == "23503"
 
 
 def driver_sql(statement: TextClause) -> str:

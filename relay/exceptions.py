@@ -68,3 +68,7 @@ class InvalidTransition(RelayError):
 
 class TriggerNotFound(RelayError):
     """No trigger with that id."""
+
+
+class DeliveryInFlight(RelayError):
+    """A delivery of this person's events is still in flight; nothing was erased."""

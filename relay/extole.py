@@ -3,6 +3,10 @@
 Extole lets every client reshape its webhook bodies, so field names vary: names are matched
 case-insensitively, and where several names or places could give a value the first listed wins,
 top level before `person` before `data`. Unknown fields are kept as event properties.
+
+Reward webhooks left as Extole builds them post the reward itself: its `type` is the reward state
+(`FULFILLED`, ...). Those items become reward events (README, "Reward events"), named by the
+event map's `[rewards.<state>]` entries and carrying `reward_state` (and `coupon_code`).
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from relay.eventmap import EventMap
+from relay.eventmap import EventMap, Mapping, is_earned_type, reward_state
 from relay.exceptions import InvalidBody, RejectedEvent
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,11 @@ EMAIL = ("email", "email_address", "recipient_email")
 PROFILE = {"first_name": ("first_name",), "last_name": ("last_name",), "phone": ("phone_number",)}
 PASSED_ON = ("funnel", "program", "share_link")
 PLACES = ("person", "data")
+REWARD_ID = ("reward_id",)
+REWARD_STATE_FIELD = ("state",)
+SUBSCRIPTION_GROUP = ("subscription_group_id",)
+COUPON_KEY_TYPE = "COUPON"
+MAX_NUMBER_TEXT = 40  # longer digit strings are not amounts: they stay text
 
 # Fields that are not event properties: identity and profile (top level and `person`), and the
 # envelope (top level only: a person's `id` or `name` is not the event's, so it is kept).
@@ -37,6 +47,9 @@ _NOT_PERSON_PROPERTIES = frozenset(
     [*EXTERNAL_ID, *EMAIL, "first_name", "last_name", "phone_number", *PLACES]
 )
 _NOT_PROPERTIES = _NOT_PERSON_PROPERTIES | {*EVENT_ID, *EVENT_TYPE, *EVENT_TIME}
+# With RELAY_EXTERNAL_ID=email the email is the identity; partner_user_id is only a property.
+_NOT_PERSON_PROPERTIES_BY_EMAIL = _NOT_PERSON_PROPERTIES - set(EXTERNAL_ID)
+_NOT_PROPERTIES_BY_EMAIL = _NOT_PROPERTIES - set(EXTERNAL_ID)
 MAX_ID_LENGTH = 255
 MAX_STRING = 255
 MILLISECONDS_ABOVE = 10**11
@@ -60,6 +73,10 @@ class Event:
     properties: dict[str, Any]
     payload: dict[str, Any]
     trimmed: list[str] = field(default_factory=list)
+    # Set together for a reward event only: the reward and its state (upper case), the key by
+    # which a webhook and another copy of the same reward state are recognised.
+    reward_id: str | None = None
+    reward_state: str | None = None
 
     @property
     def person_key(self) -> str | None:
@@ -212,28 +229,33 @@ def _clean_value(key: str, value: Any, trimmed: list[str]) -> Any:
     return value
 
 
-def normalise(item: Any, event_map: EventMap, received_at: datetime) -> Event:
-    """Turn one item of a webhook body into an Event, or raise RejectedEvent with the reason."""
+def normalise(item: Any, event_map: EventMap, received_at: datetime, *,
+              default_type: str | None = None,
+              external_id_from: str = "partner_user_id") -> Event:
+    """Turn one item of a webhook body into an Event, or raise RejectedEvent with the reason.
+
+    `default_type` (the webhook URL's `type` parameter) is the type of an item that names
+    none; `external_id_from` is RELAY_EXTERNAL_ID: `partner_user_id` or `email`.
+    """
     if not isinstance(item, dict):
         raise RejectedEvent(f"event must be a JSON object, not {_json_kind(item)}")
     fields = _Fields(item)
 
-    raw_type = fields.first(EVENT_TYPE, top_only=True)
-    if raw_type is None:
-        raise RejectedEvent("no event type: expected one of " + ", ".join(EVENT_TYPE))
-    if not isinstance(raw_type, str) or not raw_type.strip():
-        raise RejectedEvent("event type must be a non-empty string")
-    extole_type = raw_type.strip()
-    if len(extole_type) > MAX_ID_LENGTH:
-        raise RejectedEvent(f"event type is longer than {MAX_ID_LENGTH} characters")
-
+    extole_type, hashed_item = _event_type(fields, item, default_type)
     event_id = _scalar_text(fields.first(EVENT_ID, top_only=True), "event id")
     raw_time = fields.first(EVENT_TIME, top_only=True)
     event_time = received_at if raw_time is None else parse_time(raw_time)
-    external_id = _scalar_text(fields.first(EXTERNAL_ID), "partner_user_id/external_id")
     email = normalise_email(fields.first(EMAIL, kind=str))
-    mapping = event_map.lookup(extole_type)
-    dedup_key = event_id or "sha256:" + content_hash(item)
+    if external_id_from == "email":
+        if email and len(email) > MAX_ID_LENGTH:
+            raise RejectedEvent(f"email is longer than {MAX_ID_LENGTH} characters, too long "
+                                "for an external_id (RELAY_EXTERNAL_ID=email)")
+        external_id = email
+    else:
+        external_id = _scalar_text(fields.first(EXTERNAL_ID), "partner_user_id/external_id")
+    state, reward_id = _reward(fields, extole_type)
+    mapping = entry_for(event_map, extole_type, state)
+    dedup_key = event_id or "sha256:" + content_hash(hashed_item)
 
     attributes: dict[str, Any] = {}
     if email:
@@ -247,24 +269,33 @@ def normalise(item: Any, event_map: EventMap, received_at: datetime) -> Event:
         attributes["share_link"] = share_link.strip()[:MAX_STRING]
     if mapping.email_subscribe:
         attributes["email_subscribe"] = mapping.email_subscribe
+    groups = _subscription_groups(fields, mapping)
+    if groups:
+        attributes["subscription_groups"] = groups
 
     properties: dict[str, Any] = {}
     data = item_value(item, "data")
     if isinstance(data, dict):
         properties.update(data)
     person = item_value(item, "person")
-    for source, excluded in ((person, _NOT_PERSON_PROPERTIES), (item, _NOT_PROPERTIES)):
+    by_email = external_id_from == "email"
+    for source, excluded in (
+            (person, _NOT_PERSON_PROPERTIES_BY_EMAIL if by_email else _NOT_PERSON_PROPERTIES),
+            (item, _NOT_PROPERTIES_BY_EMAIL if by_email else _NOT_PROPERTIES)):
         if isinstance(source, dict):
             properties.update(
                 (k, v) for k, v in source.items() if str(k).lower() not in excluded
             )
     for name in PASSED_ON:
-        # Under its own name once, whatever the spelling it arrived with (`Funnel`, `FUNNEL`).
         value = fields.first((name,))
         if value is not None:
-            for key in [k for k in properties if str(k).lower() == name]:
-                del properties[key]
-            properties[name] = value
+            _set_once(properties, name, value)
+    _number_face_value(properties)
+    if state:
+        _set_once(properties, "reward_state", state)
+        coupon = _coupon_code(fields)
+        if coupon is not None:
+            _set_once(properties, "coupon_code", coupon)
     properties["extole_event_id"] = event_id or dedup_key
     trimmed: list[str] = []
     properties = clean_properties(properties, trimmed)
@@ -281,7 +312,123 @@ def normalise(item: Any, event_map: EventMap, received_at: datetime) -> Event:
         properties=properties,
         payload=item,
         trimmed=trimmed,
+        reward_id=reward_id if state else None,
+        reward_state=state,
     )
+
+
+def _event_type(fields: _Fields, item: dict[str, Any],
+                default_type: str | None) -> tuple[str, dict[str, Any]]:
+    """The item's type and what its content hash is taken of.
+
+    The item's own type wins; without one, a reward's `state` (the rewards API's name for it);
+    then the webhook URL's `type`, which is part of the hash so that one body posted under two
+    types is two events.
+    """
+    raw_type = fields.first(EVENT_TYPE, top_only=True)
+    if raw_type is None:
+        state = fields.first(REWARD_STATE_FIELD, top_only=True, kind=str)
+        if state is not None and reward_state(state) and fields.first(REWARD_ID) is not None:
+            raw_type = state
+    if raw_type is None and default_type is not None and default_type.strip():
+        return _checked_type(default_type), {**item, "type": default_type.strip()}
+    if raw_type is None:
+        raise RejectedEvent("no event type: expected one of " + ", ".join(EVENT_TYPE))
+    return _checked_type(raw_type), item
+
+
+def _checked_type(raw_type: Any) -> str:
+    if not isinstance(raw_type, str) or not raw_type.strip():
+        raise RejectedEvent("event type must be a non-empty string")
+    extole_type = raw_type.strip()
+    if len(extole_type) > MAX_ID_LENGTH:
+        raise RejectedEvent(f"event type is longer than {MAX_ID_LENGTH} characters")
+    return extole_type
+
+
+def entry_for(event_map: EventMap, extole_type: str, state: str | None) -> Mapping:
+    """The map entry that names an event: a reward event's is its state's `[rewards.<state>]`
+    entry, except for the older earned types (`earned_reward`, `reward_earned`), which keep
+    their `[events]` entry; any other event's is its type's."""
+    if state and not is_earned_type(extole_type):
+        return event_map.reward(state)
+    return event_map.lookup(extole_type)
+
+
+def stored_entry(event_map: EventMap, extole_type: str, payload: Any) -> Mapping:
+    """The map entry of a stored event (its type and the item Extole posted), found as
+    `normalise` found it: what starts its campaign or Canvas once delivered is the same entry
+    that named it. A payload that is no longer an item (erased) maps by its type alone."""
+    state = None
+    if isinstance(payload, dict):
+        try:
+            state, _ = _reward(_Fields(payload), extole_type)
+        except RejectedEvent:  # it was accepted, so this does not happen; never guess a state
+            state = None
+    return entry_for(event_map, extole_type, state)
+
+
+def _reward(fields: _Fields, extole_type: str) -> tuple[str | None, str | None]:
+    """(state, reward_id) of a reward event: a `reward_id` and a type that is a reward state
+    (`earned_reward`/`reward_earned` count as EARNED); (None, None) for any other event."""
+    state = reward_state(extole_type) or ("EARNED" if is_earned_type(extole_type) else None)
+    if state is None:
+        return None, None
+    reward_id = _scalar_text(fields.first(REWARD_ID), "reward_id")
+    return (state, reward_id) if reward_id else (None, None)
+
+
+def _coupon_code(fields: _Fields) -> Any:
+    """The supplier's `partner_reward_id` when it is a coupon (key type COUPON, or none given:
+    gift-card ids (`ID`) and links (`LINK`) are not coupon codes)."""
+    code = fields.first(("partner_reward_id",))
+    key_type = fields.first(("partner_reward_key_type",), kind=str)
+    if code is None or isinstance(code, dict | list | bool):
+        return None
+    if key_type is not None and key_type.strip().upper() != COUPON_KEY_TYPE:
+        return None
+    return code.strip() if isinstance(code, str) else code
+
+
+def _subscription_groups(fields: _Fields, mapping: Mapping) -> list[dict[str, str]]:
+    """Braze's `subscription_groups` for an event whose type changes a group's state: the
+    group named by the event, else the one its event-map entry names."""
+    if mapping.subscription_state is None:
+        return []
+    named = _scalar_text(fields.first(SUBSCRIPTION_GROUP), "subscription_group_id")
+    group = named or mapping.subscription_group_id
+    if group is None:
+        return []
+    return [{"subscription_group_id": group, "subscription_state": mapping.subscription_state}]
+
+
+def _set_once(properties: dict[str, Any], name: str, value: Any) -> None:
+    """Under its own name once, whatever the spelling it arrived with (`Funnel`, `FUNNEL`)."""
+    for key in [k for k in properties if str(k).lower() == name]:
+        del properties[key]
+    properties[name] = value
+
+
+def _number_face_value(properties: dict[str, Any]) -> None:
+    """Extole sends a reward's face value as a number or a decimal string ("20.00"): Braze gets
+    a number, so that segments and Liquid can compare and add it. Other text is left as it is."""
+    for key, value in list(properties.items()):
+        if str(key).lower() != "face_value" or not isinstance(value, str):
+            continue
+        number = decimal_number(value)
+        if number is not None:
+            properties[key] = number
+
+
+def decimal_number(text: str) -> int | float | None:
+    """A decimal string as a JSON number: whole numbers without a point stay integers."""
+    stripped = text.strip()
+    if len(stripped) > MAX_NUMBER_TEXT or not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)", stripped):
+        return None
+    if "." not in stripped:
+        return int(stripped)
+    number = float(stripped)
+    return number if math.isfinite(number) else None
 
 
 def item_value(item: dict[str, Any], name: str) -> Any:
@@ -290,6 +437,20 @@ def item_value(item: dict[str, Any], name: str) -> Any:
         if str(key).lower() == name:
             return value
     return None
+
+
+def identifiers(item: Any) -> tuple[str | None, str | None]:
+    """Whose item this is, (external_id, email), found as `normalise` finds them, also in an
+    item it rejected (no type, a bad time): `relay forget` recognises a person's rejected
+    items by it. Values `normalise` would refuse count as absent."""
+    if not isinstance(item, dict):
+        return None, None
+    fields = _Fields(item)
+    try:
+        external_id = _scalar_text(fields.first(EXTERNAL_ID), "partner_user_id/external_id")
+    except RejectedEvent:
+        external_id = None
+    return external_id, normalise_email(fields.first(EMAIL, kind=str))
 
 
 def _json_kind(value: Any) -> str:

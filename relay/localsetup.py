@@ -12,15 +12,23 @@ from pathlib import Path
 from relay.authentication import sign
 from relay.settings import Settings
 
+# A reward as Extole's reward webhook posts it when its body is left as is: the type is the
+# reward's state, the coupon is `partner_reward_id` and the face value a decimal string.
 SAMPLE_EVENT = {
-    "type": "reward_earned",
     "event_id": "local-test-0001",
-    "event_time": "2026-11-20T14:14:18.548Z",
+    "event_time": "2026-11-21T09:02:44.120Z",
+    "type": "FULFILLED",
+    "reward_id": "c93e7a1f5b2d4c6e8a0f1b3d",
+    "reward_name": "Advocate 20% off",
+    "reward_supplier_type": "MANUAL_COUPON",
+    "partner_reward_key_type": "COUPON",
+    "partner_reward_id": "ADVOCATE20-LOCAL",
+    "person_id": "6816411215104951917",
     "partner_user_id": "cust-1036950000",
     "email": "ann.lee@example.com",
-    "reward_id": "a41f0c9e2b7d4e11a3c6f508",
-    "face_value": 50,
-    "face_value_type": "USD",
+    "face_value": "20.00",
+    "face_value_type": "PERCENT_OFF",
+    "data": {"journey_name": "ADVOCATE", "rewardee_role": "advocate"},
 }
 
 

@@ -140,6 +140,32 @@ class OutboxEvent(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class DedupKey(Base):
+    """One de-duplication key of one stored event, kept after the event itself is purged.
+
+    An event is a duplicate when any of its keys (`relay.outbox.dedup.keys_of`) is already here
+    for its environment; a stored event adds all of its keys, a duplicate none. Retention purges
+    the event after RELAY_RETENTION_DAYS but keeps its keys (then `event_id` is NULL) until
+    `received_at` + RELAY_DEDUP_DAYS, so a request replayed long after is still a duplicate.
+    Keys are event ids, reward ids with a state, or SHA-256 hashes: no personal data.
+    """
+
+    __tablename__ = "dedup_keys"
+    __table_args__ = (
+        # Both "the keys of this event" (ON DELETE SET NULL, retention) and "purged events'
+        # keys past their time" (event_id IS NULL AND received_at < cutoff) use this index.
+        Index("ix_dedup_keys_event_id_received_at", "event_id", "received_at"),
+    )
+
+    environment: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # The event that holds the key; NULL once retention purged it. The foreign key also makes
+    # PostgreSQL's single-statement insert all-or-nothing (`relay.outbox.ingest`).
+    event_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("events.id", ondelete="SET NULL"))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class DeliveryAttempt(Base):
     """One request to Braze, recorded once, linked to the events it carried."""
 

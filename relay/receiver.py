@@ -2,6 +2,7 @@
 
 Checks run in the order the README documents (404, 413, 503 secret, 401, 415, 400, 503 database);
 every request, accepted or not, lands in the inbound log. A 2xx is sent only after the commit.
+The optional `type` query parameter is the event type of every item that names none.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from relay import metrics
 from relay.authentication import authenticate, redact_headers
 from relay.db import describe_error, get_db, utcnow
 from relay.exceptions import AuthenticationFailed, DatabaseUnavailable, InvalidBody, RelayError
-from relay.extole import parse_body, storable_text
+from relay.extole import MAX_ID_LENGTH, parse_body, storable_text
 from relay.models import InboundRequest
 from relay.outbox.ingest import Receipt, store_single, store_webhook
 from relay.settings import ENVIRONMENTS, Settings
@@ -60,7 +61,8 @@ def receive(environment: str) -> tuple[Response, int]:
     )
     try:
         items = _checked_items(settings, environment, inbound)
-        receipt = _store(inbound, items, environment)
+        default_type = _default_type()
+        receipt = _store(inbound, items, environment, default_type, settings.external_id_from)
     except Refusal as refusal:
         return _refuse(inbound, refusal)
     metrics.WEBHOOKS.labels(environment, "accepted").inc()
@@ -101,6 +103,23 @@ def _checked_items(settings: Settings, environment: str, inbound: InboundRequest
     raise Refusal(400, "bad_json", "body must be a JSON object or an array of objects")
 
 
+def _default_type() -> str | None:
+    """The `type` query parameter: given, it must name one type (a 400 otherwise, so a
+    misconfigured webhook URL is seen at once instead of typing events wrongly)."""
+    values = request.args.getlist("type")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Refusal(400, "bad_request", "query parameter type is given more than once")
+    value = values[0].strip()
+    if not value:
+        raise Refusal(400, "bad_request", "query parameter type is empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise Refusal(400, "bad_request",
+                      f"query parameter type is longer than {MAX_ID_LENGTH} characters")
+    return storable_text(value)
+
+
 def _read_within(limit: int, inbound: InboundRequest) -> bytes:
     """The raw body, recorded in the inbound log; 413 when it is larger than `limit`."""
     if request.content_length is not None and request.content_length > limit:
@@ -135,18 +154,22 @@ def _read_body(at_most: int) -> bytes:
     return b"".join(chunks)
 
 
-def _store(inbound: InboundRequest, items: list[Any], environment: str) -> Receipt:
+def _store(inbound: InboundRequest, items: list[Any], environment: str,
+           default_type: str | None, external_id_from: str) -> Receipt:
     inbound.status_code, inbound.outcome = 200, "accepted"
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
             event_map = current_app.extensions["relay.event_map"]
             if len(items) == 1:
                 receipt = store_single(get_db().engine, inbound, items[0], environment,
-                                       event_map)
+                                       event_map, default_type=default_type,
+                                       external_id_from=external_id_from)
                 if receipt is not None:
                     return receipt
             with get_db().session() as session:
-                return store_webhook(session, inbound, items, environment, event_map)
+                return store_webhook(session, inbound, items, environment, event_map,
+                                     default_type=default_type,
+                                     external_id_from=external_id_from)
         except (DatabaseUnavailable, SQLAlchemyError) as outage:
             if attempt < STORE_ATTEMPTS and _transient(outage):
                 # A deadlock or serialization failure (store_webhook orders its locks, but

@@ -5,6 +5,8 @@ requests that carried only such events, inbound log rows no kept event refers to
 cache answers long expired. Dead, pending and rejected events stay until an operator handles them,
 with their inbound row and attempts; so does a delivered event whose trigger is still due, being
 sent or uncertain (it waits for the operator's resend or drop).
+A purged event's de-duplication keys stay behind (`relay.outbox.dedup`) until its `received_at`
++ RELAY_DEDUP_DAYS, so a request replayed after the purge is still a duplicate; then they go too.
 
 Work is done in batches, each its own short transaction, so the receiver and the workers never
 wait long behind a purge; every delete re-checks its condition, so a row that changed between the
@@ -16,12 +18,13 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, select, tuple_
+from sqlalchemy import delete, exists, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from relay.db import Database, rowcount, utcnow
 from relay.models import (
     AttemptEvent,
+    DedupKey,
     DeliveryAttempt,
     IdentityCache,
     InboundRequest,
@@ -43,15 +46,18 @@ def purge(
     db: Database,
     retention_days: int,
     *,
+    dedup_days: int,
     now: datetime | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> dict[str, int]:
-    """Delete rows older than `retention_days`; answers how many rows of each table went."""
-    if retention_days < 1:
-        raise ValueError("retention_days must be at least 1")
-    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    """Delete rows older than `retention_days`, and the keys of purged events older than
+    `dedup_days`; answers how many rows of each table went."""
+    if retention_days < 1 or dedup_days < 1:
+        raise ValueError("retention_days and dedup_days must be at least 1")
+    now = now or utcnow()
+    cutoff = now - timedelta(days=retention_days)
     counts = {"events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
-              "identity_cache": 0}
+              "identity_cache": 0, "dedup_keys": 0}
     while True:
         events, purged_triggers, attempts = _purge_events(db, cutoff, batch_size)
         counts["events"] += events
@@ -65,8 +71,11 @@ def purge(
         counts["inbound_requests"] += n
     while n := _purge_identity_cache(db, cutoff, batch_size):
         counts["identity_cache"] += n
+    while n := _purge_dedup_keys(db, now - timedelta(days=dedup_days), batch_size):
+        counts["dedup_keys"] += n
     if any(counts.values()):
-        log.info("purged rows older than %s (%d days): %s", cutoff.date(), retention_days,
+        log.info("purged rows older than %s (%d days; keys of purged events: %d days): %s",
+                 cutoff.date(), retention_days, dedup_days,
                  ", ".join(f"{name} {n}" for name, n in counts.items()))
     return counts
 
@@ -100,9 +109,12 @@ def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int,
             delete(OutboxEvent).where(OutboxEvent.id.in_(ids), _purgeable_event(cutoff))
             .returning(OutboxEvent.id)
         ))
-        # Also removed by ON DELETE CASCADE; explicit so it never depends on the pragma.
+        # Also done by ON DELETE CASCADE / SET NULL; explicit so it never depends on the pragma.
         if deleted:
             session.execute(delete(AttemptEvent).where(AttemptEvent.event_id.in_(deleted)))
+            # The keys stay, now on their own: a replay is still a duplicate (_purge_dedup_keys).
+            session.execute(update(DedupKey).where(DedupKey.event_id.in_(deleted))
+                            .values(event_id=None))
         attempts = 0
         if attempt_ids:
             attempts = rowcount(session.execute(
@@ -153,3 +165,17 @@ def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> in
         return rowcount(session.execute(
             delete(IdentityCache).where(key.in_(keys), IdentityCache.expires_at < cutoff)
         ))
+
+
+def _purge_dedup_keys(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Keys of purged events received before `cutoff` (now - RELAY_DEDUP_DAYS): a request that
+    old is no longer recognised as a replay. A key whose event is still kept stays with it."""
+    expired = DedupKey.event_id.is_(None) & (DedupKey.received_at < cutoff)
+    key = tuple_(DedupKey.environment, DedupKey.key)
+    with db.session() as session:
+        keys = [tuple(row) for row in session.execute(
+            select(DedupKey.environment, DedupKey.key).where(expired).limit(batch_size)
+        )]
+        if not keys:
+            return 0
+        return rowcount(session.execute(delete(DedupKey).where(key.in_(keys), expired)))

@@ -44,6 +44,10 @@ MAX_PROPERTIES_BYTES = 50 * 1024
 MAX_STRING = 255
 REQUESTS_KEPT = 10_000
 SUBSCRIBE_STATES = ("opted_in", "subscribed", "unsubscribed")
+GROUP_STATES = ("subscribed", "unsubscribed")
+# Braze's subscription group ids are UUIDs; anything else names no group of the workspace.
+_GROUP_ID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                       r"[0-9a-fA-F]{12}$")
 NO_VALID_DATA = "Valid data must be provided in the 'attributes', 'events', or 'purchases' fields."
 ID_NAMES = "'external_id', 'user_alias', 'braze_id', 'email' or 'phone'"
 EXPORT_IDS = ("external_ids", "user_aliases", "braze_id", "email_address", "phone")
@@ -159,6 +163,8 @@ class _Profile:
     user_aliases: list[dict[str, str]] = field(default_factory=list)
     email: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    # subscription group id -> "subscribed" / "unsubscribed", as `subscription_groups` set it
+    subscription_groups: dict[str, str] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     purchases: list[dict[str, Any]] = field(default_factory=list)
 
@@ -244,6 +250,24 @@ def _check_properties(obj: dict[str, Any]) -> None:
         raise ValueError("'properties' is larger than 50 KB")
 
 
+def _check_subscription_groups(value: Any) -> None:
+    """`subscription_groups`: an array of {subscription_group_id, subscription_state}."""
+    if not isinstance(value, list):
+        raise ValueError("'subscription_groups' must be an array")
+    for group in value:
+        if not isinstance(group, dict):
+            raise ValueError("'subscription_groups' items must be objects")
+        unknown = set(group) - {"subscription_group_id", "subscription_state"}
+        if unknown:
+            raise ValueError(f"'subscription_groups' item has unknown field "
+                             f"{sorted(unknown)[0]!r}")
+        group_id = group.get("subscription_group_id")
+        if not (isinstance(group_id, str) and _GROUP_ID.match(group_id)):
+            raise ValueError("'subscription_group_id' must be a subscription group id (a UUID)")
+        if group.get("subscription_state") not in GROUP_STATES:
+            raise ValueError("'subscription_state' must be one of " + ", ".join(GROUP_STATES))
+
+
 def _check_object(array: str, obj: Any) -> tuple[str, Any]:
     if not isinstance(obj, dict):
         raise ValueError(f"{array} objects must be JSON objects")
@@ -256,6 +280,8 @@ def _check_object(array: str, obj: Any) -> tuple[str, Any]:
             raise ValueError("'email' is not a valid email address")
         if "email_subscribe" in obj and obj["email_subscribe"] not in SUBSCRIBE_STATES:
             raise ValueError("'email_subscribe' must be one of " + ", ".join(SUBSCRIBE_STATES))
+        if "subscription_groups" in obj:
+            _check_subscription_groups(obj["subscription_groups"])
         return ident
     if array == "events" and not (isinstance(obj.get("name"), str) and obj["name"].strip()):
         raise ValueError("'name' is required and must be a non-empty string")
@@ -511,6 +537,11 @@ class _Sandbox:
         for key, value in obj.items():
             if key in ("_update_existing_only", "external_id", "user_alias", "braze_id",
                        ident[0]):
+                continue
+            if key == "subscription_groups":
+                for group in value:
+                    profile.subscription_groups[group["subscription_group_id"]] = (
+                        group["subscription_state"])
                 continue
             if key == "email":
                 value = value.strip().lower() if isinstance(value, str) else None

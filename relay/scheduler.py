@@ -77,9 +77,9 @@ def sweep_leases(db: Database) -> int:
         return leases.sweep_expired_leases(session, utcnow())
 
 
-def purge(db: Database, retention_days: int) -> None:
+def purge(db: Database, retention_days: int, dedup_days: int) -> None:
     """The retention job (`relay purge` runs the same now)."""
-    counts = retention.purge(db, retention_days)
+    counts = retention.purge(db, retention_days, dedup_days=dedup_days)
     log.info("retention purge: %s", counts)
 
 
@@ -105,7 +105,8 @@ def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> Backgro
                       id=TRIGGER_JOB, next_run_time=now)
     scheduler.add_job(sweep_leases, "interval", args=(worker.db,), seconds=SWEEP_SECONDS,
                       id="sweep_leases")
-    scheduler.add_job(purge, "interval", args=(worker.db, settings.retention_days),
+    scheduler.add_job(purge, "interval",
+                      args=(worker.db, settings.retention_days, settings.dedup_days),
                       hours=PURGE_HOURS, id="retention_purge",
                       next_run_time=now + FIRST_PURGE_AFTER)
     waker.attach(_run_now(scheduler))

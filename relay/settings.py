@@ -50,6 +50,8 @@ class Settings:
     braze_max_objects: int = 75
     braze_export_rate: Rate = Rate(250, 60.0)
     braze_email_identity: str = "lookup"
+    # Which Extole field becomes Braze's external_id: `partner_user_id` or `email`.
+    external_id_from: str = "partner_user_id"
     identity_ttl: int = 3600
     event_map: str | None = None
     retry_base: float = 5.0
@@ -58,6 +60,7 @@ class Settings:
     log_format: str = "text"
     max_body_bytes: int = 1048576
     retention_days: int = 30
+    dedup_days: int = 400
     trigger_delay: float = 0.0
     # Tunables of the worker, in the README's table too.
     worker_batch_size: int = 500
@@ -147,6 +150,13 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _external_id_source(value: str) -> str:
+    """`partner_user_id` (also spelt `external_id`, the other name Extole bodies use for it)
+    or `email`."""
+    chosen = _choice("partner_user_id", "external_id", "email")(value)
+    return "partner_user_id" if chosen == "external_id" else chosen
+
+
 def _rate(value: str) -> Rate:
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(second|minute|hour)s?\s*", value.lower())
     if not match or int(match.group(1)) < 1:
@@ -193,6 +203,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "BRAZE_EXPORT_RATE": ("braze_export_rate", _rate),
     "BRAZE_EMAIL_IDENTITY": ("braze_email_identity", _choice("lookup", "email")),
     "RELAY_IDENTITY_TTL": ("identity_ttl", _int(0)),
+    "RELAY_EXTERNAL_ID": ("external_id_from", _external_id_source),
     "RELAY_EVENT_MAP": ("event_map", _existing_file),
     "RELAY_RETRY_BASE": ("retry_base", _number(0)),
     "RELAY_RETRY_MAX_DELAY": ("retry_max_delay", _number(0)),
@@ -200,6 +211,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RELAY_LOG_FORMAT": ("log_format", _choice("text", "json")),
     "RELAY_MAX_BODY_BYTES": ("max_body_bytes", _int(1)),
     "RELAY_RETENTION_DAYS": ("retention_days", _int(1)),
+    "RELAY_DEDUP_DAYS": ("dedup_days", _int(1)),
     "RELAY_TRIGGER_DELAY": ("trigger_delay", _number(0, strict=False)),
     "RELAY_WORKER_BATCH_SIZE": ("worker_batch_size", _int(1, 10000)),
     "RELAY_WORKER_THREADS": ("worker_threads", _int(1, 64)),
@@ -262,6 +274,13 @@ def load_settings(
         raise SettingsError(
             "RELAY_RETRY_MAX_DELAY: must be at least RELAY_RETRY_BASE "
             f"({settings.retry_max_delay:g} < {settings.retry_base:g})"
+        )
+    if settings.dedup_days < settings.retention_days:
+        # Keys must outlive their events: a key gone before its event is purged lets a replay of
+        # a purged event in.
+        raise SettingsError(
+            "RELAY_DEDUP_DAYS: must be at least RELAY_RETENTION_DAYS "
+            f"({settings.dedup_days} < {settings.retention_days})"
         )
     if settings.admin_password and not settings.secret_key:
         raise SettingsError(

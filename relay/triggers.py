@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from relay import braze_state, dialect, metrics
+from relay import braze_state, dialect, extole, metrics
 from relay.braze import (
     CAMPAIGN_TRIGGER_PATH,
     MAX_TRIGGER_RECIPIENTS,
@@ -39,7 +39,7 @@ from relay.braze import (
     TransportError,
 )
 from relay.db import Database, rowcount, utcnow
-from relay.eventmap import EventMap
+from relay.eventmap import EventMap, Mapping, reward_state
 from relay.exceptions import (
     DatabaseUnavailable,
     FilterError,
@@ -93,12 +93,14 @@ def create_for_delivered(session: Session, events: Sequence[OutboxEvent],
                          identities: dict[int, dict[str, Any]], event_map: EventMap,
                          delay: float, now: datetime | None = None) -> int:
     """In the delivered mark's transaction: one trigger per delivered event and target of its
-    map entry, due `delay` seconds later. An event delivered again (a replay) starts none again.
+    map entry (a reward event's `[rewards.<state>]` entry, as it was named: `extole.entry_for`),
+    due `delay` seconds later. An event delivered again (a replay) starts none again.
     Answers how many were stored."""
     now = now or utcnow()
     rows = []
+    entries = _entries(session, events, event_map)
     for event in events:
-        targets = event_map.lookup(event.extole_type or "").triggers
+        targets = entries[event.id].triggers
         if not targets:
             continue
         recipient = recipient_for(identities.get(event.id) or event.identity)
@@ -121,6 +123,32 @@ def create_for_delivered(session: Session, events: Sequence[OutboxEvent],
         _transition([(trigger_id, event_id, environment)], "new", state,
                     NO_RECIPIENT if state == TriggerState.FAILED.value else "")
     return len(created)
+
+
+def _entries(session: Session, events: Sequence[OutboxEvent],
+             event_map: EventMap) -> dict[int, Mapping]:
+    """Each event's map entry, the one that named it (`extole.stored_entry`).
+
+    A type that is a reward state (`FULFILLED`) is a reward event only when its item has a
+    `reward_id`, which only the stored item tells; the claim leaves that out, so it is read here,
+    and only for the events whose two possible entries start different campaigns or Canvases.
+    """
+    entries: dict[int, Mapping] = {}
+    undecided: dict[int, str] = {}
+    for event in events:
+        extole_type = event.extole_type or ""
+        by_type = event_map.lookup(extole_type)
+        state = reward_state(extole_type)
+        if state is not None and event_map.reward(state).triggers != by_type.triggers:
+            undecided[event.id] = extole_type
+        else:
+            entries[event.id] = by_type
+    if undecided:
+        payloads = session.execute(select(OutboxEvent.id, OutboxEvent.payload)
+                                   .where(OutboxEvent.id.in_(list(undecided))))
+        for event_id, payload in payloads:
+            entries[event_id] = extole.stored_entry(event_map, undecided[event_id], payload)
+    return entries
 
 
 # --- the trigger job ----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`make demo`: relay and the Braze sandbox side by side, every sample webhook posted.
 
 Starts `relay sandbox` and `relay serve --with-worker` on free local ports with a throwaway
-SQLite database, posts each sample (the staging one to staging), waits for delivery, then
-prints what each Braze profile now holds and how each event ended.
+SQLite database, posts each sample of tests/samples (the staging ones to staging; rewards as
+Extole's reward webhooks post them, and a reshaped reward body to `?type=earned_reward`), waits
+for delivery, then prints what each Braze profile now holds and how each event ended.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from sqlalchemy import create_engine, text
 from relay.authentication import sign
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "samples"
-SAMPLES = SHARED if SHARED.is_dir() else ROOT / "tests" / "samples"
+SAMPLES = ROOT / "tests" / "samples"
+# A reshaped reward body without a type: its webhook URL names the type (README, "Reward events").
+QUERIES = {"reward_no_type.json": "?type=earned_reward"}
 RELAY = str(Path(sys.executable).parent / "relay")
 TIMEOUT = 60.0
 
@@ -83,11 +85,12 @@ def main() -> int:
             secret = env["EXTOLE_STAGING_WEBHOOK_SECRET" if environment == "staging"
                          else "EXTOLE_WEBHOOK_SECRET"]
             body = path.read_bytes()
+            query = QUERIES.get(path.name, "")
             answer = requests.post(
-                f"http://127.0.0.1:{relay_port}/webhooks/extole/{environment}", data=body,
+                f"http://127.0.0.1:{relay_port}/webhooks/extole/{environment}{query}", data=body,
                 headers={"Content-Type": "application/json",
                          "X-Extole-Signature": sign(body, secret)}, timeout=10)
-            print(f"POST {path.name:<40} -> {environment:<10} {answer.status_code} "
+            print(f"POST {path.name + query:<40} -> {environment:<10} {answer.status_code} "
                   f"{answer.text.strip()}")
         engine = create_engine(env["RELAY_DATABASE_URL"])
         while time.monotonic() < deadline:
@@ -134,7 +137,9 @@ def describe(profile: dict[str, Any]) -> str:
     events = ", ".join(e.get("name", "?") for e in profile.get("events", []))
     attributes = json.dumps(profile.get("attributes", {}), sort_keys=True)
     email = profile.get("email") or "-"
-    return f"{who} <{email}> attributes={attributes} events=[{events}]"
+    groups = profile.get("subscription_groups") or {}
+    shown = f" subscription_groups={json.dumps(groups, sort_keys=True)}" if groups else ""
+    return f"{who} <{email}> attributes={attributes}{shown} events=[{events}]"
 
 
 if __name__ == "__main__":

@@ -11,21 +11,20 @@ import json
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
-from werkzeug.serving import make_server
 
 from relay import create_app, logs, migrate
+from relay.cli import cli
 from relay.models import Base
-from relay.sandbox import SandboxConfig, create_sandbox_app
-from relay.settings import Settings
+from relay.settings import _VARIABLES, Settings
 from relay.worker import Worker
 from tests.support import (
     BRAZE_URL,
@@ -35,6 +34,7 @@ from tests.support import (
     STAGING_KEY,
     STAGING_SECRET,
     fresh_database,
+    served_sandbox,
     signed,
 )
 
@@ -183,14 +183,36 @@ def make_worker(app: Flask, settings: Settings) -> Iterator[Callable[..., Worker
 
 
 @pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """For `relay` commands: no setting leaks in from the machine or a developer's .env."""
+    for name in _VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def relay(clean_environment: None, database_url: str) -> Callable[..., Result]:
+    """Run `relay ARGS` against the test database; extra keyword arguments are settings."""
+
+    def run(*args: str, input: str | None = None, **env: str) -> Result:
+        settings = {"RELAY_DATABASE_URL": database_url, "EXTOLE_WEBHOOK_SECRET": PROD_SECRET,
+                    "EXTOLE_STAGING_WEBHOOK_SECRET": STAGING_SECRET, **env}
+        return CliRunner().invoke(cli, list(args), env=settings, input=input,
+                                  catch_exceptions=False)
+
+    return run
+
+
+@pytest.fixture
 def post_webhook(client: FlaskClient) -> Callable[..., Any]:
     """Post a body (bytes, or JSON-able) signed with the environment's secret."""
 
     def post(body: Any, environment: str = "production", headers: dict[str, str] | None = None,
-             secret: str | None = None) -> Any:
+             secret: str | None = None, query: str = "") -> Any:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         secret = secret or (STAGING_SECRET if environment == "staging" else PROD_SECRET)
-        return client.post(f"/webhooks/extole/{environment}", data=raw,
+        return client.post(f"/webhooks/extole/{environment}{query}", data=raw,
                            headers=headers if headers is not None else signed(raw, secret))
 
     return post
@@ -199,15 +221,6 @@ def post_webhook(client: FlaskClient) -> Callable[..., Any]:
 @pytest.fixture
 def sandbox_url() -> Iterator[str]:
     """The Braze sandbox (PROD_KEY is workspace `prod`, STAGING_KEY `staging`) served by
-    werkzeug on a free port, in a thread; its base URL."""
-    sandbox_app = create_sandbox_app(SandboxConfig(api_keys=[f"prod={PROD_KEY}",
-                                                             f"staging={STAGING_KEY}"]))
-    server = make_server("127.0.0.1", 0, sandbox_app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="sandbox", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+    werkzeug on a free port, in a thread (`served_sandbox`); its base URL."""
+    with served_sandbox() as (url, _):
+        yield url

@@ -40,8 +40,18 @@ PROD_KEY = "prod-braze-key-aaaa"
 STAGING_KEY = "staging-braze-key-bbbb"
 
 
+# Samples posted to a URL with a query: `reward_no_type.json` is a reshaped reward body without a
+# type, for a webhook whose URL names it (README, "Reward events").
+SAMPLE_QUERIES = {"reward_no_type.json": "?type=earned_reward"}
+
+
 def sample(name: str) -> bytes:
     return (SAMPLES / name).read_bytes()
+
+
+def sample_url(name: str, environment: str) -> str:
+    """Where a sample is posted: its environment's route, with the sample's query if any."""
+    return f"/webhooks/extole/{environment}{SAMPLE_QUERIES.get(name, '')}"
 
 
 def sample_json(name: str) -> Any:
@@ -173,6 +183,29 @@ class Background:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextlib.contextmanager
+def served_sandbox(config: Any = None) -> Iterator[tuple[str, Flask]]:
+    """`relay sandbox` served by werkzeug on a free port, in a thread, for a `with` block: its
+    base URL and its app (whose test client reaches /sandbox/faults without a socket)."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from relay.sandbox import SandboxConfig, create_sandbox_app
+
+    app = create_sandbox_app(config or SandboxConfig(api_keys=[f"prod={PROD_KEY}",
+                                                               f"staging={STAGING_KEY}"]))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="sandbox", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", app
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
 
 
 # --- what the app stored ------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Ingest: a webhook's events into the outbox, with its inbound log row, in one transaction.
 
-`store_webhook` commits the inbound log row and the outbox rows in the caller's transaction; the
-unique constraint on (environment, dedup_key) decides duplicates, so concurrent identical
-requests cannot both insert. `store_single` is the fast path for Extole's usual webhook (one
-event, on PostgreSQL): both rows in one autocommitted statement. Nothing here sends anything: the
-receiver wakes the workers after the commit.
+`store_webhook` writes the inbound log row, the outbox rows and their de-duplication keys in the
+caller's transaction. The keys decide duplicates (`relay.outbox.dedup`): an event is a duplicate
+when any of its keys is held in its environment, also after the original was purged, and a
+duplicate adds none of its keys. `store_single` is the fast path for Extole's usual webhook (one
+event, on PostgreSQL): all rows in one autocommitted statement. `store_events` stores events that
+came another way (reconciliation) through the same de-duplicating insert. Nothing here sends
+anything: the receiver wakes the workers after the commit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 
@@ -25,6 +28,7 @@ from relay.eventmap import EventMap
 from relay.exceptions import RejectedEvent
 from relay.extole import Event, item_value, normalise
 from relay.models import InboundRequest, OutboxEvent, Status
+from relay.outbox import dedup
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,14 @@ def store_webhook(
     items: Sequence[Any],
     environment: str,
     event_map: EventMap,
+    *,
+    default_type: str | None = None,
+    external_id_from: str = "partner_user_id",
 ) -> Receipt:
     """Record the request and its events in the caller's transaction.
+
+    `default_type` and `external_id_from` are passed to `normalise` (the webhook URL's `type`
+    parameter and RELAY_EXTERNAL_ID).
 
     The caller wakes the workers after the commit (`relay.wakeup`): a NOTIFY inside this
     transaction would serialise every commit on PostgreSQL's notification queue lock.
@@ -69,7 +79,8 @@ def store_webhook(
     prepared: list[tuple[Any, Event | None, str | None]] = []
     for index, item in enumerate(items):
         try:
-            event = normalise(item, event_map, now)
+            event = normalise(item, event_map, now, default_type=default_type,
+                              external_id_from=external_id_from)
             if event.email and len(event.email) > MAX_EMAIL_LENGTH:
                 raise RejectedEvent(f"email is longer than {MAX_EMAIL_LENGTH} characters")
         except RejectedEvent as rejection:
@@ -88,16 +99,15 @@ def store_webhook(
         _INSERT_INBOUND,
         {c.key: getattr(inbound, c.key) for c in inbound_table.columns if c.key != "id"},
     ).scalar_one()
-    insert_event = _insert_event(connection)
-    _lock_dedup_keys(connection, environment, [e.dedup_key for _, e, _ in prepared if e])
+    # Every key of every event locked (in one global order) and looked up once, before any insert.
+    claims = dedup.Claims(connection, environment,
+                          (dedup.keys_of(e) for _, e, _ in prepared if e), now)
     for item, usable, why in prepared:
         if usable is None:
             session.add(_rejected_row(item, environment, inbound.id, why or "", now))
             session.flush()  # keeps the outbox ids in request order
             continue
-        # One statement object, values as parameters: compiled once, not per webhook.
-        new_id = connection.execute(
-            insert_event, _event_row(usable, environment, inbound.id, now)).scalar()
+        new_id = _insert_one(connection, claims, usable, environment, inbound.id, now)
         if new_id is None:
             receipt.duplicates += 1
             continue
@@ -105,6 +115,7 @@ def store_webhook(
         receipt.ids.append(new_id)
         for note in usable.trimmed:
             log.info("event %s (%s): %s", new_id, usable.extole_event_id, note)
+    claims.write()
     if receipt.duplicates:
         inbound.accepted, inbound.duplicates = receipt.accepted, receipt.duplicates
         connection.execute(
@@ -114,71 +125,120 @@ def store_webhook(
     return receipt
 
 
-def _lock_dedup_keys(connection: Connection, environment: str, keys: list[str]) -> None:
-    """Lock a webhook's events in one global order before inserting any of them.
+def store_events(session: Session, environment: str, events: Sequence[Event],
+                 now: datetime, inbound_id: int | None = None) -> list[int | None]:
+    """Usable events that did not come as a webhook (reconciliation's copies of Extole's
+    rewards), in the caller's transaction, through the same de-duplication as the receiver's:
+    the outbox id of each stored event, None for each duplicate.
 
-    The inserts go in request order (the receipt's ids follow the request); two webhooks
-    sharing events in opposite orders would otherwise each hold a row the other one waits for:
-    a deadlock. Transaction-scoped advisory locks, taken in sorted order, serialise them first.
-    A single event needs none (it waits for at most one row and holds nothing else); SQLite
-    has one writer at a time.
+    Two overlapping runs, or a run and a late webhook, store each key once: whoever locks a
+    key second finds it held.
     """
-    if len(keys) > 1:
-        dialect.lock_text_keys(connection, (f"{environment} {key}" for key in keys))
+    connection = session.connection()
+    claims = dedup.Claims(connection, environment, (dedup.keys_of(e) for e in events), now)
+    ids = [_insert_one(connection, claims, event, environment, inbound_id, now)
+           for event in events]
+    claims.write()
+    return ids
 
 
-# Both rows in one statement: the inbound id is drawn first, the event inserted (or found to be
-# a duplicate), then the inbound row with its final counts. Non-deferred foreign keys are checked
-# at the end of the statement, after both inserts.
-_STORE_ONE_PG = text("""
-WITH inbound AS (
-    SELECT nextval(pg_get_serial_sequence('inbound_requests', 'id')) AS id
+def _insert_one(connection: Connection, claims: dedup.Claims, event: Event, environment: str,
+                inbound_id: int | None, now: datetime) -> int | None:
+    """One usable event unless one of its keys is held: its new id, else None."""
+    keys = dedup.keys_of(event)
+    if claims.is_duplicate(keys):
+        return None
+    # One statement object, values as parameters: compiled once, not per webhook. Its ON
+    # CONFLICT is the events' own constraint on the event-id key, which agrees with the keys
+    # (see migration 0004); a conflict there is a duplicate too, never a second copy.
+    new_id: int | None = connection.execute(
+        _insert_event(connection), _event_row(event, environment, inbound_id, now)).scalar()
+    if new_id is not None:
+        claims.claim(keys, new_id)
+    return new_id
+
+
+# Every row in one statement. The ids are drawn first; the advisory locks on the event's keys
+# are taken (as every writer of keys does, `relay.outbox.dedup`) before the keys are inserted;
+# the keys go in unless one is already held, each ON CONFLICT DO NOTHING; the event only when
+# all of its keys were new; then the inbound row with its final counts.
+#
+# All or nothing with several keys: the statement's snapshot is taken before it may wait for a
+# lock, so its NOT EXISTS can miss a key that a concurrent holder committed meanwhile; ON
+# CONFLICT still sees that key (it checks the index, not the snapshot) and skips it, and the
+# keys that did go in then name an event that was not inserted. Their foreign key, checked at
+# the end of the statement, refuses the whole statement: nothing stays, and `store_single` hands
+# the event to the transaction path, whose check is exact. One key cannot be half stored.
+# Non-deferred foreign keys are checked at the end of the statement, after every insert.
+# (The f-string splices a constant of relay.dialect; every value is a bound parameter.)
+_STORE_ONE_PG = text(f"""
+WITH ids AS (
+    SELECT nextval(pg_get_serial_sequence('inbound_requests', 'id')) AS inbound_id,
+           nextval(pg_get_serial_sequence('events', 'id')) AS event_id
+), locks AS (
+    {dialect.LOCK_TEXT_KEYS_SQL}
+), new_keys AS (
+    INSERT INTO dedup_keys (environment, key, event_id, received_at)
+    SELECT CAST(:environment AS varchar), key, ids.event_id, CAST(:received_at AS timestamp)
+    FROM ids, unnest(CAST(:keys AS varchar[])) AS key
+    WHERE (SELECT locked FROM locks) IS NOT NULL
+      AND NOT EXISTS (SELECT FROM dedup_keys AS held
+                      WHERE held.environment = CAST(:environment AS varchar)
+                        AND held.key = ANY(CAST(:keys AS varchar[])))
+    ORDER BY key
+    ON CONFLICT (environment, key) DO NOTHING
+    RETURNING key
 ), event AS (
-    INSERT INTO events (environment, dedup_key, extole_event_id, extole_type, braze_event,
+    INSERT INTO events (id, environment, dedup_key, extole_event_id, extole_type, braze_event,
                         external_id, email, person_key, event_time, payload, attributes,
                         properties, status, attempts, next_attempt_at, inbound_id, received_at,
                         updated_at)
-    SELECT CAST(:environment AS varchar), CAST(:dedup_key AS varchar),
+    SELECT ids.event_id, CAST(:environment AS varchar), CAST(:dedup_key AS varchar),
            CAST(:extole_event_id AS varchar), CAST(:extole_type AS varchar),
            CAST(:braze_event AS varchar), CAST(:external_id AS varchar), CAST(:email AS varchar),
            CAST(:person_key AS varchar), CAST(:event_time AS timestamp),
            CAST(:payload AS jsonb), CAST(:attributes AS jsonb), CAST(:properties AS jsonb),
-           CAST(:status AS varchar), 0, CAST(:next_attempt_at AS timestamp), inbound.id,
+           CAST(:status AS varchar), 0, CAST(:next_attempt_at AS timestamp), ids.inbound_id,
            CAST(:received_at AS timestamp), CAST(:updated_at AS timestamp)
-    FROM inbound
+    FROM ids
+    WHERE (SELECT count(*) FROM new_keys) = cardinality(CAST(:keys AS varchar[]))
     ON CONFLICT (environment, dedup_key) DO NOTHING
     RETURNING id
 ), stored AS (
     INSERT INTO inbound_requests (id, received_at, environment, method, path, remote_addr,
                                   headers, body, body_size, status_code, outcome, auth_method,
                                   error, accepted, duplicates, rejected)
-    SELECT inbound.id, CAST(:i_received_at AS timestamp), CAST(:i_environment AS varchar),
+    SELECT ids.inbound_id, CAST(:i_received_at AS timestamp), CAST(:i_environment AS varchar),
            CAST(:i_method AS varchar), CAST(:i_path AS varchar),
            CAST(:i_remote_addr AS varchar), CAST(:i_headers AS jsonb), CAST(:i_body AS bytea),
            CAST(:i_body_size AS integer), CAST(:i_status_code AS integer),
            CAST(:i_outcome AS varchar), CAST(:i_auth_method AS varchar),
            CAST(:i_error AS text), (SELECT count(*) FROM event), 1 - (SELECT count(*) FROM event),
            0
-    FROM inbound
+    FROM ids
     RETURNING id
 )
 SELECT (SELECT id FROM stored) AS inbound_id, (SELECT id FROM event) AS event_id
-""")
+""")  # noqa: S608
 
 
 def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment: str,
-                 event_map: EventMap) -> Receipt | None:
-    """One usable event on PostgreSQL, both rows by one statement in autocommit mode.
+                 event_map: EventMap, *, default_type: str | None = None,
+                 external_id_from: str = "partner_user_id") -> Receipt | None:
+    """One usable event on PostgreSQL: its inbound row, its keys and itself by one statement in
+    autocommit mode.
 
-    One round trip instead of four (BEGIN, insert, insert, COMMIT) and no session: the statement
-    is atomic by itself. None when this path does not apply (SQLite, an unusable event: the
-    general path records the rejection).
+    One round trip instead of six (BEGIN, insert, lock, check, insert, insert, COMMIT) and no
+    session: the statement is atomic by itself. None when this path does not apply (SQLite, an
+    unusable event: the general path records the rejection; an event whose keys met a
+    concurrent webhook halfway: the general path decides it exactly).
     """
     if not dialect.is_postgresql(engine):
         return None
     now = inbound.received_at
     try:
-        event = normalise(item, event_map, now)
+        event = normalise(item, event_map, now, default_type=default_type,
+                          external_id_from=external_id_from)
     except RejectedEvent:
         return None
     if event.email and len(event.email) > MAX_EMAIL_LENGTH:
@@ -191,7 +251,18 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
         if column.key not in ("id", "accepted", "duplicates", "rejected"):
             value = getattr(inbound, column.key)
             params[f"i_{column.key}"] = json.dumps(value) if column.key == "headers" else value
-    inbound_id, new_id = dialect.execute_autocommit(engine, _STORE_ONE_SQL, params)
+    keys = list(dedup.keys_of(event))
+    params["keys"], params["lock_names"] = keys, dedup.lock_names(environment, keys)
+    try:
+        inbound_id, new_id = dialect.execute_autocommit(engine, _STORE_ONE_SQL, params)
+    except IntegrityError as error:
+        if not dialect.is_foreign_key_violation(error):
+            raise
+        # Half of its keys were new, half held by a concurrent webhook: the statement stored
+        # nothing; the transaction path decides exactly.
+        log.info("event %s: keys met a concurrent webhook, storing it in a transaction",
+                 event.extole_event_id)
+        return None
     inbound.id = inbound_id
     receipt = Receipt()
     if new_id is None:
@@ -227,7 +298,8 @@ def _insert_event(connection: Connection) -> ReturningInsert[Any]:
     return _INSERT_EVENT[kind]
 
 
-def _event_row(event: Event, environment: str, inbound_id: int, now: datetime) -> dict[str, Any]:
+def _event_row(event: Event, environment: str, inbound_id: int | None,
+               now: datetime) -> dict[str, Any]:
     return {
         "environment": environment,
         "dedup_key": event.dedup_key,

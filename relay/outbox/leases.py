@@ -3,8 +3,11 @@
 A worker claims a batch of due events under a lease (`claim_due`), keeps the lease while it sends
 them (`renew_leases`), then records Braze's answer: `mark_delivered`, `mark_dead`, `mark_failed`
 (a counted failure, backed off), `release` (a wait that counts no attempt). Marks change only the
-rows the worker still holds, so one whose lease expired changes, logs and counts nothing. Leases
+rows the worker still holds, so one whose lease expired changes, logs and counts nothing; every
+other write of a worker about its events asks `held_by` first, in its own transaction. Leases
 of dead workers are swept (`sweep_expired_leases`) so their events come back (at-least-once).
+`relay forget` holds leases too (`fence`, `unfence`): the person's events wait while it erases,
+and a worker that held one before writes nothing about it afterwards.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, false, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, defer
 
+from relay import attributes as person_attributes
 from relay import dialect, metrics
 from relay.db import rowcount, utcnow
 from relay.models import OutboxEvent, Status
@@ -90,6 +94,26 @@ def claim_due(
     return events
 
 
+def held_by(session: Session, owner: str, ids: Sequence[int]) -> set[int]:
+    """Which of these events this worker still holds the lease on, locked until the caller's
+    transaction ends.
+
+    Every write a worker makes about its events (marks, Braze requests recorded, identity
+    answers cached) checks here first, in the same transaction: an event whose lease was taken
+    from it (expired and claimed again, or fenced by `relay forget`) gets nothing written, so
+    a forgotten person's data cannot come back from a delivery that was in flight. The rows are
+    locked the way an UPDATE locks them (FOR NO KEY UPDATE, in id order: no new conflicts);
+    SQLite takes its write lock first, so nobody commits between this answer and the writes.
+    """
+    if not ids:
+        return set()
+    dialect.take_write_lock(session, OutboxEvent, false())
+    query = (select(OutboxEvent.id)
+             .where(OutboxEvent.id.in_(list(ids)), OutboxEvent.lease_owner == owner)
+             .order_by(OutboxEvent.id))
+    return set(session.scalars(dialect.for_update(query, session, no_key=True)))
+
+
 def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]],
                     shared: dict[str, Any] | None = None) -> set[int]:
     """Apply `shared` values and each row's own, only to rows this worker still holds the lease
@@ -102,12 +126,7 @@ def _guarded_update(session: Session, owner: str, rows: list[dict[str, Any]],
     if not rows:
         return set()
     table = OutboxEvent.__table__
-    held_query = (select(table.c.id)
-                  .where(table.c.id.in_([r["row_id"] for r in rows]), table.c.lease_owner == owner)
-                  .order_by(table.c.id))
-    # The lock the UPDATE itself takes (FOR NO KEY UPDATE), in id order: no new conflicts.
-    held_query = dialect.for_update(held_query, session, no_key=True)
-    held = set(session.scalars(held_query))
+    held = held_by(session, owner, [r["row_id"] for r in rows])
     if len(held) < len(rows):
         log.warning("%d of %d events were no longer leased by %s: left to their new owner",
                     len(rows) - len(held), len(rows), owner)
@@ -317,9 +336,49 @@ def sweep_expired_leases(session: Session, now: datetime | None = None) -> int:
     return swept
 
 
+def fence(session: Session, owner: str, ids: Sequence[int], seconds: float,
+          now: datetime | None = None) -> dict[int, tuple[str, datetime]]:
+    """Lease these events to `owner` (not a worker: `relay forget`), so no worker claims them,
+    except those under another holder's live lease: answered as {id: (holder, until)}.
+
+    A claim skips an event whose lease has not expired, whatever its status, so a fenced event
+    waits; one already being delivered is left to its worker, whose marks end its lease. A
+    lease that expired (its worker died or stalled) is taken over: that worker's later writes
+    find the event no longer held (`held_by`) and write nothing. The rows are locked, and
+    SQLite's write lock taken, before they are read.
+    """
+    if not ids:
+        return {}
+    now = now or utcnow()
+    dialect.take_write_lock(session, OutboxEvent, false())
+    rows = session.execute(dialect.for_update(
+        select(OutboxEvent.id, OutboxEvent.lease_owner, OutboxEvent.lease_expires_at)
+        .where(OutboxEvent.id.in_(list(ids))).order_by(OutboxEvent.id), session, no_key=True))
+    busy = {row_id: (holder, until) for row_id, holder, until in rows
+            if holder is not None and holder != owner and until is not None and until > now}
+    free = [row_id for row_id in ids if row_id not in busy]
+    if free:
+        session.execute(
+            update(OutboxEvent).where(OutboxEvent.id.in_(free))
+            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=seconds))
+            .execution_options(synchronize_session=False))
+    return busy
+
+
+def unfence(session: Session, owner: str) -> int:
+    """End every lease `owner` holds (what `fence` took): the events are claimable again."""
+    result = session.execute(
+        update(OutboxEvent).where(OutboxEvent.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False))
+    return rowcount(result)
+
+
 def newer_delivered_attributes(session: Session, environment: str,
                                oldest: dict[str, datetime]) -> dict[str, dict[str, datetime]]:
     """Per person, per attribute: the newest event time of a delivered event that set it.
+
+    Each subscription group is an attribute of its own (`relay.attributes.keys`).
 
     Only delivered events newer than `oldest[person]` (the oldest event about to be sent for
     that person) matter: theirs are the values an older event must not overwrite.
@@ -348,7 +407,7 @@ def newer_delivered_attributes(session: Session, environment: str,
         if key is None or moment is None or moment <= behind[key]:
             continue
         per_person = newest.setdefault(key, {})
-        for name in attributes or {}:
+        for name in person_attributes.keys(attributes):
             if name not in per_person or per_person[name] < moment:
                 per_person[name] = moment
     return newest

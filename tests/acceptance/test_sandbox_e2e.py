@@ -154,6 +154,53 @@ def test_every_sample_ends_in_the_right_braze_profile(
     assert set(stats["requests"]) == {"200", "201"}
 
 
+def test_a_reward_as_extole_posts_it_arrives_once_with_its_coupon(
+        post_webhook: Any, app: Flask, worker: Worker, sandbox: str,
+        http: requests.Session) -> None:
+    """Extole's reward webhook, body left as is, repeated as Extole repeats it: 200 every time,
+    one `Reward Fulfilled` in Braze for the person, with the coupon code."""
+    for _ in range(3):
+        answer = post_webhook(sample("reward_fulfilled_coupon.json"))
+        assert answer.status_code == 200
+        deliver_everything(app, worker)
+    [bo] = profiles(http, sandbox, "prod")
+    assert (bo["user_aliases"], bo["email"]) == ([{"alias_name": BO, "alias_label": "email"}], BO)
+    [reward] = bo["events"]
+    assert (reward["name"], reward["time"]) == ("Reward Fulfilled", "2026-11-21T09:02:44.120Z")
+    assert {k: reward["properties"][k] for k in ("coupon_code", "reward_state", "face_value",
+                                                 "face_value_type")} == {
+        "coupon_code": "FRIEND20-7QX4", "reward_state": "FULFILLED", "face_value": 20.0,
+        "face_value_type": "PERCENT_OFF"}
+    stats = http.get(f"{sandbox}/sandbox/stats", timeout=10).json()
+    assert stats["event_ids"] == {"6d1f4a0b2c9e8d7f6a5b4c3d": 1}
+
+
+def test_a_subscription_group_reaches_the_profile_and_a_malformed_one_is_dead(
+        post_webhook: Any, app: Flask, worker: Worker, sandbox: str,
+        http: requests.Session) -> None:
+    post_webhook(sample("unsubscribed_group.json"))
+    post_webhook({"type": "subscribed", "event_id": "bad-group", "partner_user_id": "p-2",
+                  "event_time": "2026-11-22T18:31:00Z", "subscription_group_id": "newsletter"})
+    deliver_everything(app, worker)
+    people = by_external_id(profiles(http, sandbox, "prod"))
+    pat = people["p-2024-0001"]
+    assert pat["subscription_groups"] == {"a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d": "unsubscribed"}
+    assert pat["attributes"]["email_subscribe"] == "unsubscribed"
+    assert names(pat) == ["Unsubscribed"]
+    # Braze refuses the attributes object naming no real group: the event that made it is dead
+    # with Braze's message (its event object itself was accepted).
+    stored = {e.extole_event_id: e for e in _events(app)}
+    assert stored["un-5f6e7d8c9b0a"].status == "delivered"
+    assert stored["bad-group"].status == "dead"
+    assert "'subscription_group_id' must be a subscription group id (a UUID)" in (
+        stored["bad-group"].last_error or "")
+
+
+def _events(app: Flask) -> list[OutboxEvent]:
+    with app.extensions["relay.db"].session() as session:
+        return list(session.scalars(select(OutboxEvent)))
+
+
 def test_a_failing_subscribed_still_leaves_ann_unsubscribed(
         post_webhook: Any, app: Flask, worker: Worker, sandbox: str,
         http: requests.Session) -> None:

@@ -19,13 +19,11 @@ from relay import migrate
 from relay.cli import cli
 from relay.db import get_db, utcnow
 from relay.models import InboundRequest, OutboxEvent
-from relay.settings import _VARIABLES
 from tests.support import (
     BRAZE_URL,
     PROD_KEY,
     PROD_SECRET,
     STAGING_KEY,
-    STAGING_SECRET,
     events_by_extole_id,
     free_port,
     sample,
@@ -34,28 +32,6 @@ from tests.support import (
 
 COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "sandbox", "serve",
             "triggers", "worker")
-
-
-@pytest.fixture
-def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No setting leaks in from the machine or from a developer's instance/.env."""
-    for name in _VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture
-def relay(clean_environment: None, database_url: str) -> Callable[..., Result]:
-    """Run `relay ARGS` against the test database; extra keyword arguments are settings."""
-
-    def run(*args: str, input: str | None = None, **env: str) -> Result:
-        settings = {"RELAY_DATABASE_URL": database_url, "EXTOLE_WEBHOOK_SECRET": PROD_SECRET,
-                    "EXTOLE_STAGING_WEBHOOK_SECRET": STAGING_SECRET, **env}
-        return CliRunner().invoke(cli, list(args), env=settings, input=input,
-                                  catch_exceptions=False)
-
-    return run
 
 
 def set_status(app: Flask, extole_ids: list[str], status: str, **values: Any) -> None:
@@ -385,9 +361,9 @@ def test_forget_asks_first_then_prints_counts(relay: Callable[..., Result], app:
 
     result = relay("forget", "--email", "Ann.Lee@example.com", input="y\n")
     assert result.exit_code == 0
-    assert result.stdout.splitlines()[-5:] == [
+    assert result.stdout.splitlines()[-6:] == [
         "events: 1 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
-        "identity_cache: 0 deleted", "triggers: 0 deleted"]
+        "identity_cache: 0 deleted", "triggers: 0 deleted", "dedup_keys: 0 deleted"]
     stored = events_by_extole_id(app)
     assert stored["r7k2m9q4x1b8c3d5e6f0"].email is None
     assert stored["rc00112233445566778"].email == "bo.chen@example.org"
@@ -404,7 +380,7 @@ def test_forget_by_external_id_with_yes(relay: Callable[..., Result], app: Flask
     result = relay("forget", "--external-id", "cust-3001", "--yes")
     assert result.stdout.splitlines() == [
         "events: 2 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
-        "identity_cache: 0 deleted", "triggers: 0 deleted"]
+        "identity_cache: 0 deleted", "triggers: 0 deleted", "dedup_keys: 0 deleted"]
     stored = events_by_extole_id(app)
     assert stored["bt-0001"].external_id is None and stored["bt-0003"].email == "dee@example.net"
 
@@ -422,11 +398,13 @@ def test_purge_prints_counts_and_deletes(relay: Callable[..., Result], app: Flas
     kept = relay("purge")  # RELAY_RETENTION_DAYS defaults to 30
     assert kept.stdout.splitlines()[1:] == ["  events: 0", "  triggers: 0",
                                             "  delivery_attempts: 0", "  inbound_requests: 0",
-                                            "  identity_cache: 0"]
+                                            "  identity_cache: 0", "  dedup_keys: 0"]
     result = relay("purge", RELAY_RETENTION_DAYS="7")
+    # The purged events' keys stay (RELAY_DEDUP_DAYS, 400 by default): replays stay duplicates.
     assert result.stdout.splitlines() == [
-        "purged rows received more than 7 days ago:", "  events: 2", "  triggers: 0",
-        "  delivery_attempts: 0", "  inbound_requests: 2", "  identity_cache: 0"]
+        "purged rows received more than 7 days ago (keys of purged events: 400 days):",
+        "  events: 2", "  triggers: 0", "  delivery_attempts: 0", "  inbound_requests: 2",
+        "  identity_cache: 0", "  dedup_keys: 0"]
     assert set(events_by_extole_id(app)) == {"us1234abcd5678ef9013"}
     assert relay("purge", "--older-than", "0").exit_code == 2
 

@@ -13,12 +13,14 @@ import responses
 from flask import Flask
 from sqlalchemy import select
 
+from relay.extole import braze_time
 from relay.models import AttemptEvent, DeliveryAttempt, OutboxEvent
 from relay.settings import Settings
 from relay.worker import Worker
 from tests.support import (
     BRAZE_URL,
     PROD_KEY,
+    SAMPLE_QUERIES,
     SAMPLES,
     STAGING_KEY,
     sample,
@@ -53,13 +55,101 @@ REWARD_EARNED = {
                                "reward_supplier_type": "CUSTOM_REWARD",
                                "person_id": "6816411215104951917", "face_value": 50,
                                "face_value_type": "USD", "schema_version": 1,
+                               "reward_state": "EARNED",
                                "extole_event_id": "r7k2m9q4x1b8c3d5e6f0"}}],
 }
+# Its time is the time of receipt: the body names none.
+RECEIVED = "received"
+GROUP = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+NO_TYPE_REWARD = "sha256:" + hashlib.sha256(json.dumps(
+    {**sample_json("reward_no_type.json"), "type": "earned_reward"}, sort_keys=True,
+    separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+PAGE_IDS = ["sha256:" + hashlib.sha256(json.dumps(
+    item, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    for item in sample_json("extole_rewards_page.json")]
+BO_FULFILLED = {
+    "earned_event_value": "64.90", "journey_name": "FRIEND", "rewardee_role": "friend",
+    "client_id": "1890234567", "webhook_id": "b3a2c1d0e9f8a7b6",
+    "cause_event_id": "6d1f4a0b2c9e8d7f6a5b4c30", "root_event_id": "6d1f4a0b2c9e8d7f6a5b4c00",
+    "cause_event_sequence": 2, "reward_id": "c93e7a1f5b2d4c6e8a0f1b3d",
+    "reward_name": "Friend 20% off", "reward_supplier_id": "5e4d3c2b1a09f8e7d6c5b4a3",
+    "reward_supplier_name": "Friend Coupon Pool", "reward_supplier_type": "MANUAL_COUPON",
+    "partner_reward_key_type": "COUPON", "partner_reward_id": "FRIEND20-7QX4",
+    "person_id": "7012345678901234567", "face_value": 20.0, "face_value_type": "PERCENT_OFF",
+    "reward_state": "FULFILLED", "coupon_code": "FRIEND20-7QX4",
+    "extole_event_id": "6d1f4a0b2c9e8d7f6a5b4c3d"}
 
 # sample -> (environment, every /users/track body in the order sent, on an empty database
 # and with Braze's export finding nobody for an email-only event)
 SAMPLE_BODIES: dict[str, tuple[str, list[dict[str, Any]]]] = {
     "reward_earned.json": ("production", [REWARD_EARNED]),
+    # Email only, unknown to Braze: an alias-only profile gets the reward and its coupon.
+    "reward_fulfilled_coupon.json": ("production", [{
+        "attributes": [{"user_alias": BO_ALIAS, "_update_existing_only": False,
+                        "email": "bo.chen@example.org"}],
+        "events": [{"user_alias": BO_ALIAS, "name": "Reward Fulfilled",
+                    "time": "2026-11-21T09:02:44.120Z", "properties": BO_FULFILLED}],
+    }]),
+    # Posted to ?type=earned_reward; no email, so no attributes object.
+    "reward_no_type.json": ("production", [{
+        "events": [{"external_id": "cust-2200431", "name": "Earned Reward", "time": RECEIVED,
+                    "properties": {"earned_event_value": "100.00", "journey_name": "ADVOCATE",
+                                   "rewardee_role": "advocate", "custom_key": "custom_value",
+                                   "reward_id": "d0e1f2a3b4c5d6e7f8091a2b",
+                                   "reward_state": "EARNED",
+                                   "extole_event_id": NO_TYPE_REWARD}}],
+    }]),
+    # Two rewards as Extole's rewards API lists them (`state`, no type), in one request.
+    "extole_rewards_page.json": ("production", [{
+        "attributes": [{"user_alias": BO_ALIAS, "_update_existing_only": False,
+                        "email": "bo.chen@example.org"},
+                       {"external_id": ANN, "email": "ann.lee@example.com"}],
+        "events": [{"user_alias": BO_ALIAS, "name": "Reward Sent",
+                    "time": "2026-11-21T09:01:57.005Z",
+                    "properties": {"earned_event_value": "64.90",
+                                   "reward_id": "c93e7a1f5b2d4c6e8a0f1b3d",
+                                   "cause_event_id": "6d1f4a0b2c9e8d7f6a5b4c30",
+                                   "root_event_id": "6d1f4a0b2c9e8d7f6a5b4c00",
+                                   "action_id": "4b5c6d7e8f90a1b2",
+                                   "reward_supplier_id": "5e4d3c2b1a09f8e7d6c5b4a3",
+                                   "partner_reward_key_type": "COUPON",
+                                   "campaign_id": "9a8b7c6d5e4f3a2b",
+                                   "person_id": "7012345678901234567", "state": "SENT",
+                                   "face_value": 20.0, "face_value_type": "PERCENT_OFF",
+                                   "partner_reward_id": "FRIEND20-7QX4",
+                                   "journey_name": "FRIEND", "sandbox": "production-production",
+                                   "container": "production", "reward_state": "SENT",
+                                   "coupon_code": "FRIEND20-7QX4",
+                                   "extole_event_id": PAGE_IDS[0]}},
+                   {"external_id": ANN, "name": "Earned Reward",
+                    "time": "2026-11-22T10:15:00.000Z",
+                    "properties": {"earned_event_value": "120.00",
+                                   "reward_id": "e5f6a7b8c9d0e1f2a3b4c5d6",
+                                   "cause_event_id": "7a6b5c4d3e2f1a0b9c8d7e6f",
+                                   "root_event_id": "7a6b5c4d3e2f1a0b9c8d7e00",
+                                   "action_id": "4b5c6d7e8f90a1b3",
+                                   "reward_supplier_id": "71b0c2d3e4f5061728394a5b",
+                                   "partner_reward_supplier_id": "Advocate Account Credit",
+                                   "partner_reward_key_type": "ID",
+                                   "campaign_id": "9a8b7c6d5e4f3a2b",
+                                   "person_id": "6816411215104951917", "state": "EARNED",
+                                   "face_value": 50.0, "face_value_type": "USD",
+                                   "journey_name": "ADVOCATE",
+                                   "sandbox": "production-production",
+                                   "container": "production", "reward_state": "EARNED",
+                                   "extole_event_id": PAGE_IDS[1]}}],
+    }]),
+    # The group named by the event: in the attributes object, as Braze takes it.
+    "unsubscribed_group.json": ("production", [{
+        "attributes": [{"external_id": "p-2024-0001", "email": "pat.doe@example.com",
+                        "email_subscribe": "unsubscribed",
+                        "subscription_groups": [{"subscription_group_id": GROUP,
+                                                 "subscription_state": "unsubscribed"}]}],
+        "events": [{"external_id": "p-2024-0001", "name": "Unsubscribed",
+                    "time": "2026-11-22T18:30:00.000Z",
+                    "properties": {"list_type": "MARKETING", "subscription_group_id": GROUP,
+                                   "extole_event_id": "un-5f6e7d8c9b0a"}}],
+    }]),
     "share_link_created.json": ("production", [{
         "attributes": [{"external_id": ANN, "email": "ann.lee@example.com", "first_name": "Ann",
                         "last_name": "Lee", "share_link": "https://refer.example.com/ann1"}],
@@ -235,10 +325,12 @@ def test_each_sample_becomes_the_exact_track_body(
         name: str, post_webhook: Any, braze: responses.RequestsMock, app: Flask,
         make_worker: Callable[..., Worker]) -> None:
     environment, expected = SAMPLE_BODIES[name]
-    answer = post_webhook(sample(name), environment)
+    answer = post_webhook(sample(name), environment, query=SAMPLE_QUERIES.get(name, ""))
     assert answer.status_code == 200
     make_worker().drain(max_seconds=10)
-    assert sent(braze) == expected
+    received = {braze_time(e.received_at) for e in stored_events(app)}
+    assert sent(braze) == json.loads(
+        json.dumps(expected).replace(f'"{RECEIVED}"', json.dumps(min(received, default=""))))
     key = STAGING_KEY if environment == "staging" else PROD_KEY
     assert {c.request.headers["Authorization"] for c in braze.calls} <= {f"Bearer {key}"}
     stored = [e for e in stored_events(app) if e.status != "rejected"]

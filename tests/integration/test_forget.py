@@ -1,27 +1,40 @@
-"""`privacy.forget` leaves no trace of the person in any column of any table, and only theirs."""
+"""`relay forget` leaves no trace of the person in any column of any table (nor, on SQLite, in the
+database's files), and only theirs: also while a delivery of theirs is in flight, in their
+rejected items, and where a raw body spells them with JSON escapes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import Result
 from flask import Flask
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.engine import make_url
 
 from relay import privacy
 from relay.db import Database, get_db, utcnow
 from relay.models import (
     AttemptEvent,
     Base,
+    DedupKey,
     DeliveryAttempt,
     IdentityCache,
     InboundRequest,
     OutboxEvent,
 )
-from tests.support import sample, sample_json
+from relay.outbox import leases
+from relay.sandbox import SandboxConfig
+from relay.settings import Settings
+from relay.worker import Worker
+from tests.support import PROD_KEY, sample, sample_json, served_sandbox
 
 ANN_EMAIL, ANN_ID = "ann.lee@example.com", "cust-1036950000"
 ANN_TRACES = (ANN_EMAIL, ANN_ID, "refer.example.com/ann1")
@@ -31,7 +44,8 @@ OTHER_SAMPLES = ("referred_converted.json", "referred_signed_up_email_only.json"
 
 
 def traces(db: Database, *needles: str) -> list[str]:
-    """Every (table.column #row) whose stored value contains a needle, any case, any type."""
+    """Every (table.column #row) whose stored value contains a needle, any case, any type; text
+    that is JSON is searched decoded too (`\\u0040` is an @)."""
     found = []
     with db.engine.connect() as connection:
         for table in Base.metadata.sorted_tables:
@@ -45,8 +59,22 @@ def traces(db: Database, *needles: str) -> list[str]:
                         text = json.dumps(value, ensure_ascii=False)
                     else:
                         text = str(value)
+                    with contextlib.suppress(ValueError):
+                        text += json.dumps(json.loads(text), ensure_ascii=False)
                     found += [f"{table.name}.{column} #{number}: {needle}" for needle in needles
                               if needle.lower() in text.lower()]
+    return found
+
+
+def file_traces(database_url: str, *needles: str) -> list[str]:
+    """SQLite: the needles (any case, as UTF-8) found in the database file or its -wal."""
+    path = Path(make_url(database_url).database or "")
+    found = []
+    for candidate in (path, Path(f"{path}-wal")):
+        if candidate.exists():
+            content = candidate.read_bytes().lower()
+            found += [f"{candidate.name}: {needle}" for needle in needles
+                      if needle.lower().encode() in content]
     return found
 
 
@@ -120,8 +148,7 @@ def populated(app: Flask, db: Database, post_webhook: Any) -> dict[str, int]:
 
 
 def forget(db: Database, **person: str) -> dict[str, int]:
-    with db.session() as session:
-        return privacy.forget(session, **person)
+    return privacy.forget(db, **person).counts
 
 
 def test_forget_by_email_and_external_id_leaves_no_trace(db: Database,
@@ -135,7 +162,7 @@ def test_forget_by_email_and_external_id_leaves_no_trace(db: Database,
     # 6 own events + Bo's sign-up naming Ann as his advocate; 7 bodies + the odd request;
     # one Braze request; both cache entries.
     assert counts == {"events": 7, "inbound_requests": 8, "delivery_attempts": 1,
-                      "identity_cache": 2, "triggers": 0}
+                      "identity_cache": 2, "triggers": 0, "dedup_keys": 0}
     after = snapshot(db)
     changed = {key for key in before if before[key] != after.get(key)}
     assert len(changed) == sum(counts.values())
@@ -247,7 +274,7 @@ def test_forget_someone_unknown_changes_nothing(db: Database,
     before = snapshot(db)
     assert forget(db, email="nobody@example.com", external_id="cust-0") == {
         "events": 0, "inbound_requests": 0, "delivery_attempts": 0, "identity_cache": 0,
-        "triggers": 0}
+        "triggers": 0, "dedup_keys": 0}
     assert snapshot(db) == before
 
 
@@ -271,6 +298,11 @@ def person() -> Callable[..., privacy.Person]:
     ("ann@example.com.au", False),
     ("x.ann@example.com", False),
     ("ann+tag@example.com", False),
+    ('{"email": "ann\\u0040example.com"}', True),
+    ('{"email": "\\u0041NN\\u0040EXAMPLE.COM"}', True),
+    ('"\\u0061\\u006E\\u006E\\u0040\\u0065xample.com"', True),
+    ('not json: ann\\u0040example.com, cut', True),
+    ('{"email": "jo\\u0061nn\\u0040example.com"}', False),
 ])
 def test_email_matching_is_bounded(person: Callable[..., privacy.Person], text: str,
                                    mentioned: bool) -> None:
@@ -316,3 +348,199 @@ def test_a_forgotten_pending_event_is_never_sent(app: Flask, db: Database, post_
     with db.session() as session:
         [event] = session.scalars(select(OutboxEvent))
     assert (event.status, event.last_error) == ("dead", "no identifier")
+
+
+def test_keys_name_nobody_but_one_that_does_is_deleted(db: Database, app: Flask,
+                                                       post_webhook: Any) -> None:
+    """Event ids and hashes are kept (they name nobody); a reshaped body whose event `id` is the
+    person's id leaves a key naming them, and that key goes with the rest."""
+    items = [{"type": "signed_up", "id": f"signup:{ANN_ID}", "partner_user_id": ANN_ID},
+             {"type": "shared", "email": ANN_EMAIL},  # no id: keyed by a hash
+             {"type": "shared", "id": "ev-other", "email": ANN_EMAIL}]
+    assert post_webhook(items).status_code == 200
+    with db.session() as session:
+        before = set(session.scalars(select(DedupKey.key)))
+    assert f"signup:{ANN_ID}" in before and len(before) == 3
+
+    counts = forget(db, email=ANN_EMAIL, external_id=ANN_ID)
+
+    assert counts["dedup_keys"] == 1
+    with db.session() as session:
+        after = set(session.scalars(select(DedupKey.key)))
+    assert after == before - {f"signup:{ANN_ID}"}
+    assert traces(db, ANN_EMAIL, ANN_ID) == []
+    # The others still recognise a replay.
+    assert post_webhook(items[1:]).get_json()["duplicates"] == 2
+
+
+# --- their rejected items, and raw bodies that spell them with JSON escapes ---------------------
+
+ANNABEL = {"first_name": "Annabel", "last_name": "Leeworth", "phone_number": "+1 555 0100 4242"}
+ANNABEL_TRACES = (ANN_EMAIL, "Annabel", "Leeworth", "555 0100 4242")
+
+
+def escaped(text: str, *, upper: bool = False) -> str:
+    """Every character of the text as a JSON \\u escape."""
+    return "".join(f"\\u{ord(c):04X}" if upper else f"\\u{ord(c):04x}" for c in text)
+
+
+def test_rejected_items_and_escaped_spellings_leave_no_trace(db: Database, post_webhook: Any,
+                                                             database_url: str) -> None:
+    answer = post_webhook([
+        {"event_id": "rj-1", "email": "Ann.Lee@Example.com", **ANNABEL},  # no event type
+        {"type": "shared", "event_id": "rj-2", "event_time": "last tuesday",
+         "person": {"email": ANN_EMAIL, **ANNABEL}},
+        # Bo's rejected item names her: it stays Bo's.
+        {"event_id": "rj-3", "email": "bo.chen@example.org", "first_name": "Bo",
+         "data": {"advocate_email": ANN_EMAIL}},
+    ])
+    assert (answer.json["accepted"], len(answer.json["rejected"])) == (0, 3)
+    bodies = [
+        b'{"type": "shared", "event_id": "esc-1", "email": "ANN.LEE\\u0040EXAMPLE.COM", '
+        b'"first_name": "\\u0041nnabel", "last_name": "Leeworth"}',
+        ('{"type": "shared", "event_id": "esc-2", "email": "bo.chen@example.org", '
+         f'"data": {{"friend": "{escaped(ANN_EMAIL, upper=True)}"}}}}').encode(),
+    ]
+    for body in bodies:
+        assert post_webhook(body).status_code == 200
+    # Cut short: refused as bad JSON, its body kept in the inbound log.
+    cut = f'{{"type": "shared", "email": "{escaped("ann.lee")}@example.com", "first_name": "Ann'
+    assert post_webhook(cut.encode()).status_code == 400
+    assert len(traces(db, *ANNABEL_TRACES)) > 10
+
+    counts = forget(db, email=ANN_EMAIL)
+
+    assert traces(db, *ANNABEL_TRACES) == []
+    # Her two rejected items and esc-1, Bo's rejected item and esc-2; four bodies.
+    assert counts == {"events": 5, "inbound_requests": 4, "delivery_attempts": 0,
+                      "identity_cache": 0, "dedup_keys": 0}
+    with db.session() as session:
+        stored = {e.extole_event_id: e for e in session.scalars(select(OutboxEvent))}
+    assert stored["rj-1"].payload == stored["rj-2"].payload == privacy.ERASED_PAYLOAD
+    assert stored["rj-3"].payload == {"event_id": "rj-3", "email": "bo.chen@example.org",
+                                      "first_name": "Bo",
+                                      "data": {"advocate_email": privacy.ERASED}}
+    assert stored["esc-2"].payload["data"] == {"friend": privacy.ERASED}
+    assert stored["esc-2"].email == "bo.chen@example.org"
+    if database_url.startswith("sqlite"):
+        assert file_traces(database_url, *ANNABEL_TRACES, "lee\\u0040example",
+                           escaped("ann.lee")) == []
+
+
+# --- a delivery in flight -------------------------------------------------------------------------
+
+ANN_BY_EMAIL = {"type": "shared", "event_id": "ann-mail-1", "email": "Ann.Lee@example.com",
+                "first_name": "Annabel", "last_name": "Leeworth",
+                "phone_number": "+1 555 0100 4242"}
+BO_NAMING_ANN = {"type": "referred_signed_up", "event_id": "bo-1", "email": "bo.chen@example.org",
+                 "partner_user_id": "cust-2200431", "data": {"advocate_email": ANN_EMAIL}}
+IN_FLIGHT_TRACES = (ANN_EMAIL, ANN_ID, "Leeworth", "555 0100 4242")
+
+
+def wait_until(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting: {what}"
+        time.sleep(0.02)
+
+
+def post_in_flight_people(post_webhook: Any) -> None:
+    """Ann by external_id (a reward), Ann by email only (looked up in Braze first), and Bo's
+    sign-up naming her as his advocate."""
+    assert post_webhook(sample("reward_earned.json")).status_code == 200
+    assert post_webhook([ANN_BY_EMAIL, BO_NAMING_ANN]).status_code == 200
+
+
+def test_forget_while_her_delivery_is_in_flight_leaves_nothing(
+        db: Database, post_webhook: Any, make_settings: Callable[..., Settings],
+        make_worker: Callable[..., Worker], relay: Callable[..., Result],
+        database_url: str) -> None:
+    post_in_flight_people(post_webhook)
+    slow = SandboxConfig(api_keys=[f"prod={PROD_KEY}"], latency_ms=1500)
+    with served_sandbox(slow) as (url, _):
+        worker = make_worker(make_settings(braze_rest_endpoint=url))
+        delivering = threading.Thread(target=worker.drain, kwargs={"max_seconds": 60})
+        delivering.start()
+        try:
+            def leased() -> bool:
+                with db.session() as session:
+                    return worker.owner in session.scalars(select(OutboxEvent.lease_owner))
+
+            wait_until(leased, "the worker's claim")
+            # Braze is answering the lookup of her email (1.5 s), then /users/track (1.5 s).
+            result = relay("forget", "--email", ANN_EMAIL, "--external-id", ANN_ID, "--yes")
+        finally:
+            delivering.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert "waiting (up to 120 s) for 3 of their events being delivered right now" in (
+        result.stderr)
+    # The delivery in flight ended as it would have; then she was forgotten.
+    with db.session() as session:
+        statuses = {e.id: e.status for e in session.scalars(select(OutboxEvent))}
+    assert set(statuses.values()) == {"delivered"}
+    assert traces(db, *IN_FLIGHT_TRACES) == []
+    if database_url.startswith("sqlite"):
+        assert file_traces(database_url, *IN_FLIGHT_TRACES) == []
+
+
+def test_a_worker_whose_lease_was_taken_writes_nothing_of_her_back(
+        db: Database, post_webhook: Any, make_settings: Callable[..., Settings],
+        make_worker: Callable[..., Worker]) -> None:
+    post_in_flight_people(post_webhook)
+    assert post_webhook({"type": "shared", "event_id": "cy-1", "partner_user_id": "cust-3001",
+                         "email": "cy@example.net"}).status_code == 200
+    with served_sandbox() as (url, _):
+        worker = make_worker(make_settings(braze_rest_endpoint=url))
+        with db.session() as session:
+            claimed = leases.claim_due(session, worker.owner, environments=["production"],
+                                       limit=10, lease_seconds=120)
+        assert len(claimed) == 4
+        # The worker stalls past its lease (say its host was suspended): nobody renews it, and
+        # forget takes the expired leases of the events about her over instead of waiting.
+        with db.session() as session:
+            session.execute(update(OutboxEvent).values(
+                lease_expires_at=utcnow() - timedelta(seconds=1)))
+        assert privacy.forget(db, email=ANN_EMAIL, external_id=ANN_ID).waited_for == 0
+        # It wakes up with her data in memory and goes on delivering.
+        worker.delivery.deliver(claimed)
+
+    assert traces(db, *IN_FLIGHT_TRACES) == []
+    with db.session() as session:
+        events = {e.extole_event_id: e for e in session.scalars(select(OutboxEvent))}
+        attempts = {a.endpoint: a for a in session.scalars(select(DeliveryAttempt))}
+        links = session.execute(select(AttemptEvent.attempt_id, AttemptEvent.event_id)).all()
+        assert session.scalars(select(IdentityCache)).all() == []
+    # Only Cy's event was still the worker's: the others (hers, and Bo's that names her) wait
+    # to be sent as forget left them.
+    assert {e: events[e].status for e in events} == {
+        "r7k2m9q4x1b8c3d5e6f0": "pending", "ann-mail-1": "pending", "bo-1": "pending",
+        "cy-1": "delivered"}
+    # Her lookup is recorded erased whole; the /users/track request keeps only Cy's objects.
+    lookup, track = attempts["/users/export/ids"], attempts["/users/track"]
+    assert lookup.request_body == lookup.response_body == privacy.ERASED_BODY.decode()
+    body = json.loads(track.request_body)
+    assert [e if e == privacy.ERASED_OBJECT else e["external_id"] for e in body["events"]] == [
+        privacy.ERASED_OBJECT, privacy.ERASED_OBJECT, "cust-3001"]
+    assert body["attributes"] == [privacy.ERASED_OBJECT, privacy.ERASED_OBJECT,
+                                  {"external_id": "cust-3001", "email": "cy@example.net"}]
+    assert links == [(track.id, events["cy-1"].id)]
+
+
+def test_forget_gives_up_on_a_delivery_that_does_not_end(
+        app: Flask, db: Database, post_webhook: Any, relay: Callable[..., Result]) -> None:
+    post_in_flight_people(post_webhook)
+    with db.session() as session:
+        [claimed] = leases.claim_due(session, "host-b:4242:abcdef", environments=["production"],
+                                     limit=1, lease_seconds=120)
+    before = snapshot(db)
+
+    result = relay("forget", "--email", ANN_EMAIL, "--wait", "0.5", "--yes")
+
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        f"relay: gave up after 0.5 s: 1 of their events (ids {claimed.id}) are still being "
+        "delivered by host-b:4242:abcdef (lease until ")
+    assert result.stderr.splitlines()[-1].endswith(
+        "UTC); nothing was erased. Run forget again, or wait longer with --wait")
+    # Nothing erased, and the other events it had fenced meanwhile are free again.
+    assert snapshot(db) == before

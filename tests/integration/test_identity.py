@@ -1,5 +1,6 @@
 """Identity resolution: external_id, else email through the cache or Braze's export (external_id
-preferred, else braze_id), else a new alias; the export limiter; Braze's email identifier."""
+preferred, else braze_id), else a new alias; the export limiter; Braze's email identifier;
+RELAY_EXTERNAL_ID=email."""
 
 from __future__ import annotations
 
@@ -13,11 +14,19 @@ import responses
 from flask import Flask
 from sqlalchemy import select, update
 
+from relay import create_app
 from relay.db import utcnow
 from relay.models import IdentityCache, OutboxEvent, RateLimiter
 from relay.settings import Rate, Settings
 from relay.worker import Worker
-from tests.support import BRAZE_URL, PROD_KEY, STAGING_KEY, events_by_extole_id, sample
+from tests.support import (
+    BRAZE_URL,
+    PROD_KEY,
+    STAGING_KEY,
+    events_by_extole_id,
+    sample,
+    signed,
+)
 
 TRACK = BRAZE_URL + "/users/track"
 EXPORT = BRAZE_URL + "/users/export/ids"
@@ -194,6 +203,46 @@ def test_email_identity_sends_brazes_email_identifier_and_never_exports(
         {"email": BO, "name": "Referred Signed Up", "time": "2026-11-21T08:30:00.000Z"},
     ]
     assert events_by_extole_id(app)[SIGNED_UP].identity == {"email": BO}
+
+
+def test_external_id_from_email_addresses_everyone_by_email_without_any_lookup(
+        braze: responses.RequestsMock, make_settings: Callable[..., Settings]) -> None:
+    """RELAY_EXTERNAL_ID=email: the normalised email is the external_id (as Extole's own Braze
+    integration offers); partner_user_id becomes a property; no /users/export/ids request."""
+    settings = make_settings(external_id_from="email")
+    app = create_app(settings, TESTING=True)
+    worker = Worker(settings, app.extensions["relay.db"])
+    try:
+        client = app.test_client()
+        for name in ("referred_signed_up_email_only.json", "reward_fulfilled_coupon.json",
+                     "reward_earned.json", "invalid_no_identifier.json"):
+            body = sample(name)
+            assert client.post("/webhooks/extole/production", data=body,
+                               headers=signed(body)).status_code == 200
+        worker.drain(max_seconds=10)
+        assert calls(braze, EXPORT) == []
+        # Bo's two events are one person's: in event-time order, one request each.
+        first, second = calls(braze, TRACK)
+        assert first["attributes"] == [
+            {"external_id": "ann.lee@example.com", "email": "ann.lee@example.com"},
+            {"external_id": BO, "email": BO, "first_name": "Bo", "last_name": "Chen"},
+        ]
+        assert second["attributes"] == [{"external_id": BO, "email": BO}]
+        assert [(e["external_id"], e["name"], e["properties"].get("partner_user_id"))
+                for body in (first, second) for e in body["events"]] == [
+            ("ann.lee@example.com", "Earned Reward", "cust-1036950000"),
+            (BO, "Referred Signed Up", None),
+            (BO, "Reward Fulfilled", None),
+        ]
+        stored = events_by_extole_id(app)
+        assert stored[SIGNED_UP].identity == {"external_id": BO}
+        assert (stored[SIGNED_UP].external_id, stored[SIGNED_UP].person_key) == (BO, "id:" + BO)
+        # Without an email there is no external_id either: dead, no identifier.
+        assert (stored["bad-0002"].status, stored["bad-0002"].last_error) == (
+            "dead", "no identifier")
+    finally:
+        worker.close()
+        app.extensions["relay.db"].dispose()
 
 
 def test_no_identifier_is_dead_without_asking_braze(

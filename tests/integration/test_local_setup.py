@@ -109,10 +109,15 @@ def test_the_printed_curl_is_accepted(workdir: Path, database_url: str) -> None:
         assert (answer["accepted"], answer["duplicates"], answer["rejected"]) == (1, 0, [])
         with get_db(app).session() as session:
             [event] = session.scalars(select(OutboxEvent)).all()
+        # A reward as Extole posts it: named by its state, with its coupon and a numeric value.
         assert (event.extole_event_id, event.braze_event, event.status) == (
-            "local-test-0001", "Earned Reward", "pending")
+            "local-test-0001", "Reward Fulfilled", "pending")
+        assert event.properties is not None
+        assert {k: event.properties[k] for k in ("reward_state", "coupon_code", "face_value")
+                } == {"reward_state": "FULFILLED", "coupon_code": "ADVOCATE20-LOCAL",
+                      "face_value": 20.0}
         # Tampering with the body breaks the signature: the curl is really signed.
-        tampered = client.post("/webhooks/extole/production", data=body.replace(b"50", b"51"),
+        tampered = client.post("/webhooks/extole/production", data=body.replace(b"20", b"21"),
                                headers=headers)
         assert tampered.status_code == 401
         # The staging secret written by init opens staging, and only staging.

@@ -3,6 +3,7 @@ PostgreSQL, and `relay db upgrade` / `relay db current` drive them from the comm
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -127,9 +128,112 @@ def test_0003_on_a_database_that_holds_rows(empty_database_url: str) -> None:
         engine.dispose()
 
 
+def test_0004_gives_every_stored_event_its_key(empty_database_url: str) -> None:
+    """Existing events get their event-id key (rejected items none); the keys are unique per
+    environment; the events keep their own constraint; downgrading drops only the keys."""
+    migrate.upgrade(empty_database_url, "0003")
+    engine = make_engine(empty_database_url)
+    old, new = "2026-11-20 14:14:18", "2026-11-27 09:30:00"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO inbound_requests (received_at, environment, method, path, headers, "
+                "body_size, status_code, outcome, accepted, duplicates, rejected) VALUES "
+                "(:t, 'production', 'POST', '/webhooks/extole/production', '{}', 2, 200, "
+                "'accepted', 3, 0, 1)"), {"t": old})
+            for environment, key, status, received in (
+                    ("production", "ev-1", "delivered", old),
+                    ("production", "sha256:" + "ab" * 32, "pending", new),
+                    ("staging", "ev-1", "dead", new),
+                    ("production", None, "rejected", old)):
+                connection.execute(text(
+                    "INSERT INTO events (environment, dedup_key, extole_event_id, status, "
+                    "attempts, payload, received_at, updated_at, inbound_id) VALUES (:e, :k, "
+                    ":k, :s, 0, '{}', :t, :t, 1)"),
+                    {"e": environment, "k": key, "s": status, "t": received})
+        migrate.upgrade(empty_database_url)
+        with engine.begin() as connection:
+            rows = connection.execute(text(
+                "SELECT k.environment, k.key, k.event_id, k.received_at, e.dedup_key "
+                "FROM dedup_keys AS k JOIN events AS e ON e.id = k.event_id "
+                "ORDER BY k.event_id")).all()
+            assert [(r[0], r[1], r[2], str(r[3]), r[4]) for r in rows] == [
+                ("production", "ev-1", 1, old, "ev-1"),
+                ("production", "sha256:" + "ab" * 32, 2, new, "sha256:" + "ab" * 32),
+                ("staging", "ev-1", 3, new, "ev-1")]
+            assert connection.execute(text(
+                "SELECT extole_event_id, status FROM events ORDER BY id")).all() == [
+                ("ev-1", "delivered"), ("sha256:" + "ab" * 32, "pending"), ("ev-1", "dead"),
+                (None, "rejected")]
+        for statement in (
+                "INSERT INTO dedup_keys (environment, key, received_at) VALUES "
+                "('production', 'ev-1', :t)",
+                "INSERT INTO events (environment, dedup_key, status, attempts, payload, "
+                "received_at, updated_at) VALUES ('staging', 'ev-1', 'pending', 0, '{}', :t, :t)"):
+            with pytest.raises(IntegrityError), engine.begin() as connection:
+                connection.execute(text(statement), {"t": new})
+        with engine.begin() as connection:  # another environment's key is another key
+            connection.execute(text(
+                "INSERT INTO dedup_keys (environment, key, received_at) VALUES "
+                "('staging', 'sha256:" + "ab" * 32 + "', :t)"), {"t": new})
+            # A purged event leaves its key behind, no longer pointing at it.
+            connection.execute(text("DELETE FROM events WHERE id = 1"))
+            assert connection.execute(text(
+                "SELECT event_id FROM dedup_keys WHERE environment = 'production' "
+                "AND key = 'ev-1'")).scalar_one() is None
+        assert _differences(empty_database_url) == []
+        command.downgrade(migrate.alembic_config(empty_database_url), "0003")
+        engine.dispose()
+        assert "dedup_keys" not in set(inspect(engine).get_table_names())
+        with engine.begin() as connection:
+            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 3
+    finally:
+        engine.dispose()
+
+
+def test_0004_gives_stored_reward_events_their_reward_keys(empty_database_url: str) -> None:
+    """Reward events stored before the upgrade get `reward:<id>:<STATE>` too (README, "Reward
+    events"), so a reconciled or re-sent copy of a reward state received before the upgrade is a
+    duplicate; of two old events holding one reward state, the older keeps the key."""
+    migrate.upgrade(empty_database_url, "0003")
+    engine = make_engine(empty_database_url)
+    t = "2026-11-20 14:14:18"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO inbound_requests (received_at, environment, method, path, headers, "
+                "body_size, status_code, outcome, accepted, duplicates, rejected) VALUES "
+                "(:t, 'production', 'POST', '/webhooks/extole/production', '{}', 2, 200, "
+                "'accepted', 6, 0, 0)"), {"t": t})
+            for environment, key, extole_type, properties in (
+                    ("production", "ev-1", "FULFILLED", {"reward_id": "r-1"}),
+                    ("production", "ev-2", "fulfilled", {"reward_id": "r-1"}),  # same state
+                    ("production", "ev-3", "reward_earned", {"reward_id": 42}),
+                    ("staging", "ev-4", "Failed Fulfillment", {"reward_id": " r-1 "}),
+                    ("production", "ev-5", "shared", {"reward_id": "r-9"}),  # not a state
+                    ("production", "ev-6", "EARNED", {"person_id": "p-1"})):  # no reward id
+                connection.execute(text(
+                    "INSERT INTO events (environment, dedup_key, extole_event_id, extole_type, "
+                    "status, attempts, payload, properties, received_at, updated_at, inbound_id) "
+                    "VALUES (:e, :k, :k, :type, 'delivered', 0, '{}', :p, :t, :t, 1)"),
+                    {"e": environment, "k": key, "type": extole_type,
+                     "p": json.dumps(properties), "t": t})
+        migrate.upgrade(empty_database_url)
+        with engine.begin() as connection:
+            rows = connection.execute(text(
+                "SELECT environment, key, event_id FROM dedup_keys "
+                "WHERE key LIKE 'reward:%' ORDER BY event_id")).all()
+        assert [tuple(r) for r in rows] == [
+            ("production", "reward:r-1:FULFILLED", 1),
+            ("production", "reward:42:EARNED", 3),
+            ("staging", "reward:r-1:FAILED_FULFILLMENT", 4)]
+    finally:
+        engine.dispose()
+
+
 def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
     """The triggers table arrives beside delivered events and leaves without touching them."""
-    migrate.upgrade(empty_database_url, "0003")
+    migrate.upgrade(empty_database_url, "0004")
     engine = make_engine(empty_database_url)
     now = "2026-11-20 14:14:18"
     try:
@@ -158,7 +262,7 @@ def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
                 "SELECT state, recipient FROM triggers")).one()[0] == "due"
         with pytest.raises(IntegrityError), engine.begin() as connection:
             connection.execute(duplicate, {"t": now})  # one row per event and target
-        command.downgrade(migrate.alembic_config(empty_database_url), "0003")
+        command.downgrade(migrate.alembic_config(empty_database_url), "0004")
         engine.dispose()
         assert "triggers" not in set(inspect(engine).get_table_names())
         with engine.begin() as connection:

@@ -127,6 +127,37 @@ def test_a_late_event_still_sends_the_attributes_no_later_event_set(
     assert [e["name"] for e in late["events"]] == ["Created Share Link"]
 
 
+GROUP_A = "aaaaaaaa-0000-4000-8000-000000000001"
+GROUP_B = "bbbbbbbb-0000-4000-8000-000000000002"
+
+
+def subscription(event_id: str, extole_type: str, minute: int, group: str) -> dict[str, Any]:
+    return {"type": extole_type, "event_id": event_id, "partner_user_id": ANN,
+            "event_time": f"2026-11-22T08:{minute:02d}:00Z", "subscription_group_id": group}
+
+
+def test_each_subscription_group_is_its_own_attribute_for_late_events(
+        post_webhook: Any, braze: FakeBraze, app: Flask,
+        make_worker: Callable[..., Worker]) -> None:
+    post_webhook(subscription("g-late", "unsubscribed", 30, GROUP_A))
+    make_worker().drain(max_seconds=10)
+    # Extole delivered two earlier subscriptions late: group A's state is already newer in
+    # Braze (and so is email_subscribe); group B's is news.
+    post_webhook(subscription("g-early-a", "subscribed", 10, GROUP_A))
+    make_worker().drain(max_seconds=10)
+    post_webhook(subscription("g-early-b", "subscribed", 20, GROUP_B))
+    make_worker().drain(max_seconds=10)
+    assert [body.get("attributes") for _, body in braze.log] == [
+        [{"external_id": ANN, "email_subscribe": "unsubscribed", "subscription_groups": [
+            {"subscription_group_id": GROUP_A, "subscription_state": "unsubscribed"}]}],
+        None,
+        [{"external_id": ANN, "subscription_groups": [
+            {"subscription_group_id": GROUP_B, "subscription_state": "subscribed"}]}],
+    ]
+    assert [e["name"] for _, body in braze.log for e in body["events"]] == [
+        "Unsubscribed", "Subscribed", "Subscribed"]
+
+
 def test_one_persons_events_go_in_event_time_order_whatever_the_arrival_order(
         post_webhook: Any, braze: FakeBraze, app: Flask,
         make_worker: Callable[..., Worker]) -> None:

@@ -15,6 +15,7 @@ from relay import retention
 from relay.db import Database
 from relay.models import (
     AttemptEvent,
+    DedupKey,
     DeliveryAttempt,
     IdentityCache,
     InboundRequest,
@@ -97,10 +98,10 @@ def test_purge_deletes_old_delivered_and_skipped_with_their_attempts_and_inbound
                           expires_at=NOW + timedelta(hours=1)),
         ])
 
-    counts = retention.purge(db, 30, now=NOW)
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW)
 
     assert counts == {"events": 2, "triggers": 0, "delivery_attempts": 2,
-                      "inbound_requests": 1, "identity_cache": 1}
+                      "inbound_requests": 1, "identity_cache": 1, "dedup_keys": 0}
     assert ids(db, OutboxEvent) == {dead, pending, rejected, fresh}
     assert ids(db, DeliveryAttempt) == {shared, fresh_attempt, orphan_recent}
     assert orphan_old not in ids(db, DeliveryAttempt) and only_purged not in ids(db,
@@ -115,10 +116,10 @@ def test_purge_deletes_old_delivered_and_skipped_with_their_attempts_and_inbound
 def test_a_second_purge_finds_nothing(db: Database) -> None:
     with db.session() as s:
         event(s, "delivered", OLD, inbound(s, OLD), "a")
-    assert retention.purge(db, 30, now=NOW)["events"] == 1
-    assert retention.purge(db, 30, now=NOW) == {
+    assert retention.purge(db, 30, dedup_days=400, now=NOW)["events"] == 1
+    assert retention.purge(db, 30, dedup_days=400, now=NOW) == {
         "events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
-        "identity_cache": 0}
+        "identity_cache": 0, "dedup_keys": 0}
 
 
 def test_inbound_row_goes_once_its_last_event_is_purged(db: Database) -> None:
@@ -126,11 +127,11 @@ def test_inbound_row_goes_once_its_last_event_is_purged(db: Database) -> None:
         shared_in = inbound(s, OLD)
         event(s, "delivered", OLD, shared_in, "first")
         dead = event(s, "dead", OLD, shared_in, "second")
-    retention.purge(db, 30, now=NOW)
+    retention.purge(db, 30, dedup_days=400, now=NOW)
     assert shared_in in ids(db, InboundRequest)
     with db.session() as s:
         s.get(OutboxEvent, dead).status = "delivered"  # an operator replayed it, it went through
-    assert retention.purge(db, 30, now=NOW)["inbound_requests"] == 1
+    assert retention.purge(db, 30, dedup_days=400, now=NOW)["inbound_requests"] == 1
     assert ids(db, InboundRequest) == set() and ids(db, OutboxEvent) == set()
 
 
@@ -151,11 +152,12 @@ def test_purge_works_in_short_batches(db: Database, monkeypatch: pytest.MonkeyPa
             yield s
 
     monkeypatch.setattr(db, "session", counted)
-    counts = retention.purge(db, 30, now=NOW, batch_size=3)
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
     assert counts == {"events": 7, "triggers": 0, "delivery_attempts": 3,
-                      "inbound_requests": 7, "identity_cache": 0}
-    # events 3+3+1 then an empty look; attempts 3 + empty; inbound 3+3+1 + empty; cache empty.
-    assert transactions == 4 + 2 + 4 + 1
+                      "inbound_requests": 7, "identity_cache": 0, "dedup_keys": 0}
+    # events 3+3+1 then an empty look; attempts 3 + empty; inbound 3+3+1 + empty; cache empty;
+    # keys empty (these events have no keys).
+    assert transactions == 4 + 2 + 4 + 1 + 1
 
 
 def test_purge_uses_received_at_and_the_default_clock(db: Database) -> None:
@@ -164,7 +166,7 @@ def test_purge_uses_received_at_and_the_default_clock(db: Database) -> None:
     with db.session() as s:
         event(s, "delivered", utcnow() - timedelta(days=8), None, "eight-days")
         event(s, "delivered", utcnow() - timedelta(days=6), None, "six-days")
-    assert retention.purge(db, 7)["events"] == 1
+    assert retention.purge(db, 7, dedup_days=400)["events"] == 1
     with db.session() as s:
         assert s.scalar(select(OutboxEvent.extole_event_id)) == "six-days"
         assert s.scalar(select(func.count()).select_from(OutboxEvent)) == 1
@@ -172,7 +174,48 @@ def test_purge_uses_received_at_and_the_default_clock(db: Database) -> None:
 
 def test_purge_refuses_a_retention_below_one_day(db: Database) -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        retention.purge(db, 0)
+        retention.purge(db, 0, dedup_days=400)
+    with pytest.raises(ValueError, match="at least 1"):
+        retention.purge(db, 30, dedup_days=0)
+
+
+def keys_left(db: Database) -> set[tuple[str, int | None]]:
+    with db.session() as session:
+        return {(k.key, k.event_id) for k in session.scalars(select(DedupKey))}
+
+
+def test_purged_events_leave_their_keys_until_dedup_days_after_receipt(db: Database) -> None:
+    with db.session() as s:
+        old = event(s, "delivered", OLD, None, "old")
+        ancient = event(s, "delivered", NOW - timedelta(days=500), None, "ancient")
+        dead = event(s, "dead", NOW - timedelta(days=500), None, "dead")
+        s.add_all([DedupKey(environment="production", key=name, event_id=event_id,
+                            received_at=received)
+                   for name, event_id, received in (
+                       ("old", old, OLD), ("ancient", ancient, NOW - timedelta(days=500)),
+                       ("dead", dead, NOW - timedelta(days=500)),
+                       ("reward:rw-9:EARNED", old, OLD),
+                       ("left-behind", None, NOW - timedelta(days=401)),
+                       ("recent-left-behind", None, NOW - timedelta(days=399)))])
+
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW)
+
+    assert (counts["events"], counts["dedup_keys"]) == (2, 2)
+    # The old event's keys outlive it; the ancient one's went with it (past 400 days), as did
+    # an earlier purged event's; the dead event keeps its key however old.
+    assert keys_left(db) == {("old", None), ("reward:rw-9:EARNED", None), ("dead", dead),
+                             ("recent-left-behind", None)}
+    later = retention.purge(db, 30, dedup_days=400, now=OLD + timedelta(days=401))
+    assert later["dedup_keys"] == 3
+    assert keys_left(db) == {("dead", dead)}
+
+
+def test_expired_keys_go_in_batches(db: Database) -> None:
+    with db.session() as s:
+        s.add_all([DedupKey(environment="production", key=f"k{n}", event_id=None,
+                            received_at=NOW - timedelta(days=401)) for n in range(7)])
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
+    assert counts["dedup_keys"] == 7 and keys_left(db) == set()
 
 
 def trigger(session: Session, event_id: int, state: str, attempt_id: int | None = None) -> int:
@@ -195,7 +238,7 @@ def test_sent_triggers_go_with_their_events_and_open_ones_keep_theirs(db: Databa
         carried = attempt(s, OLD, finished["sent"])
         for state, event_id in {**finished, **held}.items():
             trigger(s, event_id, state, carried if state == "sent" else None)
-    counts = retention.purge(db, 30, now=NOW)
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW)
     assert (counts["events"], counts["triggers"], counts["delivery_attempts"]) == (3, 3, 1)
     assert ids(db, OutboxEvent) == set(held.values())
     with db.session() as s:
@@ -203,5 +246,5 @@ def test_sent_triggers_go_with_their_events_and_open_ones_keep_theirs(db: Databa
     with db.session() as s:  # the operator drops the uncertain one: its event can go
         s.execute(Trigger.__table__.update().where(Trigger.state == "uncertain")
                   .values(state="dropped"))
-    assert retention.purge(db, 30, now=NOW)["triggers"] == 1
+    assert retention.purge(db, 30, dedup_days=400, now=NOW)["triggers"] == 1
     assert ids(db, OutboxEvent) == {held["due"], held["sending"]}

@@ -555,7 +555,64 @@ def test_byte_order_mark_is_tolerated(app: Flask, client: FlaskClient) -> None:
     assert row.body == body  # the raw bytes are kept untouched
 
 
+@pytest.mark.parametrize(("query", "error"), [
+    ("?type=", "query parameter type is empty"),
+    ("?type=%20%20", "query parameter type is empty"),
+    ("?type=" + "t" * 256, "query parameter type is longer than 255 characters"),
+    ("?type=shared&type=earned_reward", "query parameter type is given more than once"),
+])
+def test_a_type_parameter_that_names_no_type_is_400(app: Flask, client: FlaskClient, query: str,
+                                                    error: str) -> None:
+    """A misconfigured webhook URL is refused at once (Extole shows the error and retries),
+    never used to type events wrongly; the body is kept in the inbound log."""
+    body = encode({"reward_id": "r-1", "partner_user_id": "cust-1"})
+    response = client.post("/webhooks/extole/production" + query, data=body, headers=signed(body))
+    assert_refused(app, response, 400, error, "bad_request", body=body, auth_method="signature")
+
+
+def test_the_type_parameter_is_checked_after_the_credentials(app: Flask,
+                                                             client: FlaskClient) -> None:
+    body = encode(event())
+    response = client.post("/webhooks/extole/production?type=", data=body,
+                           headers=signed(body, "wrong-secret"))
+    assert response.status_code == 401
+
+
 # --- 5. 200 -----------------------------------------------------------------------------------
+
+
+def test_the_type_parameter_types_the_items_without_a_type(app: Flask,
+                                                           post_webhook: Any) -> None:
+    reshaped = {"reward_id": "r-1", "partner_user_id": "cust-1", "data": {"k": "v"}}
+    answer = receipt(post_webhook([reshaped, event("own-type"), {**reshaped, "reward_id": "r-2",
+                                                                 "state": "SENT"}],
+                                  query="?type=%20earned_reward%20"))
+    assert (answer["accepted"], answer["rejected"]) == (3, [])
+    by_id = {e.id: e for e in stored_events(app)}
+    stored = [by_id[i] for i in answer["ids"]]
+    assert [(e.extole_type, e.braze_event, (e.properties or {}).get("reward_state"))
+            for e in stored] == [("earned_reward", "Earned Reward", "EARNED"),
+                                 ("shared", "Shared", None),
+                                 ("SENT", "Reward Sent", "SENT")]
+    assert stored[0].payload == reshaped  # stored as it came
+    # The same bodies again (same URL): duplicates, as Extole's retries must be.
+    again = receipt(post_webhook([reshaped], query="?type=earned_reward"))
+    assert (again["accepted"], again["duplicates"]) == (0, 1)
+    # Without the parameter, the reshaped body has no type: rejected, as before.
+    alone = receipt(post_webhook({**reshaped, "reward_id": "r-3"}))
+    assert alone["rejected"] == [{"index": 0, "error": "no event type: expected one of type, "
+                                                       "event, event_type, event_name, name"}]
+
+
+def test_the_type_parameter_works_on_the_alias_and_staging(app: Flask, client: FlaskClient,
+                                                           post_webhook: Any) -> None:
+    reshaped = {"reward_id": "r-1", "partner_user_id": "cust-1"}
+    body = encode(reshaped)
+    assert receipt(client.post("/webhooks/extole?type=FULFILLED", data=body,
+                               headers=signed(body)))["accepted"] == 1
+    assert receipt(post_webhook(reshaped, "staging", query="?type=FULFILLED"))["accepted"] == 1
+    assert [(e.environment, e.braze_event) for e in stored_events(app)] == [
+        ("production", "Reward Fulfilled"), ("staging", "Reward Fulfilled")]
 
 
 def test_one_object_is_accepted_and_stored(app: Flask, client: FlaskClient) -> None:
@@ -588,7 +645,7 @@ def test_array_ids_follow_the_request_order(app: Flask, client: FlaskClient,
     assert by_id[first["ids"][0]].extole_event_id == "b"
 
 
-def test_empty_array_is_202_with_zeros(app: Flask, post_webhook: Any) -> None:
+def test_empty_array_is_200_with_zeros(app: Flask, post_webhook: Any) -> None:
     assert receipt(post_webhook([])) == {"accepted": 0, "duplicates": 0, "rejected": [], "ids": []}
     assert stored_events(app) == []
     [row] = inbound(app)
@@ -697,7 +754,7 @@ def test_unusable_items_are_stored_rejected_and_the_rest_accepted(
     assert (row.accepted, row.duplicates, row.rejected, row.status_code) == (2, 0, 10, 200)
 
 
-def test_a_single_unusable_event_is_202_with_nothing_accepted(app: Flask,
+def test_a_single_unusable_event_is_200_with_nothing_accepted(app: Flask,
                                                              post_webhook: Any) -> None:
     answer = receipt(post_webhook({"event_id": "lonely"}))
     assert answer == {"accepted": 0, "duplicates": 0, "ids": [], "rejected": [

@@ -25,10 +25,20 @@ from relay.db import get_db
 from relay.extole import braze_time, canonical_json
 from relay.models import InboundRequest, OutboxEvent
 from relay.settings import Settings
-from tests.support import PROD_SECRET, SAMPLES, STAGING_SECRET, sample, sample_json
+from tests.support import (
+    PROD_SECRET,
+    SAMPLES,
+    STAGING_SECRET,
+    sample,
+    sample_json,
+    sample_url,
+)
 
 NO_TYPE = "no event type: expected one of type, event, event_type, event_name, name"
 LONG_NOTE = "n" * 255
+# The event time of an item without one: the time of receipt.
+RECEIVED = "received"
+GROUP = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
 
 
 def hashed(item: dict[str, Any]) -> str:
@@ -45,7 +55,7 @@ def row(event_id: str, extole_type: str, braze_event: str, event_time: str,
         "extole_event_id": event_id,
         "extole_type": extole_type,
         "braze_event": braze_event,
-        "event_time": datetime.fromisoformat(event_time),
+        "event_time": event_time if event_time == RECEIVED else datetime.fromisoformat(event_time),
         "external_id": external_id,
         "email": email,
         "person_key": f"id:{external_id}" if external_id else f"email:{email}" if email else None,
@@ -65,6 +75,9 @@ def rejected(event_id: str | None, reason: str) -> dict[str, Any]:
 
 
 _MX_HASHED = hashed(sample_json("variant_array_mixed_good_and_bad.json")[4])
+# Posted with ?type=earned_reward: the type is part of what is hashed.
+_NO_TYPE_HASHED = hashed({**sample_json("reward_no_type.json"), "type": "earned_reward"})
+_PAGE = sample_json("extole_rewards_page.json")
 
 # file -> (auth, answer without ids, expected rows in id order, indexes of the items they store)
 EXPECTED: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]], list[int]]] = {
@@ -79,8 +92,64 @@ EXPECTED: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]], list[int]]]
              "reward_supplier_id": "71b0c2d3e4f5061728394a5b",
              "partner_reward_supplier_id": "Advocate Account Credit",
              "reward_supplier_type": "CUSTOM_REWARD", "person_id": "6816411215104951917",
-             "face_value": 50, "face_value_type": "USD", "schema_version": 1}),
+             "face_value": 50, "face_value_type": "USD", "schema_version": 1,
+             "reward_state": "EARNED"}),
     ], [0]),
+    # A reward as Extole's reward webhook posts it: the type is the state, the coupon is
+    # `partner_reward_id`, the face value a decimal string (a number for Braze); no
+    # partner_user_id, so the (lower-cased) email is the person.
+    "reward_fulfilled_coupon.json": ("signature", {"accepted": 1, "duplicates": 0,
+                                                   "rejected": []}, [
+        row("6d1f4a0b2c9e8d7f6a5b4c3d", "FULFILLED", "Reward Fulfilled",
+            "2026-11-21T09:02:44.120", None, "bo.chen@example.org",
+            {"email": "bo.chen@example.org"},
+            {"earned_event_value": "64.90", "journey_name": "FRIEND", "rewardee_role": "friend",
+             "client_id": "1890234567", "webhook_id": "b3a2c1d0e9f8a7b6",
+             "cause_event_id": "6d1f4a0b2c9e8d7f6a5b4c30",
+             "root_event_id": "6d1f4a0b2c9e8d7f6a5b4c00", "cause_event_sequence": 2,
+             "reward_id": "c93e7a1f5b2d4c6e8a0f1b3d", "reward_name": "Friend 20% off",
+             "reward_supplier_id": "5e4d3c2b1a09f8e7d6c5b4a3",
+             "reward_supplier_name": "Friend Coupon Pool",
+             "reward_supplier_type": "MANUAL_COUPON", "partner_reward_key_type": "COUPON",
+             "partner_reward_id": "FRIEND20-7QX4", "person_id": "7012345678901234567",
+             "face_value": 20.0, "face_value_type": "PERCENT_OFF",
+             "reward_state": "FULFILLED", "coupon_code": "FRIEND20-7QX4"}),
+    ], [0]),
+    # No type, no id, no time: posted to ?type=earned_reward (SAMPLE_QUERIES).
+    "reward_no_type.json": ("signature", {"accepted": 1, "duplicates": 0, "rejected": []}, [
+        row(_NO_TYPE_HASHED, "earned_reward", "Earned Reward", RECEIVED, "cust-2200431", None, {},
+            {"earned_event_value": "100.00", "journey_name": "ADVOCATE",
+             "rewardee_role": "advocate", "custom_key": "custom_value",
+             "reward_id": "d0e1f2a3b4c5d6e7f8091a2b", "reward_state": "EARNED"}),
+    ], [0]),
+    # Rewards as Extole's rewards API lists them: no type but a `state`, which is the type.
+    "extole_rewards_page.json": ("signature", {"accepted": 2, "duplicates": 0, "rejected": []}, [
+        row(hashed(_PAGE[0]), "SENT", "Reward Sent", "2026-11-21T09:01:57.005", None,
+            "bo.chen@example.org", {"email": "bo.chen@example.org"},
+            {"earned_event_value": "64.90", "reward_id": "c93e7a1f5b2d4c6e8a0f1b3d",
+             "cause_event_id": "6d1f4a0b2c9e8d7f6a5b4c30",
+             "root_event_id": "6d1f4a0b2c9e8d7f6a5b4c00", "action_id": "4b5c6d7e8f90a1b2",
+             "reward_supplier_id": "5e4d3c2b1a09f8e7d6c5b4a3",
+             "partner_reward_key_type": "COUPON", "campaign_id": "9a8b7c6d5e4f3a2b",
+             "person_id": "7012345678901234567", "state": "SENT", "face_value": 20.0,
+             "face_value_type": "PERCENT_OFF", "partner_reward_id": "FRIEND20-7QX4",
+             "journey_name": "FRIEND", "sandbox": "production-production",
+             "container": "production", "reward_state": "SENT",
+             "coupon_code": "FRIEND20-7QX4"}),
+        # Key type ID: a gift-card id, not a coupon code.
+        row(hashed(_PAGE[1]), "EARNED", "Earned Reward", "2026-11-22T10:15:00", "cust-1036950000",
+            "ann.lee@example.com", {"email": "ann.lee@example.com"},
+            {"earned_event_value": "120.00", "reward_id": "e5f6a7b8c9d0e1f2a3b4c5d6",
+             "cause_event_id": "7a6b5c4d3e2f1a0b9c8d7e6f",
+             "root_event_id": "7a6b5c4d3e2f1a0b9c8d7e00", "action_id": "4b5c6d7e8f90a1b3",
+             "reward_supplier_id": "71b0c2d3e4f5061728394a5b",
+             "partner_reward_supplier_id": "Advocate Account Credit",
+             "partner_reward_key_type": "ID", "campaign_id": "9a8b7c6d5e4f3a2b",
+             "person_id": "6816411215104951917", "state": "EARNED", "face_value": 50.0,
+             "face_value_type": "USD", "journey_name": "ADVOCATE",
+             "sandbox": "production-production", "container": "production",
+             "reward_state": "EARNED"}),
+    ], [0, 1]),
     "share_link_created.json": ("signature", {"accepted": 1, "duplicates": 0, "rejected": []}, [
         row("s1a2b3c4d5e6f7a8b9c0", "Share Link Created", "Created Share Link",
             "2026-11-20T14:02:11", "cust-1036950000", "ann.lee@example.com",
@@ -116,6 +185,15 @@ EXPECTED: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]], list[int]]]
             "cust-1036950000", "ann.lee@example.com",
             {"email": "ann.lee@example.com", "email_subscribe": "unsubscribed"},
             {"list": "marketing"}),
+    ], [0]),
+    # A subscription group named under `data`: Braze's subscription_groups in the attributes.
+    "unsubscribed_group.json": ("signature", {"accepted": 1, "duplicates": 0, "rejected": []}, [
+        row("un-5f6e7d8c9b0a", "unsubscribed", "Unsubscribed", "2026-11-22T18:30:00",
+            "p-2024-0001", "pat.doe@example.com",
+            {"email": "pat.doe@example.com", "email_subscribe": "unsubscribed",
+             "subscription_groups": [{"subscription_group_id": GROUP,
+                                      "subscription_state": "unsubscribed"}]},
+            {"list_type": "MARKETING", "subscription_group_id": GROUP}),
     ], [0]),
     "referred_converted.json": ("signature", {"accepted": 1, "duplicates": 0, "rejected": []}, [
         row("rc00112233445566778", "referred_converted", "Referred Converted",
@@ -251,7 +329,7 @@ def test_sample_is_stored_field_by_field(app: Flask, client: FlaskClient, name: 
     environment = environment_of(name)
     secret = STAGING_SECRET if environment == "staging" else PROD_SECRET
     body = sample(name)
-    response = client.post(f"/webhooks/extole/{environment}", data=body,
+    response = client.post(sample_url(name, environment), data=body,
                            headers=headers_for(auth, body, secret))
     assert response.status_code == 200, response.get_data(as_text=True)
     got = response.get_json()
@@ -263,6 +341,8 @@ def test_sample_is_stored_field_by_field(app: Flask, client: FlaskClient, name: 
     items = items if isinstance(items, list) else [items]
     assert len(events) == len(rows)
     for event, expected, index in zip(events, rows, indexes, strict=True):
+        if expected["event_time"] == RECEIVED:
+            expected = {**expected, "event_time": event.received_at}
         actual = {field: getattr(event, field) for field in FIELDS}
         assert actual == {field: expected[field] for field in FIELDS}, name
         assert event.environment == expected.get("environment", environment)
@@ -288,14 +368,14 @@ def test_samples_posted_twice_are_all_duplicates(app: Flask, client: FlaskClient
         environment = environment_of(name)
         secret = STAGING_SECRET if environment == "staging" else PROD_SECRET
         body = sample(name)
-        client.post(f"/webhooks/extole/{environment}", data=body,
+        client.post(sample_url(name, environment), data=body,
                     headers=headers_for("signature", body, secret))
     first_count = len(stored(app)[0])
     for name in sorted(EXPECTED):
         environment = environment_of(name)
         secret = STAGING_SECRET if environment == "staging" else PROD_SECRET
         body = sample(name)
-        again = client.post(f"/webhooks/extole/{environment}", data=body,
+        again = client.post(sample_url(name, environment), data=body,
                             headers=headers_for("signature", body, secret)).get_json()
         _, answer, _, _ = EXPECTED[name]
         assert again["accepted"] == 0, name

@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.serving import make_server
 
 from relay.braze import BrazeClient, RateLimited
 from relay.sandbox import SandboxConfig, create_sandbox_app
+from tests.support import served_sandbox
 
 PROD = "prod-key-0000-1111"
 STAGING = "staging-key-0000-2222"
 T = "2026-11-20T14:14:18.548Z"
+GROUP = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+OTHER_GROUP = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"
 
 
 def event(ident: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -133,6 +135,22 @@ BAD_OBJECTS = [
     ("events", "not an object", "must be JSON objects"),
     ("attributes", {"external_id": "x", "email_subscribe": "yes"}, "'email_subscribe'"),
     ("attributes", {"external_id": "x", "email": "not-an-email"}, "valid email"),
+    ("attributes", {"external_id": "x", "subscription_groups": {"subscription_group_id": GROUP}},
+     "'subscription_groups' must be an array"),
+    ("attributes", {"external_id": "x", "subscription_groups": [GROUP]},
+     "'subscription_groups' items must be objects"),
+    ("attributes", {"external_id": "x", "subscription_groups": [
+        {"subscription_group_id": "newsletter", "subscription_state": "subscribed"}]},
+     "'subscription_group_id' must be a subscription group id (a UUID)"),
+    ("attributes", {"external_id": "x", "subscription_groups": [
+        {"subscription_state": "subscribed"}]},
+     "'subscription_group_id' must be a subscription group id (a UUID)"),
+    ("attributes", {"external_id": "x", "subscription_groups": [
+        {"subscription_group_id": GROUP, "subscription_state": "opted_in"}]},
+     "'subscription_state' must be one of subscribed, unsubscribed"),
+    ("attributes", {"external_id": "x", "subscription_groups": [
+        {"subscription_group_id": GROUP, "subscription_state": "subscribed", "list": "m"}]},
+     "'subscription_groups' item has unknown field 'list'"),
     ("purchases", {"external_id": "x", "time": T, "currency": "USD", "price": 1},
      "'product_id'"),
 ]
@@ -188,6 +206,29 @@ def test_external_id_creates_the_profile(bz: FlaskClient) -> None:
                                      "share_link": "https://x/y"}
     assert profile["events"] == [{"name": "Shared", "time": T,
                                   "properties": {"extole_event_id": "e1"}}]
+
+
+def test_subscription_groups_are_kept_on_the_profile_group_by_group(bz: FlaskClient) -> None:
+    def groups(*states: tuple[str, str]) -> list[dict[str, str]]:
+        return [{"subscription_group_id": g, "subscription_state": s} for g, s in states]
+
+    answer = post(bz, {"attributes": [{"external_id": "cust-1", "subscription_groups": groups(
+        (GROUP, "subscribed"), (OTHER_GROUP, "subscribed"))}]})
+    assert answer.get_json() == {"message": "success", "attributes_processed": 1}
+    post(bz, {"attributes": [{"external_id": "cust-1",
+                              "subscription_groups": groups((GROUP, "unsubscribed"))}]})
+    # A malformed list changes nothing: the object is refused as a whole.
+    refused = post(bz, {"attributes": [{"external_id": "cust-1", "first_name": "Ann",
+                                        "subscription_groups": groups(
+                                            (OTHER_GROUP, "unsubscribed"), ("x", "subscribed"))}],
+                        "events": [event()]})
+    assert refused.status_code == 201
+    assert refused.get_json()["errors"] == [
+        {"type": "'subscription_group_id' must be a subscription group id (a UUID)",
+         "input_array": "attributes", "index": 0}]
+    [profile] = profiles(bz)
+    assert profile["subscription_groups"] == {GROUP: "unsubscribed", OTHER_GROUP: "subscribed"}
+    assert profile["attributes"] == {}
 
 
 def test_update_existing_only_does_not_create(bz: FlaskClient) -> None:
@@ -456,16 +497,8 @@ def test_config_refuses_bad_values(kwargs: dict[str, Any]) -> None:
 
 @pytest.fixture
 def live() -> Iterator[tuple[str, FlaskClient]]:
-    app = create_sandbox_app(SandboxConfig(api_keys=[f"prod={PROD}"]))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}", app.test_client()
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with served_sandbox(SandboxConfig(api_keys=[f"prod={PROD}"])) as (url, app):
+        yield url, app.test_client()
 
 
 def test_braze_client_end_to_end(live: tuple[str, FlaskClient]) -> None:

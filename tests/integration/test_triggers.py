@@ -42,7 +42,7 @@ braze_event = "Referred Signed Up"
 aliases = ["signed_up", "registered"]
 canvas_id = "{CANVAS}"
 
-[events.fulfilled]
+[rewards.fulfilled]
 braze_event = "Reward Fulfilled"
 campaign_id = "{COUPON_CAMPAIGN}"
 """
@@ -172,9 +172,11 @@ def test_an_email_only_event_starts_its_canvas_under_the_alias_it_was_delivered_
 def test_a_fulfilled_reward_sends_one_message_carrying_its_coupon_code(
         post_webhook: Any, app: Flask, worker_for: Callable[..., Worker],
         sandbox_url: str) -> None:
-    """The issue's "done when": Extole's own FULFILLED body, a campaign configured for it."""
-    post_ids(post_webhook, json.loads((SAMPLES / "triggers" / "reward_fulfilled_coupon.json")
-                                      .read_text()))
+    """The issue's "done when": Extole's own FULFILLED body (a reward event, named by
+    `[rewards.fulfilled]`), a campaign configured for that state. Posted again, under its own
+    event id or another one (the same reward in the same state), it starts nothing more."""
+    body = json.loads((SAMPLES / "reward_fulfilled_coupon.json").read_text())
+    [event_id] = post_ids(post_webhook, body)
     worker = worker_for(sandbox_url)
     worker.drain(max_seconds=10)
     worker.send_triggers()
@@ -183,8 +185,24 @@ def test_a_fulfilled_reward_sends_one_message_carrying_its_coupon_code(
     assert message["target"] == COUPON_CAMPAIGN
     assert message["recipient"] == {"user_alias": {"alias_name": "bo.chen@example.org",
                                                    "alias_label": "email"}}
-    assert message["properties"]["partner_reward_id"] == "FRIEND20-7QX4"
-    assert states(app) == ["sent"]
+    assert message["properties"]["coupon_code"] == "FRIEND20-7QX4"
+    assert message["properties"]["reward_state"] == "FULFILLED"
+    [trigger] = stored_triggers(app)
+    assert (trigger.event_id, trigger.kind, trigger.target_id, trigger.state) == (
+        event_id, "campaign", COUPON_CAMPAIGN, "sent")
+    [attempt] = trigger_attempts(app)
+    [recipient] = json.loads(attempt.request_body or "")["recipients"]
+    assert recipient["trigger_properties"]["coupon_code"] == "FRIEND20-7QX4"
+    assert recipient["trigger_properties"]["reward_state"] == "FULFILLED"
+
+    for again in (body, {**body, "event_id": "6d1f4a0b2c9e8d7f6a5b4cff"}):
+        answer = post_webhook(again)
+        assert answer.status_code == 200
+        assert (answer.get_json()["accepted"], answer.get_json()["duplicates"]) == (0, 1)
+    worker.drain(max_seconds=10)
+    worker.send_triggers()
+    assert len(messages(sandbox_url)) == 1
+    assert states(app) == ["sent"] and len(stored_events(app)) == 1
 
 
 def test_events_of_other_types_and_undelivered_events_start_nothing(

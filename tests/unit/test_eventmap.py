@@ -1,4 +1,5 @@
-"""The event map: built-in Extole types (README, "Event names"), loose matching, override files."""
+"""The event map: built-in Extole types (README, "Event names") and reward states (README,
+"Reward events"), loose matching, override files."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from relay.eventmap import EventMap, Mapping, parse_entry, type_key
+from relay.eventmap import (
+    REWARD_KEYS,
+    REWARD_STATES,
+    EventMap,
+    Mapping,
+    is_earned_type,
+    parse_entry,
+    reward_state,
+    type_key,
+)
 from relay.exceptions import EventMapError
 
 README_TABLE = {
@@ -27,6 +37,18 @@ README_TABLE = {
     "earned_reward": "Earned Reward",
     "reward_earned": "Earned Reward",
 }
+# README, "Reward events": the Braze event of each reward state.
+REWARD_TABLE = {
+    "EARNED": "Earned Reward",
+    "FULFILLED": "Reward Fulfilled",
+    "SENT": "Reward Sent",
+    "REDEEMED": "Reward Redeemed",
+    "FAILED": "Reward Failed",
+    "FAILED_FULFILLMENT": "Reward Failed",
+    "CANCELED": "Reward Canceled",
+    "REVOKED": "Reward Revoked",
+    "EXPIRED": "Reward Expired",
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +63,64 @@ def test_builtin_map_is_the_readme_table(builtin: EventMap, extole_type: str,
 
 
 def test_subscription_types_set_email_subscribe(builtin: EventMap) -> None:
-    assert builtin.lookup("subscribed") == Mapping("Subscribed", "opted_in")
-    assert builtin.lookup("unsubscribed") == Mapping("Unsubscribed", "unsubscribed")
+    assert builtin.lookup("subscribed") == Mapping("Subscribed", "opted_in", "subscribed")
+    assert builtin.lookup("unsubscribed") == Mapping("Unsubscribed", "unsubscribed",
+                                                     "unsubscribed")
     others = [t for t in README_TABLE if t not in ("subscribed", "unsubscribed")]
     assert all(builtin.lookup(t).email_subscribe is None for t in others)
+    assert all(builtin.lookup(t).subscription_state is None for t in others)
+
+
+@pytest.mark.parametrize(("state", "braze_event"), REWARD_TABLE.items())
+def test_builtin_reward_states_are_the_readme_table(builtin: EventMap, state: str,
+                                                     braze_event: str) -> None:
+    assert builtin.reward(state) == Mapping(braze_event)
+
+
+def test_reward_states_match_loosely_and_only_states() -> None:
+    assert tuple(REWARD_TABLE) == REWARD_STATES
+    for spelling, state in [("fulfilled", "FULFILLED"), ("Failed Fulfillment",
+                                                         "FAILED_FULFILLMENT"),
+                            ("failed-fulfillment", "FAILED_FULFILLMENT"), (" SENT ", "SENT"),
+                            ("Canceled", "CANCELED")]:
+        assert reward_state(spelling) == state
+    assert [reward_state(t) for t in ("reward_fulfilled", "earned_reward", "CANCELLED", "")] == [
+        None, None, None, None]
+    assert is_earned_type("Reward Earned") and is_earned_type("EARNED_REWARD")
+    assert not is_earned_type("EARNED")
+
+
+def test_override_file_renames_a_reward_state_and_keeps_the_others(tmp_path: Path) -> None:
+    events = EventMap.load(write(tmp_path, """
+[rewards.fulfilled]
+braze_event = "Coupon Ready"
+
+[rewards."Failed Fulfillment"]
+braze_event = "Coupon Problem"
+"""))
+    assert events.reward("FULFILLED") == Mapping("Coupon Ready")
+    assert events.reward("FAILED_FULFILLMENT") == Mapping("Coupon Problem")
+    assert events.reward("FAILED") == Mapping("Reward Failed")
+    assert events.reward("SENT") == Mapping("Reward Sent")
+    assert events.lookup("shared").braze_event == "Shared"  # a rewards-only file is enough
+    assert "Coupon Ready" in events.braze_events
+
+
+def test_an_entry_can_name_a_fixed_subscription_group(tmp_path: Path) -> None:
+    events = EventMap.load(write(tmp_path, """
+[events.newsletter_unsubscribed]
+braze_event = "Newsletter Unsubscribed"
+subscription_state = "unsubscribed"
+subscription_group_id = " 0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0 "
+
+[events.unsubscribed]
+braze_event = "Unsubscribed"
+subscription_state = "unsubscribed"
+"""))
+    # Only the group: no email_subscribe, so the person stays subscribed to other email.
+    assert events.lookup("newsletter unsubscribed") == Mapping(
+        "Newsletter Unsubscribed", None, "unsubscribed", "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0")
+    assert events.lookup("unsubscribed") == Mapping("Unsubscribed", None, "unsubscribed")
 
 
 @pytest.mark.parametrize("spelling", [
@@ -67,7 +143,7 @@ def test_other_types_keep_their_own_name_unchanged(builtin: EventMap, extole_typ
 
 
 def test_braze_events_lists_every_name(builtin: EventMap) -> None:
-    assert builtin.braze_events == sorted(set(README_TABLE.values()))
+    assert builtin.braze_events == sorted(set(README_TABLE.values()) | set(REWARD_TABLE.values()))
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -95,7 +171,8 @@ email_subscribe = "subscribed"
     # The override replaces that type; the built-in's other aliases are left as they were.
     assert events.lookup("shared").braze_event == "Referral Shared"
     assert events.lookup("extole_shared").braze_event == "Shared"
-    assert events.lookup("newsletter opt in") == Mapping("Newsletter Opt In", "subscribed")
+    assert events.lookup("newsletter opt in") == Mapping("Newsletter Opt In", "subscribed",
+                                                         "subscribed")
     # Everything else is still the built-in map.
     assert events.lookup("reward_earned").braze_event == "Earned Reward"
     assert EventMap.load().lookup("shared").braze_event == "Shared"  # no lasting effect
@@ -113,14 +190,32 @@ aliases = ["converted"]
 
 def test_documented_example_file_loads() -> None:
     events = EventMap.load("config/events.toml")
+    assert events.reward("FULFILLED") == Mapping("Reward Fulfilled")
     assert events.lookup("reward_fulfilled").braze_event == "Reward Fulfilled"
     assert events.lookup("reward_redeemed").braze_event == "Reward Redeemed"
     assert events.lookup("converted").braze_event == "Referred Converted"
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("", "expected [events.<extole_type>] tables"),
-    ("events = 3", "expected [events.<extole_type>] tables"),
+    ("", "expected [events.<extole_type>] or [rewards.<state>] tables"),
+    ("events = 3", "expected [events.<extole_type>] or [rewards.<state>] tables"),
+    ("rewards = 3", "expected [events.<extole_type>] or [rewards.<state>] tables"),
+    ("[rewards.fulfiled]\nbraze_event = 'F'",
+     "[rewards.fulfiled]: 'fulfiled' is not a reward state (one of earned, fulfilled, sent, "
+     "redeemed, failed, failed_fulfillment, canceled, revoked, expired)"),
+    ("[rewards]\nsent = 'S'", "[rewards.sent] must be a table"),
+    ("[rewards.sent]\nbraze_event = 'S'\naliases = ['x']",
+     "[rewards.sent] has unknown keys: aliases"),
+    ("[rewards.sent]\nbraze_event = ''", '[rewards.sent] needs braze_event = "<Braze event name>"'),
+    ("[rewards.sent]\nbraze_event = 'S'\n[rewards.SENT]\nbraze_event = 'T'",
+     "[rewards.SENT]: state SENT is already mapped"),
+    ("[events.x]\nbraze_event = 'X'\nsubscription_state = 'opted_in'",
+     "[events.x]: subscription_state must be one of subscribed, unsubscribed"),
+    ("[events.x]\nbraze_event = 'X'\nsubscription_group_id = 'g'",
+     "[events.x]: subscription_group_id needs subscription_state (or email_subscribe)"),
+    ("[events.x]\nbraze_event = 'X'\nsubscription_state = 'subscribed'\n"
+     "subscription_group_id = ' '",
+     "[events.x]: subscription_group_id must be a non-empty string of at most 255 characters"),
     ("[events]\nshared = 'Shared'", "[events.shared] must be a table"),
     ("[events.shared]\nbraze = 'x'", "[events.shared] has unknown keys: braze"),
     ("[events.shared]\naliases = []", '[events.shared] needs braze_event = "<Braze event name>"'),
@@ -196,9 +291,29 @@ def test_a_trigger_id_must_be_a_braze_id(tmp_path: Path, key: str, value: str) -
 
 
 def test_parse_entry_is_the_shape_of_every_entry() -> None:
-    """Any kind of entry (event types now, reward states too) reads the same keys."""
-    mapping, aliases = parse_entry({"braze_event": "Reward Fulfilled", "campaign_id": "c-1",
-                                    "aliases": ["FULFILLED"]}, "[rewards.fulfilled]")
-    assert mapping == Mapping("Reward Fulfilled", campaign_id="c-1") and aliases == ["FULFILLED"]
-    with pytest.raises(EventMapError, match=r"\[rewards.x\] has unknown keys: nope"):
-        parse_entry({"braze_event": "X", "nope": 1}, "[rewards.x]")
+    """Every kind of entry is read by parse_entry; each kind allows its own keys."""
+    mapping, aliases = parse_entry({"braze_event": "Shared", "campaign_id": "c-1",
+                                    "aliases": ["share"]}, "[events.shared]")
+    assert mapping == Mapping("Shared", campaign_id="c-1") and aliases == ["share"]
+    mapping, aliases = parse_entry({"braze_event": "Reward Fulfilled", "canvas_id": "v-1"},
+                                   "[rewards.fulfilled]", REWARD_KEYS)
+    assert mapping == Mapping("Reward Fulfilled", canvas_id="v-1") and aliases == []
+    with pytest.raises(EventMapError, match=r"\[rewards.x\] has unknown keys: aliases, nope"):
+        parse_entry({"braze_event": "X", "nope": 1, "aliases": []}, "[rewards.x]", REWARD_KEYS)
+
+
+def test_reward_entries_may_start_a_campaign_or_a_canvas(tmp_path: Path) -> None:
+    events = EventMap.load(write(tmp_path, """
+[rewards.fulfilled]
+braze_event = "Coupon Ready"
+campaign_id = "cmp-coupon"
+
+[rewards."Failed Fulfillment"]
+braze_event = "Coupon Problem"
+canvas_id = "cnv-problem"
+"""))
+    assert events.reward("FULFILLED").triggers == [("campaign", "cmp-coupon")]
+    assert events.reward("FAILED_FULFILLMENT").triggers == [("canvas", "cnv-problem")]
+    assert events.reward("SENT").triggers == []
+    with pytest.raises(EventMapError, match=r"\[rewards.sent\]: canvas_id must be a Braze id"):
+        EventMap.load(write(tmp_path, '[rewards.sent]\nbraze_event = "S"\ncanvas_id = ""'))

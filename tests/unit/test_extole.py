@@ -1,4 +1,5 @@
-"""Parsing and normalising Extole events: times, field variants, properties, body parsing."""
+"""Parsing and normalising Extole events: times, field variants, properties, reward events, the
+URL's default type, RELAY_EXTERNAL_ID, subscription groups, body parsing."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.eventmap import EventMap
+from relay.eventmap import REWARD_STATES, EventMap
 from relay.exceptions import InvalidBody, RejectedEvent
 from relay.extole import (
     braze_time,
@@ -21,6 +22,7 @@ from relay.extole import (
     parse_body,
     parse_time,
     sanitise,
+    stored_entry,
 )
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
@@ -267,7 +269,7 @@ def test_properties_are_data_plus_top_level_non_envelope_fields() -> None:
     }, EVENTS, RECEIVED)
     assert normalised.properties == {
         "journey": "j", "reward_id": "rw", "face_value": 5, "face_value_type": "USD",
-        "person_id": "p", "coupon_code": "C", "extole_event_id": "r-1"}
+        "person_id": "p", "coupon_code": "C", "reward_state": "EARNED", "extole_event_id": "r-1"}
 
 
 def test_person_unknown_fields_are_kept_but_not_its_identity() -> None:
@@ -400,3 +402,236 @@ def test_sanitised_values_are_storable_anywhere(value: Any, text: str) -> None:
     encoded = json.dumps(cleaned, ensure_ascii=False)
     encoded.encode("utf-8")  # no lone surrogate left
     assert "\x00" not in encoded
+
+
+# --- reward events (README, "Reward events") ---------------------------------------------------
+
+REWARD_NAMES = {"EARNED": "Earned Reward", "FULFILLED": "Reward Fulfilled", "SENT": "Reward Sent",
+                "REDEEMED": "Reward Redeemed", "FAILED": "Reward Failed",
+                "FAILED_FULFILLMENT": "Reward Failed", "CANCELED": "Reward Canceled",
+                "REVOKED": "Reward Revoked", "EXPIRED": "Reward Expired"}
+
+
+def reward(**fields: Any) -> Any:
+    body = {"event_id": "rw-1", "reward_id": "r-9", "partner_user_id": "c-1", **fields}
+    return normalise(body, EVENTS, RECEIVED)
+
+
+@pytest.mark.parametrize("state", REWARD_STATES)
+@pytest.mark.parametrize("spell", [str.upper, str.lower, lambda s: s.title().replace("_", " ")])
+def test_every_reward_state_in_any_case_is_a_reward_event(state: str, spell: Any) -> None:
+    normalised = reward(type=spell(state))
+    assert normalised.extole_type == spell(state)
+    assert normalised.braze_event == REWARD_NAMES[state]
+    assert (normalised.reward_id, normalised.reward_state) == ("r-9", state)
+    assert normalised.properties == {"reward_id": "r-9", "reward_state": state,
+                                     "extole_event_id": "rw-1"}
+
+
+def test_a_state_without_a_reward_id_is_an_ordinary_type() -> None:
+    normalised = event(type="FULFILLED")
+    assert (normalised.braze_event, normalised.reward_id, normalised.reward_state) == (
+        "FULFILLED", None, None)
+    assert "reward_state" not in normalised.properties
+
+
+@pytest.mark.parametrize("extole_type", ["earned_reward", "reward_earned", "Reward Earned"])
+def test_legacy_earned_types_with_a_reward_id_are_state_earned(extole_type: str) -> None:
+    normalised = reward(type=extole_type)
+    assert normalised.braze_event == "Earned Reward"
+    assert (normalised.reward_id, normalised.reward_state) == ("r-9", "EARNED")
+    assert normalised.properties["reward_state"] == "EARNED"
+    # Without a reward id: the same name, but no reward state.
+    plain = event(type=extole_type)
+    assert (plain.braze_event, plain.reward_state, plain.reward_id) == ("Earned Reward", None,
+                                                                        None)
+
+
+def test_other_reward_types_keep_their_own_name() -> None:
+    normalised = reward(type="reward_fulfilled", partner_reward_id="CODE")
+    assert (normalised.braze_event, normalised.reward_state) == ("reward_fulfilled", None)
+    assert "coupon_code" not in normalised.properties
+
+
+def test_without_a_type_a_rewards_state_is_the_type() -> None:
+    normalised = reward(state="sent")
+    assert (normalised.extole_type, normalised.braze_event, normalised.reward_state) == (
+        "sent", "Reward Sent", "SENT")
+    assert normalised.properties["state"] == "sent"
+    # The type wins over the state; a state that is no reward state is no type.
+    assert reward(type="FULFILLED", state="SENT").reward_state == "FULFILLED"
+    with pytest.raises(RejectedEvent, match="^no event type"):
+        reward(state="PENDING")
+    with pytest.raises(RejectedEvent, match="^no event type"):
+        normalise({"state": "SENT", "event_id": "x"}, EVENTS, RECEIVED)
+
+
+@pytest.mark.parametrize(("key_type", "coupon"), [
+    ("COUPON", "CODE-1"), ("coupon", "CODE-1"), (None, "CODE-1"), ("ID", None), ("LINK", None),
+])
+def test_coupon_code_is_the_partner_reward_id_of_a_coupon(key_type: str | None,
+                                                          coupon: str | None) -> None:
+    normalised = reward(type="FULFILLED", partner_reward_id=" CODE-1 ",
+                        partner_reward_key_type=key_type)
+    assert normalised.properties.get("coupon_code") == coupon
+    assert normalised.properties["partner_reward_id"] == " CODE-1 "
+
+
+def test_coupon_code_replaces_a_custom_spelling_and_needs_a_partner_reward_id() -> None:
+    normalised = reward(type="FULFILLED", partner_reward_id="NEW", data={"Coupon_Code": "OLD"})
+    assert normalised.properties["coupon_code"] == "NEW"
+    assert "Coupon_Code" not in normalised.properties
+    assert "coupon_code" not in reward(type="EARNED").properties
+    assert "coupon_code" not in reward(type="EARNED", partner_reward_id={"x": 1}).properties
+
+
+@pytest.mark.parametrize(("value", "number"), [
+    ("20.00", 20.0), ("50", 50), (" 7.5 ", 7.5), ("-3", -3), (".5", 0.5), ("10.", 10.0),
+    ("abc", "abc"), ("1e3", "1e3"), ("NaN", "NaN"), ("", ""), ("1" * 41, "1" * 41),
+    (12, 12), (12.5, 12.5),
+])
+def test_face_value_reaches_braze_as_a_number(value: Any, number: Any) -> None:
+    normalised = reward(type="FULFILLED", face_value=value)
+    assert normalised.properties.get("face_value") == number
+    assert type(normalised.properties.get("face_value")) is type(number)
+    # Any event's face value, under any spelling, wherever it came from.
+    assert event(data={"Face_Value": "5.25"}).properties["Face_Value"] == 5.25
+
+
+def test_reward_id_must_be_usable_on_a_reward_event() -> None:
+    assert reward(type="SENT", reward_id=42).reward_id == "42"
+    with pytest.raises(RejectedEvent, match="^reward_id must be a string or a number"):
+        reward(type="SENT", reward_id={"id": 1})
+    with pytest.raises(RejectedEvent, match="^reward_id is longer than 255 characters"):
+        reward(type="SENT", reward_id="r" * 256)
+    # Anywhere: a reshaped body may carry it under `data`.
+    assert reward(type="SENT", reward_id=None, data={"reward_id": "d-1"}).reward_id == "d-1"
+
+
+def test_the_event_map_renames_reward_states(tmp_path: Any) -> None:
+    path = tmp_path / "events.toml"
+    path.write_text('[rewards.fulfilled]\nbraze_event = "Coupon Ready"\n', encoding="utf-8")
+    events = EventMap.load(str(path))
+    body = {"type": "FULFILLED", "reward_id": "r", "event_id": "e"}
+    assert normalise(body, events, RECEIVED).braze_event == "Coupon Ready"
+    assert normalise({**body, "type": "SENT"}, events, RECEIVED).braze_event == "Reward Sent"
+
+
+def test_a_stored_event_maps_to_the_entry_that_named_it(tmp_path: Any) -> None:
+    """Triggers are found by `stored_entry` from the stored type and item: the same entry as
+    `normalise` chose (a reward state's, unless it is an older earned type or has no reward)."""
+    path = tmp_path / "events.toml"
+    path.write_text('[rewards.fulfilled]\nbraze_event = "Coupon Ready"\ncampaign_id = "c-r"\n'
+                    '[rewards.earned]\nbraze_event = "Earned"\ncampaign_id = "c-e"\n'
+                    '[events.fulfilled]\nbraze_event = "Fulfilled"\ncanvas_id = "v-f"\n',
+                    encoding="utf-8")
+    events = EventMap.load(str(path))
+    for body in ({"type": "FULFILLED", "reward_id": "r", "event_id": "e"},
+                 {"type": "fulfilled", "event_id": "e"},  # no reward: its type's entry
+                 {"type": "EARNED", "data": {"reward_id": "r"}, "event_id": "e"},
+                 {"type": "earned_reward", "reward_id": "r", "event_id": "e"},
+                 {"state": "FULFILLED", "reward_id": "r", "event_id": "e"},
+                 {"type": "shared", "reward_id": "r", "event_id": "e"}):
+        normalised = normalise(body, events, RECEIVED)
+        entry = stored_entry(events, normalised.extole_type, normalised.payload)
+        assert entry.braze_event == normalised.braze_event, body
+    assert stored_entry(events, "FULFILLED", {"type": "FULFILLED", "reward_id": "r"}).triggers == [
+        ("campaign", "c-r")]
+    assert stored_entry(events, "FULFILLED", {"type": "FULFILLED"}).triggers == [
+        ("canvas", "v-f")]
+    assert stored_entry(events, "earned_reward", {"reward_id": "r"}).triggers == []
+    assert stored_entry(events, "FULFILLED", {"erased": True}).triggers == [("canvas", "v-f")]
+
+
+# --- the webhook URL's type --------------------------------------------------------------------
+
+
+def test_the_default_type_types_only_items_without_one() -> None:
+    body = {"reward_id": "r-1", "partner_user_id": "c", "data": {"k": "v"}}
+    typed = normalise(body, EVENTS, RECEIVED, default_type="earned_reward")
+    assert (typed.extole_type, typed.braze_event, typed.reward_state) == (
+        "earned_reward", "Earned Reward", "EARNED")
+    assert typed.payload == body  # stored as received
+    # The URL's type is part of the content hash: the same body under two types is two events.
+    other = normalise(body, EVENTS, RECEIVED, default_type="FULFILLED")
+    assert (other.braze_event, other.reward_state) == ("Reward Fulfilled", "FULFILLED")
+    assert typed.dedup_key == "sha256:" + content_hash({**body, "type": "earned_reward"})
+    assert other.dedup_key != typed.dedup_key
+    # An item with its own type (or a reward state) keeps it.
+    own = normalise({**body, "type": "shared"}, EVENTS, RECEIVED, default_type="earned_reward")
+    assert (own.extole_type, own.braze_event) == ("shared", "Shared")
+    state = normalise({**body, "state": "REDEEMED"}, EVENTS, RECEIVED,
+                      default_type="earned_reward")
+    assert state.reward_state == "REDEEMED"
+
+
+# --- RELAY_EXTERNAL_ID -------------------------------------------------------------------------
+
+
+def test_external_id_from_email_makes_partner_user_id_a_property() -> None:
+    body = {"type": "shared", "event_id": "x-1", "partner_user_id": "cust-1",
+            "email": " Ann@Example.COM ", "person": {"external_id": "p-ext"}}
+    normalised = normalise(body, EVENTS, RECEIVED, external_id_from="email")
+    assert (normalised.external_id, normalised.email, normalised.person_key) == (
+        "ann@example.com", "ann@example.com", "id:ann@example.com")
+    assert normalised.attributes == {"email": "ann@example.com"}
+    assert normalised.properties == {"external_id": "p-ext", "partner_user_id": "cust-1",
+                                     "extole_event_id": "x-1"}
+    default = normalise(body, EVENTS, RECEIVED)
+    assert (default.external_id, default.properties) == ("cust-1", {"extole_event_id": "x-1"})
+
+
+def test_external_id_from_email_without_an_email_has_no_external_id() -> None:
+    normalised = normalise({"type": "shared", "partner_user_id": "cust-1"}, EVENTS, RECEIVED,
+                           external_id_from="email")
+    assert (normalised.external_id, normalised.email, normalised.person_key) == (None, None, None)
+    with pytest.raises(RejectedEvent, match="^email is longer than 255 characters, too long "
+                                            "for an external_id"):
+        normalise({"type": "shared", "email": "a" * 250 + "@x.com"}, EVENTS, RECEIVED,
+                  external_id_from="email")
+
+
+# --- subscription groups -----------------------------------------------------------------------
+
+GROUP = "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d"
+
+
+@pytest.mark.parametrize("place", ["top", "person", "data"])
+@pytest.mark.parametrize(("extole_type", "state", "subscribe"), [
+    ("subscribed", "subscribed", "opted_in"), ("Unsubscribed", "unsubscribed", "unsubscribed")])
+def test_a_subscription_event_naming_a_group_sets_its_state(place: str, extole_type: str,
+                                                            state: str, subscribe: str) -> None:
+    named = {"Subscription_Group_Id": GROUP}
+    fields = named if place == "top" else {place: named}
+    normalised = event(type=extole_type, **fields)
+    assert normalised.attributes == {
+        "email_subscribe": subscribe,
+        "subscription_groups": [{"subscription_group_id": GROUP, "subscription_state": state}]}
+
+
+def test_groups_only_for_subscription_types_and_only_usable_ids() -> None:
+    assert event(subscription_group_id=GROUP).attributes == {}
+    assert event(type="subscribed").attributes == {"email_subscribe": "opted_in"}
+    assert event(type="subscribed", subscription_group_id=1234).attributes[
+        "subscription_groups"] == [{"subscription_group_id": "1234",
+                                    "subscription_state": "subscribed"}]
+    with pytest.raises(RejectedEvent, match="^subscription_group_id must be a string or a "
+                                            "number, not list"):
+        event(type="unsubscribed", subscription_group_id=[GROUP])
+
+
+def test_an_event_map_entry_can_fix_the_group(tmp_path: Any) -> None:
+    path = tmp_path / "events.toml"
+    path.write_text('[events.newsletter_off]\nbraze_event = "Newsletter Off"\n'
+                    'subscription_state = "unsubscribed"\n'
+                    'subscription_group_id = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"\n',
+                    encoding="utf-8")
+    events = EventMap.load(str(path))
+    fixed = normalise({"type": "newsletter_off", "event_id": "n"}, events, RECEIVED)
+    assert fixed.attributes == {"subscription_groups": [
+        {"subscription_group_id": "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0",
+         "subscription_state": "unsubscribed"}]}
+    # A group the event names wins over the entry's.
+    named = normalise({"type": "newsletter_off", "subscription_group_id": GROUP}, events,
+                      RECEIVED)
+    assert named.attributes["subscription_groups"][0]["subscription_group_id"] == GROUP

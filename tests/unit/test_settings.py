@@ -50,6 +50,7 @@ def test_defaults_are_the_readme_table(tmp_path: Path) -> None:
     assert settings.max_body_bytes == 1048576
     assert settings.retry_max_age == 86400
     assert settings.retention_days == 30
+    assert settings.dedup_days == 400
     assert settings.trigger_delay == 0.0
     assert settings == Settings()
 
@@ -108,6 +109,22 @@ def test_valid_values_are_parsed(tmp_path: Path) -> None:
     assert load(tmp_path, RELAY_TRIGGER_DELAY="90.5").trigger_delay == 90.5
 
 
+def test_external_id_source(tmp_path: Path) -> None:
+    assert load(tmp_path).external_id_from == "partner_user_id"
+    assert load(tmp_path, RELAY_EXTERNAL_ID=" Email ").external_id_from == "email"
+    # `external_id` is the other name Extole bodies give partner_user_id: the same choice.
+    assert load(tmp_path, RELAY_EXTERNAL_ID="external_id").external_id_from == "partner_user_id"
+    assert load(tmp_path, RELAY_EXTERNAL_ID="PARTNER_USER_ID").external_id_from == (
+        "partner_user_id")
+
+
+def test_invalid_external_id_source_is_one_line_naming_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load(tmp_path, RELAY_EXTERNAL_ID="person_id")
+    assert str(caught.value) == ("RELAY_EXTERNAL_ID: must be one of partner_user_id, external_id, "
+                                 "email, got 'person_id'")
+
+
 def test_blank_values_mean_the_default(tmp_path: Path) -> None:
     settings = load(tmp_path, RELAY_RETRY_BASE="", RELAY_LOG_FORMAT="   ",
                     EXTOLE_WEBHOOK_SECRET=" ")
@@ -129,6 +146,8 @@ INVALID = [
     ("BRAZE_EXPORT_RATE", "0/minute"),
     ("BRAZE_EXPORT_RATE", "250/day"),
     ("BRAZE_EMAIL_IDENTITY", "phone"),
+    ("RELAY_EXTERNAL_ID", "person_id"),
+    ("RELAY_EXTERNAL_ID", "e-mail"),
     ("RELAY_IDENTITY_TTL", "-1"),
     ("RELAY_IDENTITY_TTL", "1h"),
     ("RELAY_EVENT_MAP", "/nonexistent/events.toml"),
@@ -146,6 +165,9 @@ INVALID = [
     ("RELAY_MAX_BODY_BYTES", "0"),
     ("RELAY_MAX_BODY_BYTES", "1MB"),
     ("RELAY_RETENTION_DAYS", "0"),
+    ("RELAY_DEDUP_DAYS", "0"),
+    ("RELAY_DEDUP_DAYS", "a year"),
+    ("RELAY_DEDUP_DAYS", "29"),  # below the retention (30): keys would go before their events
     ("RELAY_TRIGGER_DELAY", "-1"),
     ("RELAY_TRIGGER_DELAY", "soon"),
     ("RELAY_WORKER_BATCH_SIZE", "0"),
@@ -168,6 +190,15 @@ def test_invalid_value_names_its_variable_in_one_line(tmp_path: Path, variable: 
     assert "\n" not in message
     assert len(message) < 200
     assert "hunter2" not in message  # a database password is not repeated
+
+
+def test_dedup_days_default_and_bounds(tmp_path: Path) -> None:
+    assert load(tmp_path).dedup_days == 400
+    assert load(tmp_path, RELAY_DEDUP_DAYS="30").dedup_days == 30
+    with pytest.raises(SettingsError, match=r"^RELAY_DEDUP_DAYS: must be at least "
+                                            r"RELAY_RETENTION_DAYS \(400 < 500\)$"):
+        load(tmp_path, RELAY_RETENTION_DAYS="500")
+    assert load(tmp_path, RELAY_RETENTION_DAYS="500", RELAY_DEDUP_DAYS="500").dedup_days == 500
 
 
 def test_admin_password_needs_a_secret_key(tmp_path: Path) -> None:

@@ -139,6 +139,42 @@ def test_stale_attributes_are_left_out_and_not_counted() -> None:
     assert objects_needed(item, set(), False) == 1
 
 
+GROUP_A = "aaaaaaaa-0000-4000-8000-000000000001"
+GROUP_B = "bbbbbbbb-0000-4000-8000-000000000002"
+
+
+def groups(*states: tuple[str, str]) -> dict[str, Any]:
+    return {"subscription_groups": [{"subscription_group_id": g, "subscription_state": s}
+                                    for g, s in states]}
+
+
+def test_subscription_groups_of_one_person_are_merged_group_by_group() -> None:
+    first = planned(1, seconds=0, external_id="c1", attributes=groups((GROUP_A, "subscribed")))
+    second = planned(2, seconds=10, external_id="c1", attributes=groups((GROUP_B, "subscribed")))
+    third = planned(3, seconds=20, external_id="c1",
+                    attributes={"email_subscribe": "unsubscribed",
+                                **groups((GROUP_A, "unsubscribed"))})
+    request = build_track_request([third, first, second])
+    assert request.body["attributes"] == [{
+        "external_id": "c1", "email_subscribe": "unsubscribed",
+        "subscription_groups": [
+            {"subscription_group_id": GROUP_A, "subscription_state": "unsubscribed"},
+            {"subscription_group_id": GROUP_B, "subscription_state": "subscribed"}]}]
+
+
+def test_a_stale_group_is_left_out_and_the_others_sent() -> None:
+    item = planned(1, external_id="c1", attributes={
+        "email_subscribe": "opted_in", **groups((GROUP_A, "subscribed"), (GROUP_B, "subscribed"))})
+    item.stale = frozenset({"email_subscribe", f"subscription_groups:{GROUP_A}"})
+    assert build_track_request([item]).body["attributes"] == [
+        {"external_id": "c1", **groups((GROUP_B, "subscribed"))}]
+    assert objects_needed(item, set(), False) == 2
+    item.stale = frozenset({"email_subscribe", f"subscription_groups:{GROUP_A}",
+                            f"subscription_groups:{GROUP_B}"})
+    assert "attributes" not in build_track_request([item]).body
+    assert objects_needed(item, set(), False) == 1
+
+
 def test_a_person_already_in_the_request_costs_one_object_more() -> None:
     item = planned(1, external_id="c1", attributes={"email": "a@example.com"})
     assert objects_needed(item, {'{"external_id":"c1"}'}, False) == 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session
 
 from relay import braze_state, dialect, extole, metrics
@@ -48,6 +48,7 @@ from relay.exceptions import (
 )
 from relay.limiter import take_token
 from relay.models import AttemptEvent, DeliveryAttempt, OutboxEvent, Trigger, TriggerState
+from relay.privacy import ERASED_BODY, ERASED_OBJECT
 from relay.settings import ENVIRONMENTS, Rate, Settings
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,13 @@ class TriggerSender:
             values["due_at"] = due_at or now
         try:
             with self.db.session() as session:
-                _record_answer(session, claimed.attempt_id, exchange, state, error)
+                # Locked first: a trigger `relay forget` deleted meanwhile (its person is
+                # forgotten) gets nothing of theirs written back into the recorded request.
+                dialect.take_write_lock(session, Trigger, false())
+                present = set(session.scalars(dialect.for_update(
+                    select(Trigger.id).where(Trigger.id.in_(ids)).order_by(Trigger.id),
+                    session, no_key=True)))
+                _record_answer(session, claimed, exchange, state, error, present)
                 changed = set(session.scalars(
                     update(Trigger)
                     .where(Trigger.id.in_(ids), Trigger.lease_owner == self.owner,
@@ -362,23 +369,44 @@ class TriggerSender:
                     "sending", state.value, error or "")
 
 
-def _record_answer(session: Session, attempt_id: int, exchange: Exchange | None,
-                   state: TriggerState, error: str | None) -> None:
-    """Complete the request recorded at the claim with Braze's answer (or what went wrong)."""
+def _record_answer(session: Session, claimed: Claimed, exchange: Exchange | None,
+                   state: TriggerState, error: str | None, present: set[int]) -> None:
+    """Complete the request recorded at the claim with Braze's answer (or what went wrong).
+
+    Triggers no longer `present` were deleted by `relay forget` while the request was in
+    flight: their recipients are written as `{"erased": true}`, and with none left the request
+    and answer are erased whole, as a delivery that lost its lease records them."""
     values: dict[str, Any] = {"error": error[:2000] if error else None}
     if exchange is not None:
         metrics.BRAZE_SECONDS.labels(
             exchange.endpoint, str(exchange.status) if exchange.status else "error"
         ).observe(exchange.duration_ms / 1000.0)
+        request_body, response_body = exchange.request_body, exchange.response_body
+        if len(present) < len(claimed.triggers):
+            request_body, response_body = _without_forgotten(claimed, exchange, present)
         values.update(started_at=exchange.started_at.replace(tzinfo=None),
                       duration_ms=exchange.duration_ms, status_code=exchange.status,
-                      request_body=exchange.request_body, response_body=exchange.response_body,
+                      request_body=request_body, response_body=response_body,
                       error=exchange.error or values["error"])
-    session.execute(update(DeliveryAttempt).where(DeliveryAttempt.id == attempt_id)
+    session.execute(update(DeliveryAttempt).where(DeliveryAttempt.id == claimed.attempt_id)
                     .values(values).execution_options(synchronize_session=False))
-    session.execute(update(AttemptEvent).where(AttemptEvent.attempt_id == attempt_id)
+    session.execute(update(AttemptEvent).where(AttemptEvent.attempt_id == claimed.attempt_id)
                     .values(outcome=f"trigger {state.value}")
                     .execution_options(synchronize_session=False))
+
+
+def _without_forgotten(claimed: Claimed, exchange: Exchange,
+                       present: set[int]) -> tuple[str, str]:
+    erased = ERASED_BODY.decode()
+    if not present:
+        return erased, erased
+    body = dict(claimed.body)
+    # The recipients are in the order of the claimed triggers (`claim` builds them so).
+    body["recipients"] = [
+        recipient if trigger_id in present else ERASED_OBJECT
+        for recipient, (trigger_id, _) in zip(body["recipients"], claimed.triggers, strict=True)]
+    # Braze's answer to a trigger request names no recipient (a dispatch id, or a message).
+    return BrazeClient.serialise(body), exchange.response_body
 
 
 def sweep_stale(session: Session, now: datetime | None = None) -> int:

@@ -413,7 +413,7 @@ def test_rejected_items_and_escaped_spellings_leave_no_trace(db: Database, post_
     assert traces(db, *ANNABEL_TRACES) == []
     # Her two rejected items and esc-1, Bo's rejected item and esc-2; four bodies.
     assert counts == {"events": 5, "inbound_requests": 4, "delivery_attempts": 0,
-                      "identity_cache": 0, "dedup_keys": 0}
+                      "identity_cache": 0, "triggers": 0, "dedup_keys": 0}
     with db.session() as session:
         stored = {e.extole_event_id: e for e in session.scalars(select(OutboxEvent))}
     assert stored["rj-1"].payload == stored["rj-2"].payload == privacy.ERASED_PAYLOAD

@@ -21,9 +21,10 @@ import responses
 from flask import Flask
 from sqlalchemy import select, update
 
-from relay import triggers
+from relay import privacy, triggers
 from relay.db import utcnow
 from relay.models import AttemptEvent, DeliveryAttempt, OutboxEvent, Trigger
+from relay.outbox import leases
 from relay.settings import Settings
 from relay.worker import Worker
 from tests.support import BRAZE_URL, PROD_KEY, SAMPLES, free_port, post_ids, stored_events
@@ -493,3 +494,69 @@ def test_stored_event_properties_reach_braze_as_they_were_delivered(
     assert message["properties"] == event.properties
     assert "note" not in message["properties"]
     assert PROD_KEY  # the production key's workspace received it (messages() reads "prod")
+
+
+# -- leases and forget --------------------------------------------------------------------------
+
+def test_a_worker_that_lost_its_lease_starts_no_trigger(
+        post_webhook: Any, app: Flask, worker_for: Callable[..., Worker],
+        sandbox_url: str) -> None:
+    """Triggers are created in the delivered mark's transaction, which writes only for events
+    whose lease the worker still holds: a worker that stalled past its lease while `relay
+    forget` took the event over and erased its person starts nothing for them when it wakes."""
+    post_ids(post_webhook, shared(1), shared(2))
+    worker = worker_for(sandbox_url)
+    db = app.extensions["relay.db"]
+    with db.session() as session:
+        claimed = leases.claim_due(session, worker.owner, environments=["production"],
+                                   limit=10, lease_seconds=120)
+    assert len(claimed) == 2
+    with db.session() as session:
+        session.execute(update(OutboxEvent).where(OutboxEvent.extole_event_id == "sh-0001")
+                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert privacy.forget(db, external_id="cust-1").counts["events"] == 1
+
+    worker.delivery.deliver(claimed)  # it wakes up with her event in memory
+
+    [trigger] = stored_triggers(app)
+    assert trigger.recipient == {"external_user_id": "cust-2"}
+    # Her event waits as forget left it (no identifier: it can no longer be delivered).
+    assert [(e.external_id, e.status) for e in stored_events(app)] == [
+        (None, "pending"), ("cust-2", "delivered")]
+    worker.send_triggers()
+    assert [m["recipient"] for m in messages(sandbox_url)] == [{"external_user_id": "cust-2"}]
+
+
+@pytest.mark.parametrize("forgotten", [("cust-1",), ("cust-1", "cust-2")])
+def test_forget_while_a_trigger_request_is_in_flight_writes_nothing_of_them_back(
+        post_webhook: Any, app: Flask, worker_for: Callable[..., Worker], sandbox_url: str,
+        forgotten: tuple[str, ...]) -> None:
+    """`relay forget` deletes the person's triggers, also one being sent: the answer that
+    arrives afterwards is recorded without their recipient object (the request erased whole
+    when it named only forgotten people), so their data does not come back."""
+    post_ids(post_webhook, shared(1), shared(2))
+    worker = worker_for(sandbox_url)
+    worker.drain(max_seconds=10)
+    claimed, _, _ = worker.triggers.claim(["production"])
+    assert claimed is not None and len(claimed.triggers) == 2
+    db = app.extensions["relay.db"]
+    for external_id in forgotten:
+        assert privacy.forget(db, external_id=external_id).counts["triggers"] == 1
+
+    worker.triggers.send(claimed)  # what was in flight reaches Braze, as it would have anyway
+
+    assert len(messages(sandbox_url)) == 2
+    [attempt] = trigger_attempts(app)
+    assert attempt.status_code == 201
+    for external_id in forgotten:
+        assert external_id not in (attempt.request_body or "")
+        assert external_id not in (attempt.response_body or "")
+    if len(forgotten) == 2:
+        assert stored_triggers(app) == []
+        assert attempt.request_body == attempt.response_body == privacy.ERASED_BODY.decode()
+    else:
+        [trigger] = stored_triggers(app)
+        assert (trigger.recipient, trigger.state) == ({"external_user_id": "cust-2"}, "sent")
+        assert json.loads(attempt.request_body or "")["recipients"] == [
+            privacy.ERASED_OBJECT,
+            {"external_user_id": "cust-2", "trigger_properties": stored_events(app)[1].properties}]

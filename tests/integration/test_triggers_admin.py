@@ -11,18 +11,16 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from relay import privacy
-from relay.cli import cli
 from relay.db import get_db, utcnow
 from relay.models import OutboxEvent, Trigger
 from tests.integration.test_admin_api import basic, login
-from tests.integration.test_cli import clean_environment  # noqa: F401 - a fixture
-from tests.support import PROD_SECRET, post_ids
+from tests.support import post_ids
 
 ANN = {"external_user_id": "cust-1"}
 
@@ -207,15 +205,6 @@ def test_the_triggers_page_needs_a_login(client: FlaskClient) -> None:
 
 # --- command line -------------------------------------------------------------------------------
 
-@pytest.fixture
-def relay(clean_environment: None, database_url: str) -> Callable[..., Result]:  # noqa: F811
-    def run(*args: str, input: str | None = None) -> Result:
-        return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False, env={
-            "RELAY_DATABASE_URL": database_url, "EXTOLE_WEBHOOK_SECRET": PROD_SECRET})
-
-    return run
-
-
 def test_cli_lists_resends_and_drops(app: Flask, post_webhook: Any,
                                      relay: Callable[..., Result]) -> None:
     _, uncertain = delivered_with_trigger(app, post_webhook, "uncertain", 1)
@@ -252,8 +241,7 @@ def test_forget_removes_a_persons_triggers_and_only_theirs(app: Flask,
     _, other = delivered_with_trigger(app, post_webhook, "sent", 2)
     alias = {"user_alias": {"alias_name": "p1@example.com", "alias_label": "email"}}
     _, by_alias = delivered_with_trigger(app, post_webhook, "uncertain", 3, recipient=alias)
-    with get_db(app).session() as session:
-        counts = privacy.forget(session, email="P1@example.com", external_id="cust-1")
+    counts = privacy.forget(get_db(app), email="P1@example.com", external_id="cust-1").counts
     assert counts["triggers"] == 2
     with get_db(app).session() as session:
         assert list(session.scalars(select(Trigger.id))) == [other]

@@ -12,7 +12,8 @@ app = Flask(__name__)
 @app.post("/webhooks/extole/production")
 def receive():  # type: ignore[no-untyped-def]
     request.get_data()
-    return jsonify({"accepted": 1, "duplicates": 0, "rejected": [], "ids": [1]}), 200
+    return jsonify({"accepted": 1, "duplicates": 0, "rejected": [], "rejected_count": 0,
+                    "ids": [1]}), 200
 
 
 @app.get("/healthz")

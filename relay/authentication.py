@@ -38,23 +38,45 @@ def _same(given: str | bytes, expected: str | bytes) -> bool:
     return hmac.compare_digest(given, expected)
 
 
-def authenticate(headers: Headers | Mapping[str, str], body: bytes, secret: str) -> str:
-    """Return the method that authenticated the request, or raise AuthenticationFailed."""
+def authenticate_headers(headers: Headers | Mapping[str, str], secret: str) -> str | None:
+    """What the headers alone decide, before the body is read: the method when Bearer or Basic
+    credentials are right; None when an `X-Extole-Signature` must be checked against the body;
+    AuthenticationFailed otherwise (missing credentials, a wrong Bearer or Basic secret, an
+    unsupported scheme). So a request without the secret never gets its body read, unless it
+    carries a signature, which only the body can disprove."""
     signature = headers.get(SIGNATURE_HEADER)
     authorization = (headers.get("Authorization") or "").strip()
-    if signature is None and not authorization:
+    if signature is not None:
+        return None
+    return _authorization(authorization, secret)
+
+
+def authenticate(headers: Headers | Mapping[str, str], body: bytes, secret: str) -> str:
+    """Return the method that authenticated the request, or raise AuthenticationFailed.
+
+    A signature is checked first; when it does not match, Bearer or Basic credentials sent
+    along may still authenticate."""
+    signature = headers.get(SIGNATURE_HEADER)
+    authorization = (headers.get("Authorization") or "").strip()
+    if signature is None:
+        return _authorization(authorization, secret)
+    given = signature.strip()
+    if given[:7].lower() == "sha256=":
+        given = given[7:]
+    if _same(given.lower(), sign(body, secret)):
+        return "signature"
+    if not authorization:
+        raise AuthenticationFailed(f"{SIGNATURE_HEADER} does not match the body")
+    return _authorization(authorization, secret)
+
+
+def _authorization(authorization: str, secret: str) -> str:
+    """Bearer or Basic credentials checked against the secret: the method, or the refusal."""
+    if not authorization:
         raise AuthenticationFailed(
             "missing credentials: send Authorization: Bearer <secret>, Authorization: Basic, "
             f"or {SIGNATURE_HEADER} (HMAC-SHA256 of the body)"
         )
-    if signature is not None:
-        given = signature.strip()
-        if given[:7].lower() == "sha256=":
-            given = given[7:]
-        if _same(given.lower(), sign(body, secret)):
-            return "signature"
-        if not authorization:
-            raise AuthenticationFailed(f"{SIGNATURE_HEADER} does not match the body")
     scheme, _, value = authorization.partition(" ")
     value = value.strip()
     if scheme.lower() == "bearer":
@@ -72,14 +94,12 @@ def authenticate(headers: Headers | Mapping[str, str], body: bytes, secret: str)
         if whole or split:
             return "basic"
         raise AuthenticationFailed("invalid basic credentials")
-    if authorization:
-        # Echo the scheme only when it is a known one: a bare credential (no scheme) must not
-        # come back in the answer, the inbound log or the logs.
-        shown = f" {scheme!r}" if scheme.lower() in KNOWN_SCHEMES else ""
-        raise AuthenticationFailed(
-            f"unsupported authorization scheme{shown}: use Bearer <secret> or Basic"
-        )
-    raise AuthenticationFailed(f"{SIGNATURE_HEADER} does not match the body")
+    # Echo the scheme only when it is a known one: a bare credential (no scheme) must not
+    # come back in the answer, the inbound log or the logs.
+    shown = f" {scheme!r}" if scheme.lower() in KNOWN_SCHEMES else ""
+    raise AuthenticationFailed(
+        f"unsupported authorization scheme{shown}: use Bearer <secret> or Basic"
+    )
 
 
 def redact_headers(headers: Headers | Mapping[str, str]) -> dict[str, str]:

@@ -65,7 +65,12 @@ class Base(DeclarativeBase):
 
 
 class InboundRequest(Base):
-    """Every webhook request as it reached us: the raw record behind the outbox."""
+    """Every webhook request as it reached us: the raw record behind the outbox.
+
+    `body` is kept only for requests that passed authentication (and were not refused with
+    413): a refused request keeps its size and, when its body was read whole, its SHA-256
+    (`body_sha256`), so nobody without the secret can fill the disk (README, "Refused requests").
+    """
 
     __tablename__ = "inbound_requests"
 
@@ -78,6 +83,7 @@ class InboundRequest(Base):
     headers: Mapped[dict[str, Any]] = mapped_column(Json)
     body: Mapped[bytes | None] = mapped_column(Bytes)
     body_size: Mapped[int] = mapped_column(Integer)
+    body_sha256: Mapped[str | None] = mapped_column(String(64))
     status_code: Mapped[int] = mapped_column(Integer)
     outcome: Mapped[str] = mapped_column(String(32))
     auth_method: Mapped[str | None] = mapped_column(String(16))
@@ -85,6 +91,30 @@ class InboundRequest(Base):
     accepted: Mapped[int] = mapped_column(Integer, default=0)
     duplicates: Mapped[int] = mapped_column(Integer, default=0)
     rejected: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RefusedRequestCount(Base):
+    """Refused webhook requests (401, 404, 413, 503, an unreadable body before authentication)
+    from one client address in one minute, counted by every process in one row.
+
+    The count decides which of them get an inbound log row of their own: the first
+    RELAY_REFUSED_LOG_RATE of the minute; the rest are only counted here (and in the metric), so
+    a flood costs one row per address and minute. `logged` says how many got their own row;
+    the `status_*` columns split `refused` by the status answered.
+    """
+
+    __tablename__ = "refused_request_counts"
+
+    # The minute first: retention deletes by it (the primary key's index serves that).
+    minute: Mapped[datetime] = mapped_column(DateTime, primary_key=True)
+    remote_addr: Mapped[str] = mapped_column(String(64), primary_key=True)
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+    logged: Mapped[int] = mapped_column(Integer, default=0)
+    status_400: Mapped[int] = mapped_column(Integer, default=0)
+    status_401: Mapped[int] = mapped_column(Integer, default=0)
+    status_404: Mapped[int] = mapped_column(Integer, default=0)
+    status_413: Mapped[int] = mapped_column(Integer, default=0)
+    status_503: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class OutboxEvent(Base):

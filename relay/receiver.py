@@ -1,7 +1,9 @@
 """`POST /webhooks/extole/<environment>`: authenticate, store durably, then answer.
 
-Checks run in the order the README documents (404, 413, 503 secret, 401, 415, 400, 503 database);
-every request, accepted or not, lands in the inbound log. A 2xx is sent only after the commit.
+Checks run in the order the README documents (404, 413, 503 secret, 401, 415, 400, 413 items,
+503 database). Every request is recorded in the inbound log, a refused one without its body and,
+beyond RELAY_REFUSED_LOG_RATE per address and minute, only counted (`relay.refused`). Wrong Bearer
+or Basic credentials are refused before the body is read. A 2xx is sent only after the commit.
 The optional `type` query parameter is the event type of every item that names none.
 """
 
@@ -15,11 +17,11 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import ClientDisconnected
 
-from relay import metrics
-from relay.authentication import authenticate, redact_headers
+from relay import metrics, refused
+from relay.authentication import authenticate, authenticate_headers, redact_headers
 from relay.db import describe_error, get_db, utcnow
 from relay.exceptions import AuthenticationFailed, DatabaseUnavailable, InvalidBody, RelayError
-from relay.extole import MAX_ID_LENGTH, parse_body, storable_text
+from relay.extole import MAX_ID_LENGTH, decode_json, sanitise, storable_text
 from relay.models import InboundRequest
 from relay.outbox.ingest import Receipt, store_single, store_webhook
 from relay.settings import ENVIRONMENTS, Settings
@@ -64,7 +66,7 @@ def receive(environment: str) -> tuple[Response, int]:
         default_type = _default_type()
         receipt = _store(inbound, items, environment, default_type, settings.external_id_from)
     except Refusal as refusal:
-        return _refuse(inbound, refusal)
+        return _refuse(inbound, refusal, settings)
     metrics.WEBHOOKS.labels(environment, "accepted").inc()
     if receipt.accepted:
         wake_after_commit(environment)
@@ -74,17 +76,24 @@ def receive(environment: str) -> tuple[Response, int]:
 def _checked_items(settings: Settings, environment: str, inbound: InboundRequest) -> list[Any]:
     limit = settings.max_body_bytes
     if environment not in ENVIRONMENTS:
-        # The body is still kept in the inbound log when it is within the limit.
+        # Read within the limit only for the inbound log's size and SHA-256.
         with contextlib.suppress(Refusal):
             _read_within(limit, inbound)
         raise Refusal(404, "not_found", f"unknown environment {environment[:40]!r}: "
                       f"use {' or '.join(ENVIRONMENTS)}")
-    raw = _read_within(limit, inbound)
+    if request.content_length is not None and request.content_length > limit:
+        raise Refusal(413, "too_large", f"body larger than {limit} bytes")
     secret = settings.webhook_secret(environment)
     if not secret:
+        _read_within(limit, inbound)  # a chunked body over the limit is a 413 first
         raise Refusal(503, "not_configured", f"webhook secret for {environment} is not configured")
     try:
-        inbound.auth_method = authenticate(request.headers, raw, secret)
+        # Missing or wrong Bearer/Basic credentials are refused here, before the body is read:
+        # nobody without the secret makes the relay read a megabyte.
+        inbound.auth_method = authenticate_headers(request.headers, secret)
+        raw = _read_within(limit, inbound)
+        if inbound.auth_method is None:  # a signature: only the body can tell
+            inbound.auth_method = authenticate(request.headers, raw, secret)
     except AuthenticationFailed as failure:
         raise Refusal(401, "unauthorized", str(failure)) from None
     mimetype = request.mimetype
@@ -93,7 +102,13 @@ def _checked_items(settings: Settings, environment: str, inbound: InboundRequest
         raise Refusal(415, "unsupported_media_type",
                       f"content type must be application/json, got {shown[:100]!r}")
     try:
-        body = parse_body(raw)
+        body = decode_json(raw)
+        if isinstance(body, list) and len(body) > settings.max_items:
+            # Before the items are walked, normalised or stored: a request's cost stays bounded.
+            raise Refusal(413, "too_many_items",
+                          f"body has {len(body)} items, more than RELAY_MAX_ITEMS "
+                          f"({settings.max_items})")
+        body = sanitise(body)
     except InvalidBody as invalid:
         raise Refusal(400, "bad_json", str(invalid)) from None
     if isinstance(body, dict):
@@ -199,16 +214,32 @@ def _transient(error: BaseException) -> bool:
     return False
 
 
-def _refuse(inbound: InboundRequest, refusal: Refusal) -> tuple[Response, int]:
+def _refuse(inbound: InboundRequest, refusal: Refusal,
+            settings: Settings) -> tuple[Response, int]:
     metrics.WEBHOOKS.labels(inbound.environment if refusal.status != 404 else "unknown",
                             refusal.outcome).inc()
     inbound.status_code, inbound.outcome, inbound.error = (
         refusal.status, refusal.outcome, refusal.message)
+    number = 0  # this refusal's number in its address and minute, when it is counted
     if refusal.outcome != "db_unavailable":
         try:
             with get_db().session() as session:
-                session.add(inbound)
+                if inbound.auth_method is None or refusal.status == 413:
+                    # Refused before authentication, or too large: no body, and beyond the
+                    # rate per address and minute only a count (README, "Refused requests").
+                    refused.strip(inbound, inbound.body)
+                    number = refused.count(session, inbound, settings.refused_log_rate)
+                    if number <= settings.refused_log_rate:
+                        session.add(inbound)
+                else:
+                    session.add(inbound)  # authenticated: the body is kept for diagnosis
         except (DatabaseUnavailable, SQLAlchemyError) as outage:
             log.warning("inbound log not written (%s): %s", refusal.outcome, describe_error(outage))
-    log.info("webhook %s refused %s: %s", inbound.path, refusal.status, refusal.message)
+    rate = settings.refused_log_rate
+    if number <= rate:
+        log.info("webhook %s refused %s: %s", inbound.path, refusal.status, refusal.message)
+    elif number == rate + 1:
+        # Once per address and minute: the log lines are disk too.
+        log.warning("refused webhooks from %s: more than %d this minute (RELAY_REFUSED_LOG_RATE),"
+                    " the rest of the minute only counted", inbound.remote_addr, rate)
     return jsonify({"error": refusal.message}), refusal.status

@@ -1,10 +1,11 @@
 """Retention: delete what the relay no longer needs after RELAY_RETENTION_DAYS.
 
 Delivered and skipped events (by `received_at`) with their campaign/Canvas triggers, the Braze
-requests that carried only such events, inbound log rows no kept event refers to, and identity
-cache answers long expired. Dead, pending and rejected events stay until an operator handles them,
-with their inbound row and attempts; so does a delivered event whose trigger is still due, being
-sent or uncertain (it waits for the operator's resend or drop).
+requests that carried only such events, inbound log rows no kept event refers to (refused requests
+included), the per-minute counts of refused requests, and identity cache answers long expired.
+Dead, pending and rejected events stay until an operator handles them, with their inbound row and
+attempts; so does a delivered event whose trigger is still due, being sent or uncertain (it waits
+for the operator's resend or drop).
 A purged event's de-duplication keys stay behind (`relay.outbox.dedup`) until its `received_at`
 + RELAY_DEDUP_DAYS, so a request replayed after the purge is still a duplicate; then they go too.
 
@@ -29,6 +30,7 @@ from relay.models import (
     IdentityCache,
     InboundRequest,
     OutboxEvent,
+    RefusedRequestCount,
     Status,
     Trigger,
     TriggerState,
@@ -57,7 +59,7 @@ def purge(
     now = now or utcnow()
     cutoff = now - timedelta(days=retention_days)
     counts = {"events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
-              "identity_cache": 0, "dedup_keys": 0}
+              "identity_cache": 0, "refused_request_counts": 0, "dedup_keys": 0}
     while True:
         events, purged_triggers, attempts = _purge_events(db, cutoff, batch_size)
         counts["events"] += events
@@ -71,6 +73,8 @@ def purge(
         counts["inbound_requests"] += n
     while n := _purge_identity_cache(db, cutoff, batch_size):
         counts["identity_cache"] += n
+    while n := _purge_refused_counts(db, cutoff, batch_size):
+        counts["refused_request_counts"] += n
     while n := _purge_dedup_keys(db, now - timedelta(days=dedup_days), batch_size):
         counts["dedup_keys"] += n
     if any(counts.values()):
@@ -179,3 +183,16 @@ def _purge_dedup_keys(db: Database, cutoff: datetime, batch_size: int) -> int:
         if not keys:
             return 0
         return rowcount(session.execute(delete(DedupKey).where(key.in_(keys), expired)))
+
+
+def _purge_refused_counts(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Counts of refused requests for minutes older than the retention period."""
+    key = tuple_(RefusedRequestCount.minute, RefusedRequestCount.remote_addr)
+    with db.session() as session:
+        keys = [tuple(row) for row in session.execute(
+            select(RefusedRequestCount.minute, RefusedRequestCount.remote_addr)
+            .where(RefusedRequestCount.minute < cutoff).limit(batch_size)
+        )]
+        if not keys:
+            return 0
+        return rowcount(session.execute(delete(RefusedRequestCount).where(key.in_(keys))))

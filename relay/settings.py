@@ -59,6 +59,8 @@ class Settings:
     retry_max_age: int = 86400
     log_format: str = "text"
     max_body_bytes: int = 1048576
+    max_items: int = 1000
+    refused_log_rate: int = 60
     retention_days: int = 30
     dedup_days: int = 400
     trigger_delay: float = 0.0
@@ -210,6 +212,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RELAY_RETRY_MAX_AGE": ("retry_max_age", _int(1)),
     "RELAY_LOG_FORMAT": ("log_format", _choice("text", "json")),
     "RELAY_MAX_BODY_BYTES": ("max_body_bytes", _int(1)),
+    "RELAY_MAX_ITEMS": ("max_items", _int(1, 10000)),
+    "RELAY_REFUSED_LOG_RATE": ("refused_log_rate", _int(0)),
     "RELAY_RETENTION_DAYS": ("retention_days", _int(1)),
     "RELAY_DEDUP_DAYS": ("dedup_days", _int(1)),
     "RELAY_TRIGGER_DELAY": ("trigger_delay", _number(0, strict=False)),

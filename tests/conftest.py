@@ -162,6 +162,22 @@ def app(settings: Settings) -> Iterator[Flask]:
 
 
 @pytest.fixture
+def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Flask]]:
+    """Apps with settings of their own (`make_app(max_items=3)`) on the test's database; two
+    of them stand for two processes sharing it."""
+    apps: list[Flask] = []
+
+    def factory(**overrides: Any) -> Flask:
+        application = create_app(make_settings(**overrides), TESTING=True)
+        apps.append(application)
+        return application
+
+    yield factory
+    for application in apps:
+        application.extensions["relay.db"].dispose()
+
+
+@pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
 

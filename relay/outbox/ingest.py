@@ -33,22 +33,32 @@ from relay.outbox import dedup
 log = logging.getLogger(__name__)
 
 MAX_EMAIL_LENGTH = 320
+# Rejections listed in the answer; `rejected_count` gives the total. A batch of unusable items
+# must not make an answer as large as the request.
+LISTED_REJECTIONS = 100
 
 
 @dataclass
 class Receipt:
-    """What the receiver answers: counts, per-item rejections and the new outbox ids."""
+    """What the receiver answers: counts, the first rejections and the new outbox ids."""
 
     accepted: int = 0
     duplicates: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected_count: int = 0
     ids: list[int] = field(default_factory=list)
+
+    def reject(self, index: int, reason: str) -> None:
+        self.rejected_count += 1
+        if len(self.rejected) < LISTED_REJECTIONS:
+            self.rejected.append({"index": index, "error": reason})
 
     def as_json(self) -> dict[str, Any]:
         return {
             "accepted": self.accepted,
             "duplicates": self.duplicates,
             "rejected": self.rejected,
+            "rejected_count": self.rejected_count,
             "ids": self.ids,
         }
 
@@ -85,13 +95,13 @@ def store_webhook(
                 raise RejectedEvent(f"email is longer than {MAX_EMAIL_LENGTH} characters")
         except RejectedEvent as rejection:
             reason = str(rejection)
-            receipt.rejected.append({"index": index, "error": reason})
+            receipt.reject(index, reason)
             prepared.append((item, None, reason))
             continue
         prepared.append((item, event, None))
-    inbound.accepted = len(prepared) - len(receipt.rejected)
+    inbound.accepted = len(prepared) - receipt.rejected_count
     inbound.duplicates = 0
-    inbound.rejected = len(receipt.rejected)
+    inbound.rejected = receipt.rejected_count
     # Core, not the ORM's unit of work: this is the hot path of every webhook.
     connection = session.connection()
     inbound_table = InboundRequest.__table__
@@ -102,10 +112,10 @@ def store_webhook(
     # Every key of every event locked (in one global order) and looked up once, before any insert.
     claims = dedup.Claims(connection, environment,
                           (dedup.keys_of(e) for _, e, _ in prepared if e), now)
+    rejected_rows = []
     for item, usable, why in prepared:
         if usable is None:
-            session.add(_rejected_row(item, environment, inbound.id, why or "", now))
-            session.flush()  # keeps the outbox ids in request order
+            rejected_rows.append(_rejected_row(item, environment, inbound.id, why or "", now))
             continue
         new_id = _insert_one(connection, claims, usable, environment, inbound.id, now)
         if new_id is None:
@@ -116,6 +126,10 @@ def store_webhook(
         for note in usable.trimmed:
             log.info("event %s (%s): %s", new_id, usable.extole_event_id, note)
     claims.write()
+    if rejected_rows:
+        # One multi-row INSERT for all of them (up to RELAY_MAX_ITEMS), in request order; the
+        # accepted events' ids, the only ones the answer names, stay in request order too.
+        connection.execute(OutboxEvent.__table__.insert(), rejected_rows)
     if receipt.duplicates:
         inbound.accepted, inbound.duplicates = receipt.accepted, receipt.duplicates
         connection.execute(
@@ -324,21 +338,21 @@ def _event_row(event: Event, environment: str, inbound_id: int | None,
 
 def _rejected_row(
     item: Any, environment: str, inbound_id: int, reason: str, now: datetime
-) -> OutboxEvent:
+) -> dict[str, Any]:
     event_id = item_value(item, "event_id") if isinstance(item, dict) else None
     if event_id is None and isinstance(item, dict):
         event_id = item_value(item, "id")
-    return OutboxEvent(
-        environment=environment,
-        dedup_key=None,
-        extole_event_id=str(event_id)[:255] if isinstance(event_id, str | int) else None,
-        payload=item,
-        status=Status.REJECTED.value,
-        attempts=0,
-        last_error=reason,
-        inbound_id=inbound_id,
-        received_at=now,
-        updated_at=now,
-    )
+    return {
+        "environment": environment,
+        "dedup_key": None,
+        "extole_event_id": str(event_id)[:255] if isinstance(event_id, str | int) else None,
+        "payload": item,
+        "status": Status.REJECTED.value,
+        "attempts": 0,
+        "last_error": reason,
+        "inbound_id": inbound_id,
+        "received_at": now,
+        "updated_at": now,
+    }
 
 

@@ -129,7 +129,7 @@ def set_faults(stack: Stack, faults: dict[str, Any]) -> None:
 def reward(extole_id: str) -> dict[str, Any]:
     return {"type": "reward_earned", "event_id": extole_id,
             "event_time": "2026-11-20T14:14:18.548Z", "partner_user_id": "cust-browser-1",
-            "email": "ann.lee@example.com", "reward_id": "a41f0c9e", "face_value": 50,
+            "email": "ann.lee@example.com", "reward_id": f"rw-{extole_id}", "face_value": 50,
             "face_value_type": "USD", "note": "<script>alert(1)</script>"}
 
 

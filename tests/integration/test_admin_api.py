@@ -46,9 +46,11 @@ def login(client: FlaskClient) -> str:
 
 
 def reward(**overrides: Any) -> dict[str, Any]:
+    # Each its own reward: one reward in one state is one event (README, "Duplicates").
     event = {"type": "reward_earned", "event_id": f"ev-{uuid.uuid4().hex[:12]}",
              "event_time": "2026-11-20T14:14:18Z", "partner_user_id": "cust-1",
-             "email": "Ann.Lee@Example.com", "reward_id": "r-1", "face_value": 50}
+             "email": "Ann.Lee@Example.com", "reward_id": f"r-{uuid.uuid4().hex[:12]}",
+             "face_value": 50}
     event.update(overrides)
     return event
 
@@ -265,7 +267,7 @@ def test_injection_strings_are_plain_data(app: Flask, client: FlaskClient,
 
 
 def test_event_detail(app: Flask, client: FlaskClient, post_webhook: Callable[..., Any]) -> None:
-    (event_id,) = post_ids(post_webhook, reward(event_id="ext-1"))
+    (event_id,) = post_ids(post_webhook, reward(event_id="ext-1", reward_id="r-1"))
     with get_db(app).session() as session:
         attempt = DeliveryAttempt(environment="production", endpoint="/users/track",
                                   started_at=utcnow(), duration_ms=12.34, status_code=400,

@@ -45,8 +45,10 @@ def signed_in(client: FlaskClient) -> str:
 
 
 def reward(**overrides: Any) -> dict[str, Any]:
+    # Each its own reward: one reward in one state is one event (README, "Duplicates").
     event = {"type": "reward_earned", "event_id": f"ev-{uuid.uuid4().hex[:12]}",
-             "partner_user_id": "cust-1", "email": "ann@example.com", "reward_id": "r-1"}
+             "partner_user_id": "cust-1", "email": "ann@example.com",
+             "reward_id": f"r-{uuid.uuid4().hex[:12]}"}
     event.update(overrides)
     return event
 

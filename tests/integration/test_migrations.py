@@ -231,9 +231,54 @@ def test_0004_gives_stored_reward_events_their_reward_keys(empty_database_url: s
         engine.dispose()
 
 
+def test_0005_on_a_database_that_holds_rows(empty_database_url: str) -> None:
+    """The body's SHA-256 column and the refused-request counts arrive beside existing data (old
+    inbound rows keep their bodies, with no hash) and leave without touching it."""
+    migrate.upgrade(empty_database_url, "0004")
+    engine = make_engine(empty_database_url)
+    now = "2026-11-20 14:14:18"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO inbound_requests (received_at, environment, method, path, headers, "
+                "body, body_size, status_code, outcome, accepted, duplicates, rejected) VALUES "
+                "(:t, 'production', 'POST', '/webhooks/extole/production', '{}', :body, 2, 401, "
+                "'unauthorized', 0, 0, 0)"), {"t": now, "body": b"{}"})
+            connection.execute(text(
+                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
+                "payload, received_at, updated_at) VALUES ('production', 'ev-1', 'ev-1', "
+                "'pending', 0, '{}', :t, :t)"), {"t": now})
+        migrate.upgrade(empty_database_url, "0005")
+        with engine.begin() as connection:
+            assert connection.execute(text(
+                "SELECT body, body_size, body_sha256 FROM inbound_requests")).one() == (
+                b"{}", 2, None)
+            assert connection.execute(text(
+                "SELECT extole_event_id, status FROM events")).all() == [("ev-1", "pending")]
+            connection.execute(text(
+                "INSERT INTO refused_request_counts (minute, remote_addr, refused, logged, "
+                "status_400, status_401, status_404, status_413, status_503) VALUES "
+                "(:t, '192.0.2.1', 3, 2, 0, 3, 0, 0, 0)"), {"t": now})
+            connection.execute(text("UPDATE inbound_requests SET body = NULL, body_sha256 = :h"),
+                               {"h": "c" * 64})
+        if migrate.head_revision() == "0005":
+            assert _differences(empty_database_url) == []
+        command.downgrade(migrate.alembic_config(empty_database_url), "0004")
+        engine.dispose()
+        assert "refused_request_counts" not in set(inspect(engine).get_table_names())
+        assert "body_sha256" not in {c["name"] for c in inspect(engine).get_columns(
+            "inbound_requests")}
+        with engine.begin() as connection:
+            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
+            assert connection.execute(text(
+                "SELECT body_size, status_code FROM inbound_requests")).one() == (2, 401)
+    finally:
+        engine.dispose()
+
+
 def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
     """The triggers table arrives beside delivered events and leaves without touching them."""
-    migrate.upgrade(empty_database_url, "0004")
+    migrate.upgrade(empty_database_url, "0005")
     engine = make_engine(empty_database_url)
     now = "2026-11-20 14:14:18"
     try:
@@ -262,7 +307,7 @@ def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
                 "SELECT state, recipient FROM triggers")).one()[0] == "due"
         with pytest.raises(IntegrityError), engine.begin() as connection:
             connection.execute(duplicate, {"t": now})  # one row per event and target
-        command.downgrade(migrate.alembic_config(empty_database_url), "0004")
+        command.downgrade(migrate.alembic_config(empty_database_url), "0005")
         engine.dispose()
         assert "triggers" not in set(inspect(engine).get_table_names())
         with engine.begin() as connection:

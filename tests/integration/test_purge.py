@@ -20,6 +20,7 @@ from relay.models import (
     IdentityCache,
     InboundRequest,
     OutboxEvent,
+    RefusedRequestCount,
     Trigger,
 )
 
@@ -101,7 +102,8 @@ def test_purge_deletes_old_delivered_and_skipped_with_their_attempts_and_inbound
     counts = retention.purge(db, 30, dedup_days=400, now=NOW)
 
     assert counts == {"events": 2, "triggers": 0, "delivery_attempts": 2,
-                      "inbound_requests": 1, "identity_cache": 1, "dedup_keys": 0}
+                      "inbound_requests": 1, "identity_cache": 1, "refused_request_counts": 0,
+                      "dedup_keys": 0}
     assert ids(db, OutboxEvent) == {dead, pending, rejected, fresh}
     assert ids(db, DeliveryAttempt) == {shared, fresh_attempt, orphan_recent}
     assert orphan_old not in ids(db, DeliveryAttempt) and only_purged not in ids(db,
@@ -119,7 +121,7 @@ def test_a_second_purge_finds_nothing(db: Database) -> None:
     assert retention.purge(db, 30, dedup_days=400, now=NOW)["events"] == 1
     assert retention.purge(db, 30, dedup_days=400, now=NOW) == {
         "events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
-        "identity_cache": 0, "dedup_keys": 0}
+        "identity_cache": 0, "refused_request_counts": 0, "dedup_keys": 0}
 
 
 def test_inbound_row_goes_once_its_last_event_is_purged(db: Database) -> None:
@@ -154,10 +156,11 @@ def test_purge_works_in_short_batches(db: Database, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(db, "session", counted)
     counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
     assert counts == {"events": 7, "triggers": 0, "delivery_attempts": 3,
-                      "inbound_requests": 7, "identity_cache": 0, "dedup_keys": 0}
+                      "inbound_requests": 7, "identity_cache": 0, "refused_request_counts": 0,
+                      "dedup_keys": 0}
     # events 3+3+1 then an empty look; attempts 3 + empty; inbound 3+3+1 + empty; cache empty;
-    # keys empty (these events have no keys).
-    assert transactions == 4 + 2 + 4 + 1 + 1
+    # refused counts empty; keys empty (these events have no keys).
+    assert transactions == 4 + 2 + 4 + 1 + 1 + 1
 
 
 def test_purge_uses_received_at_and_the_default_clock(db: Database) -> None:
@@ -248,3 +251,18 @@ def test_sent_triggers_go_with_their_events_and_open_ones_keep_theirs(db: Databa
                   .values(state="dropped"))
     assert retention.purge(db, 30, dedup_days=400, now=NOW)["triggers"] == 1
     assert ids(db, OutboxEvent) == {held["due"], held["sending"]}
+
+
+def test_purge_deletes_counts_of_refused_requests_past_retention(db: Database) -> None:
+    """Refused requests' inbound rows go with the other unreferenced ones; their per-minute
+    counts go on the same schedule."""
+    with db.session() as s:
+        for minute, address in ((OLD, "192.0.2.1"), (OLD, "192.0.2.2"), (RECENT, "192.0.2.1")):
+            s.add(RefusedRequestCount(minute=minute, remote_addr=address, refused=70, logged=60,
+                                      status_400=0, status_401=70, status_404=0, status_413=0,
+                                      status_503=0))
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=1)
+    assert counts["refused_request_counts"] == 2
+    with db.session() as s:
+        assert [(r.minute, r.remote_addr) for r in s.scalars(select(RefusedRequestCount))] == [
+            (RECENT, "192.0.2.1")]

@@ -73,7 +73,11 @@ def inbound(app: Flask) -> list[InboundRequest]:
 def assert_refused(app: Flask, response: Any, status: int, error: str, outcome: str,
                    *, environment: str = "production", body: bytes | None = None,
                    auth_method: str | None = None) -> InboundRequest:
-    """The answer, no event stored, and exactly one inbound log row saying why."""
+    """The answer, no event stored, and exactly one inbound log row saying why.
+
+    `body`: the body as the receiver read it whole (None: not read, or not whole). A request
+    refused before authentication (or with 413) keeps only its SHA-256; one refused after it
+    (415, 400) keeps the body itself."""
     assert response.status_code == status, response.get_data(as_text=True)
     assert response.get_json() == {"error": error}
     assert stored_events(app) == []
@@ -81,7 +85,12 @@ def assert_refused(app: Flask, response: Any, status: int, error: str, outcome: 
     assert (row.status_code, row.outcome, row.error) == (status, outcome, error)
     assert row.environment == environment
     assert (row.accepted, row.duplicates, row.rejected) == (0, 0, 0)
-    assert row.body == body
+    if auth_method is None or status == 413:
+        assert row.body is None
+        assert row.body_sha256 == (hashlib.sha256(body).hexdigest() if body is not None
+                                   else None)
+    else:
+        assert (row.body, row.body_sha256) == (body, None)
     assert row.auth_method == auth_method
     assert row.method == "POST"
     return row
@@ -129,20 +138,6 @@ def post_streamed(client: FlaskClient, path: str, body: bytes, headers: dict[str
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(content_length)
     return client.open(Request(environ))
-
-
-@pytest.fixture
-def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Flask]]:
-    apps: list[Flask] = []
-
-    def factory(**overrides: Any) -> Flask:
-        application = create_app(make_settings(**overrides), TESTING=True)
-        apps.append(application)
-        return application
-
-    yield factory
-    for application in apps:
-        application.extensions["relay.db"].dispose()
 
 
 # --- 1. 404 unknown environment, 413 body too large ------------------------------------------
@@ -340,8 +335,11 @@ def test_missing_or_wrong_credentials_are_401(app: Flask, client: FlaskClient, e
                                               headers: dict[str, str], error: str) -> None:
     body = encode(event())
     response = client.post(f"/webhooks/extole/{environment}", data=body, headers=headers)
+    # Without a signature the headers decide, and the body is never read: size, no SHA-256.
+    read = body if "X-Extole-Signature" in headers else None
     row = assert_refused(app, response, 401, error, "unauthorized", environment=environment,
-                         body=body)
+                         body=read)
+    assert row.body_size == len(body)
     assert row.path == f"/webhooks/extole/{environment}"
     assert row.remote_addr == "127.0.0.1"
 
@@ -360,7 +358,7 @@ def test_credentials_are_checked_before_the_content_type(app: Flask,
     body = b"not json"
     response = client.post("/webhooks/extole/production", data=body,
                            headers={"Content-Type": "text/plain", "Authorization": "Bearer x"})
-    assert_refused(app, response, 401, "invalid bearer token", "unauthorized", body=body)
+    assert_refused(app, response, 401, "invalid bearer token", "unauthorized", body=None)
 
 
 def _good_credentials(body: bytes, secret: str) -> list[tuple[str, dict[str, str], str]]:
@@ -620,7 +618,7 @@ def test_one_object_is_accepted_and_stored(app: Flask, client: FlaskClient) -> N
     response = client.post("/webhooks/extole/production", data=body, headers=signed(body))
     [stored] = stored_events(app)
     assert receipt(response) == {"accepted": 1, "duplicates": 0, "rejected": [],
-                                 "ids": [stored.id]}
+                                 "rejected_count": 0, "ids": [stored.id]}
     assert (stored.environment, stored.status, stored.dedup_key) == ("production", "pending",
                                                                       "one-1")
     [row] = inbound(app)
@@ -646,7 +644,8 @@ def test_array_ids_follow_the_request_order(app: Flask, client: FlaskClient,
 
 
 def test_empty_array_is_200_with_zeros(app: Flask, post_webhook: Any) -> None:
-    assert receipt(post_webhook([])) == {"accepted": 0, "duplicates": 0, "rejected": [], "ids": []}
+    assert receipt(post_webhook([])) == {"accepted": 0, "duplicates": 0, "rejected": [],
+                                         "rejected_count": 0, "ids": []}
     assert stored_events(app) == []
     [row] = inbound(app)
     assert (row.status_code, row.outcome, row.accepted, row.duplicates, row.rejected) == (
@@ -668,8 +667,10 @@ def test_duplicates_across_requests_and_key_types(app: Flask, client: FlaskClien
     first = receipt(client.post("/webhooks/extole/production", data=body, headers=signed(body)))
     again = receipt(client.post("/webhooks/extole/production", data=body,
                                 headers=bearer(PROD_SECRET)))
-    assert first == {"accepted": 1, "duplicates": 0, "rejected": [], "ids": first["ids"]}
-    assert again == {"accepted": 0, "duplicates": 1, "rejected": [], "ids": []}
+    assert first == {"accepted": 1, "duplicates": 0, "rejected": [], "rejected_count": 0,
+                     "ids": first["ids"]}
+    assert again == {"accepted": 0, "duplicates": 1, "rejected": [], "rejected_count": 0,
+                     "ids": []}
     assert len(stored_events(app)) == 1
     rows = inbound(app)
     assert [(r.accepted, r.duplicates, r.outcome) for r in rows] == [(1, 0, "accepted"),
@@ -757,9 +758,10 @@ def test_unusable_items_are_stored_rejected_and_the_rest_accepted(
 def test_a_single_unusable_event_is_200_with_nothing_accepted(app: Flask,
                                                              post_webhook: Any) -> None:
     answer = receipt(post_webhook({"event_id": "lonely"}))
-    assert answer == {"accepted": 0, "duplicates": 0, "ids": [], "rejected": [
-        {"index": 0, "error": "no event type: expected one of type, event, event_type, "
-                              "event_name, name"}]}
+    assert answer == {"accepted": 0, "duplicates": 0, "ids": [], "rejected_count": 1,
+                      "rejected": [{"index": 0, "error": "no event type: expected one of "
+                                                         "type, event, event_type, event_name, "
+                                                         "name"}]}
     [stored] = stored_events(app)
     assert (stored.status, stored.extole_event_id, stored.payload) == (
         "rejected", "lonely", {"event_id": "lonely"})

@@ -8,6 +8,7 @@ RELAY_RELIABILITY_REPORT so the session ends by writing tests/reliability/REPORT
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
@@ -85,8 +86,9 @@ def pytest_runtest_makereport(
     if row is None and result.failed:
         # Failed before the scenario made its row (a fixture, PostgreSQL): the report says so.
         module = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
-        if module.startswith("test_s") and module[6:7].isdigit():
-            row = Row(int(module[6]), item.name.removeprefix("test_").replace("_", " "))
+        number = re.match(r"test_s(\d+)_", module)
+        if number:
+            row = Row(int(number.group(1)), item.name.removeprefix("test_").replace("_", " "))
             ROWS.setdefault(row.number, row)
             item.reliability_row = row  # type: ignore[attr-defined]
     if row is not None:

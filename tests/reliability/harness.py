@@ -136,11 +136,13 @@ class Proc:
         return sorted(found)
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int, *, peak: bool = False) -> int:
+    """Resident memory of a process now, or its peak so far (`peak`: VmHWM)."""
+    field = "VmHWM:" if peak else "VmRSS:"
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for process {pid}")
+    raise AssertionError(f"no {field} for process {pid}")
 
 
 def base_env(**values: Any) -> dict[str, str]:
@@ -401,6 +403,10 @@ class Db:
     def scalar(self, sql: str, **params: Any) -> Any:
         with self.engine.connect() as connection:
             return connection.execute(text(sql), params).scalar()
+
+    def size(self) -> int:
+        """Bytes the database takes on disk (PostgreSQL's own figure; WAL not included)."""
+        return int(self.scalar("SELECT pg_database_size(current_database())"))
 
     def counts(self) -> dict[str, int]:
         return {status: int(n) for status, n in

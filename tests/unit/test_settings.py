@@ -48,6 +48,7 @@ def test_defaults_are_the_readme_table(tmp_path: Path) -> None:
     assert (settings.retry_base, settings.retry_max_delay) == (5.0, 3600.0)
     assert settings.log_format == "text"
     assert settings.max_body_bytes == 1048576
+    assert (settings.max_items, settings.refused_log_rate) == (1000, 60)
     assert settings.retry_max_age == 86400
     assert settings.retention_days == 30
     assert settings.dedup_days == 400
@@ -88,6 +89,8 @@ def test_valid_values_are_parsed(tmp_path: Path) -> None:
         RELAY_RETRY_MAX_DELAY="60",
         RELAY_LOG_FORMAT="JSON",
         RELAY_MAX_BODY_BYTES="2048",
+        RELAY_MAX_ITEMS="10000",
+        RELAY_REFUSED_LOG_RATE="0",
         RELAY_ADMIN_USER="  ",
         EXTOLE_WEBHOOK_SECRET="  padded  ",
     )
@@ -100,6 +103,7 @@ def test_valid_values_are_parsed(tmp_path: Path) -> None:
     assert (settings.retry_base, settings.retry_max_delay) == (0.5, 60.0)
     assert settings.log_format == "json"
     assert settings.max_body_bytes == 2048
+    assert (settings.max_items, settings.refused_log_rate) == (10000, 0)
     assert settings.admin_user == "admin"
     assert settings.extole_webhook_secret == "padded"
     assert load(tmp_path, RELAY_DATABASE_URL="postgres://h/db").database_url == (
@@ -164,6 +168,10 @@ INVALID = [
     ("RELAY_LOG_FORMAT", "js\non"),
     ("RELAY_MAX_BODY_BYTES", "0"),
     ("RELAY_MAX_BODY_BYTES", "1MB"),
+    ("RELAY_MAX_ITEMS", "0"),
+    ("RELAY_MAX_ITEMS", "10001"),
+    ("RELAY_REFUSED_LOG_RATE", "-1"),
+    ("RELAY_REFUSED_LOG_RATE", "60/minute"),
     ("RELAY_RETENTION_DAYS", "0"),
     ("RELAY_DEDUP_DAYS", "0"),
     ("RELAY_DEDUP_DAYS", "a year"),

@@ -66,6 +66,10 @@ class InvalidTransition(RelayError):
     """The event is not in a state that allows this."""
 
 
+class TriggerNotFound(RelayError):
+    """No trigger with that id."""
+
+
 class DeliveryInFlight(RelayError):
     """A delivery of this person's events is still in flight; nothing was erased."""
 

@@ -262,8 +262,7 @@ def normalise(item: Any, event_map: EventMap, received_at: datetime, *,
     else:
         external_id = _scalar_text(fields.first(EXTERNAL_ID), "partner_user_id/external_id")
     state, reward_id = _reward(fields, extole_type)
-    mapping = (event_map.reward(state) if state and not is_earned_type(extole_type)
-               else event_map.lookup(extole_type))
+    mapping = entry_for(event_map, extole_type, state)
     dedup_key = event_id or "sha256:" + content_hash(hashed_item)
 
     attributes: dict[str, Any] = {}
@@ -353,6 +352,28 @@ def _checked_type(raw_type: Any) -> str:
     if len(extole_type) > MAX_ID_LENGTH:
         raise RejectedEvent(f"event type is longer than {MAX_ID_LENGTH} characters")
     return extole_type
+
+
+def entry_for(event_map: EventMap, extole_type: str, state: str | None) -> Mapping:
+    """The map entry that names an event: a reward event's is its state's `[rewards.<state>]`
+    entry, except for the older earned types (`earned_reward`, `reward_earned`), which keep
+    their `[events]` entry; any other event's is its type's."""
+    if state and not is_earned_type(extole_type):
+        return event_map.reward(state)
+    return event_map.lookup(extole_type)
+
+
+def stored_entry(event_map: EventMap, extole_type: str, payload: Any) -> Mapping:
+    """The map entry of a stored event (its type and the item Extole posted), found as
+    `normalise` found it: what starts its campaign or Canvas once delivered is the same entry
+    that named it. A payload that is no longer an item (erased) maps by its type alone."""
+    state = None
+    if isinstance(payload, dict):
+        try:
+            state, _ = _reward(_Fields(payload), extole_type)
+        except RejectedEvent:  # it was accepted, so this does not happen; never guess a state
+            state = None
+    return entry_for(event_map, extole_type, state)
 
 
 def _reward(fields: _Fields, extole_type: str) -> tuple[str | None, str | None]:

@@ -57,6 +57,11 @@ RECONCILE_REWARDS = Counter(
     "error).",
     ["environment", "result"],
 )
+TRIGGERS = Counter(
+    "relay_triggers",
+    "Campaign/Canvas trigger state transitions, by environment and the state entered.",
+    ["environment", "state"],
+)
 
 
 class OutboxCollector(Collector):

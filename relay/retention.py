@@ -1,9 +1,11 @@
 """Retention: delete what the relay no longer needs after RELAY_RETENTION_DAYS.
 
-Delivered and skipped events (by `received_at`), the Braze requests that carried only such events,
-inbound log rows no kept event refers to (refused requests included), the per-minute counts of
-refused requests, and identity cache answers long expired. Dead, pending
-and rejected events stay until an operator handles them, with their inbound row and attempts.
+Delivered and skipped events (by `received_at`) with their campaign/Canvas triggers, the Braze
+requests that carried only such events, inbound log rows no kept event refers to (refused requests
+included), the per-minute counts of refused requests, and identity cache answers long expired.
+Dead, pending and rejected events stay until an operator handles them, with their inbound row and
+attempts; so does a delivered event whose trigger is still due, being sent or uncertain (it waits
+for the operator's resend or drop).
 A purged event's de-duplication keys stay behind (`relay.outbox.dedup`) until its `received_at`
 + RELAY_DEDUP_DAYS, so a request replayed after the purge is still a duplicate; then they go too.
 
@@ -30,11 +32,15 @@ from relay.models import (
     OutboxEvent,
     RefusedRequestCount,
     Status,
+    Trigger,
+    TriggerState,
 )
 
 log = logging.getLogger(__name__)
 
 PURGEABLE = (Status.DELIVERED.value, Status.SKIPPED.value)
+# Triggers in these states still need the event (its properties, the operator's decision).
+OPEN_TRIGGERS = (TriggerState.DUE.value, TriggerState.SENDING.value, TriggerState.UNCERTAIN.value)
 DEFAULT_BATCH_SIZE = 1000
 
 
@@ -52,11 +58,12 @@ def purge(
         raise ValueError("retention_days and dedup_days must be at least 1")
     now = now or utcnow()
     cutoff = now - timedelta(days=retention_days)
-    counts = {"events": 0, "delivery_attempts": 0, "inbound_requests": 0, "identity_cache": 0,
-              "refused_request_counts": 0, "dedup_keys": 0}
+    counts = {"events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
+              "identity_cache": 0, "refused_request_counts": 0, "dedup_keys": 0}
     while True:
-        events, attempts = _purge_events(db, cutoff, batch_size)
+        events, purged_triggers, attempts = _purge_events(db, cutoff, batch_size)
         counts["events"] += events
+        counts["triggers"] += purged_triggers
         counts["delivery_attempts"] += attempts
         if events == 0:  # nothing left (or what was found changed meanwhile): done
             break
@@ -78,18 +85,27 @@ def purge(
 
 
 def _purgeable_event(cutoff: datetime) -> ColumnElement[bool]:
-    return (OutboxEvent.status.in_(PURGEABLE)) & (OutboxEvent.received_at < cutoff)
+    open_trigger = exists().where(Trigger.event_id == OutboxEvent.id,
+                                  Trigger.state.in_(OPEN_TRIGGERS))
+    return ((OutboxEvent.status.in_(PURGEABLE)) & (OutboxEvent.received_at < cutoff)
+            & ~open_trigger)
 
 
-def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int, int]:
-    """One batch of events with their links and the attempts that carried nothing else."""
+def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int, int, int]:
+    """One batch of events with their triggers, their links and the attempts that carried
+    nothing else."""
     with db.session() as session:
         ids = list(session.scalars(
             select(OutboxEvent.id).where(_purgeable_event(cutoff))
             .order_by(OutboxEvent.id).limit(batch_size)
         ))
         if not ids:
-            return 0, 0
+            return 0, 0, 0
+        # Finished triggers go with their event (explicitly: never relying on the pragma); an
+        # open one keeps its event, checked again by the delete below.
+        purged_triggers = rowcount(session.execute(
+            delete(Trigger).where(Trigger.event_id.in_(ids),
+                                  ~Trigger.state.in_(OPEN_TRIGGERS))))
         attempt_ids = list(session.scalars(
             select(AttemptEvent.attempt_id).where(AttemptEvent.event_id.in_(ids)).distinct()
         ))
@@ -111,7 +127,7 @@ def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int,
                     ~exists().where(AttemptEvent.attempt_id == DeliveryAttempt.id),
                 )
             ))
-        return len(deleted), attempts
+        return len(deleted), purged_triggers, attempts
 
 
 def _purge_orphan_attempts(db: Database, cutoff: datetime, batch_size: int) -> int:

@@ -1,12 +1,14 @@
-"""A local imitation of Braze's /users/track and /users/export/ids, strict where Braze is strict,
-and of Extole's GET /v2/rewards (the rewards reconciliation reads).
+"""A local imitation of Braze's /users/track, /users/export/ids, /campaigns/trigger/send and
+/canvas/trigger/send, strict where Braze is strict, and of Extole's GET /v2/rewards (the rewards
+reconciliation reads).
 
-It keeps profiles in memory per workspace (per API key) so tests and demos can see what Braze would
-hold, and injects faults (errors, latency, rate limits, refused keys and events) on demand. Rewards
-posted to POST /sandbox/extole/rewards are served by GET /v2/rewards to the token of their program,
-with Extole's parameters (`time_interval`, `success_only`, `limit` up to 1000, `offset`) and
-Extole's error bodies; its faults (statuses for the next requests, malformed answers, fields left
-out) are set through POST /sandbox/faults like Braze's.
+It keeps profiles and the campaign/Canvas messages it was asked to send in memory per workspace
+(per API key) so tests and demos can see what Braze would hold and send, and injects faults
+(errors, latency, rate limits, refused keys and events; all endpoints or only some) on demand.
+Rewards posted to POST /sandbox/extole/rewards are served by GET /v2/rewards to the token of their
+program, with Extole's parameters (`time_interval`, `success_only`, `limit` up to 1000, `offset`)
+and Extole's error bodies; its faults (statuses for the next requests, malformed answers, fields
+left out) are set through POST /sandbox/faults like Braze's.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ log = logging.getLogger(__name__)
 
 TRACK = "/users/track"
 EXPORT = "/users/export/ids"
-ENDPOINTS = (TRACK, EXPORT)
+CAMPAIGN_TRIGGER = "/campaigns/trigger/send"
+CANVAS_TRIGGER = "/canvas/trigger/send"
+ENDPOINTS = (TRACK, EXPORT, CAMPAIGN_TRIGGER, CANVAS_TRIGGER)
+# path -> (the id field, the recipients' properties field)
+TRIGGERS = {CAMPAIGN_TRIGGER: ("campaign_id", "trigger_properties"),
+            CANVAS_TRIGGER: ("canvas_id", "canvas_entry_properties")}
+MAX_RECIPIENTS = 50
+# Braze's rate limit of the trigger endpoints is one budget for both (and /messages/send).
+_RATE_KEYS = {CAMPAIGN_TRIGGER: "/messages", CANVAS_TRIGGER: "/messages"}
 DEFAULT_RATE = (3000, 3.0)
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_PROPERTIES_BYTES = 50 * 1024
@@ -53,7 +63,7 @@ EXPORT_FIELDS = ("external_id", "braze_id", "user_aliases", "email", "phone", "f
                  "last_name")
 FAULT_FIELDS = ("fail_rate", "fail_status", "latency_ms", "rate_limit", "reject_keys",
                 "refuse_event_ids", "refuse_mode", "extole_fail_statuses", "extole_malformed",
-                "extole_drop_fields")
+                "extole_drop_fields", "fault_paths")
 EXTOLE_REWARDS = "/v2/rewards"
 EXTOLE_MAX_LIMIT = 1000
 EXTOLE_DEFAULT_LIMIT = 100
@@ -124,6 +134,12 @@ def validate_faults(data: Any) -> dict[str, Any]:
         if not _str_list(data["extole_drop_fields"]):
             raise ValueError("extole_drop_fields must be an array of strings")
         out["extole_drop_fields"] = list(data["extole_drop_fields"])
+    if "fault_paths" in data:
+        paths = data["fault_paths"]
+        if not _str_list(paths) or any(path not in ENDPOINTS for path in paths):
+            raise ValueError("fault_paths must be an array of endpoints among "
+                             + ", ".join(ENDPOINTS) + " (empty: all)")
+        out["fault_paths"] = list(paths)
     return out
 
 
@@ -139,6 +155,8 @@ class SandboxConfig:
     reject_keys: list[str] = field(default_factory=list)
     refuse_event_ids: list[str] = field(default_factory=list)
     refuse_mode: str = "errors"
+    # The endpoints fail_rate and latency_ms apply to; empty: every endpoint.
+    fault_paths: list[str] = field(default_factory=list)
     max_objects: int = 75
     seed: int | None = None  # makes fail_rate reproducible
     # Extole: "PROGRAM=TOKEN" or "TOKEN" (program production); none: any token reads production.
@@ -152,6 +170,7 @@ class SandboxConfig:
         self.extole_tokens = [str(k) for k in self.extole_tokens]
         self.reject_keys = [str(k) for k in self.reject_keys]
         self.refuse_event_ids = [str(k) for k in self.refuse_event_ids]
+        self.fault_paths = [str(k) for k in self.fault_paths]
         validate_faults(self.faults())
         if not (isinstance(self.max_objects, int) and self.max_objects >= 1):
             raise ValueError("max_objects must be a positive integer")
@@ -211,6 +230,7 @@ class _Workspace:
         self.by_braze: dict[str, _Profile] = {}
         self.by_alias: dict[tuple[str, str], _Profile] = {}
         self.dropped: list[dict[str, Any]] = []
+        self.triggers: list[dict[str, Any]] = []  # accepted trigger requests, as received
 
     def new(self, seq: int) -> _Profile:
         now = _now_iso()
@@ -324,6 +344,36 @@ def _check_object(array: str, obj: Any) -> tuple[str, Any]:
     return ident
 
 
+def _check_recipient(recipient: Any, properties_field: str, other: str) -> str | None:
+    """What is wrong with one trigger recipient, or None."""
+    if not isinstance(recipient, dict):
+        return "must be an object"
+    given = [k for k in ("external_user_id", "user_alias", "email", "braze_id")
+             if recipient.get(k) is not None]
+    if len(given) != 1:
+        return "exactly one of 'external_user_id' or 'user_alias' is required"
+    if given[0] in ("email", "braze_id"):
+        return f"'{given[0]}' is not supported by the sandbox: use 'external_user_id' or " \
+               "'user_alias'"
+    if given[0] == "external_user_id" and not (
+            isinstance(recipient["external_user_id"], str) and recipient["external_user_id"]):
+        return "'external_user_id' must be a non-empty string"
+    if given[0] == "user_alias":
+        try:
+            _identify("events", {"user_alias": recipient["user_alias"]})
+        except ValueError as exc:
+            return str(exc)
+    if other in recipient:
+        return f"'{other}' is not a field of this endpoint: use '{properties_field}'"
+    if recipient.get(properties_field) is not None and not isinstance(
+            recipient[properties_field], dict):
+        return f"'{properties_field}' must be an object"
+    if "send_to_existing_only" in recipient and not isinstance(
+            recipient["send_to_existing_only"], bool):
+        return "'send_to_existing_only' must be true or false"
+    return None
+
+
 def _refused_id(obj: Any, refused: list[str]) -> str | None:
     props = obj.get("properties") if isinstance(obj, dict) else None
     event_id = props.get("extole_event_id") if isinstance(props, dict) else None
@@ -360,6 +410,10 @@ class _Sandbox:
         # Extole: program -> reward_id -> the reward as the rewards API shows it.
         self.rewards: dict[str, dict[str, dict[str, Any]]] = {}
 
+    def faulty(self, path: str) -> bool:
+        """Whether fail_rate and latency_ms apply to this endpoint."""
+        return not self.faults["fault_paths"] or path in self.faults["fault_paths"]
+
     def workspace_name(self, key: str) -> str | None:
         if self.keys:
             return self.keys.get(key)
@@ -375,9 +429,10 @@ class _Sandbox:
         limit, width = SandboxConfig.parse_rate_limit(spec) if spec else DEFAULT_RATE
         if name is None:
             return limit, limit, now + width, True
-        window = self.windows.get((name, path))
+        key = (name, _RATE_KEYS.get(path, path))
+        window = self.windows.get(key)
         if window is None or now >= window[0] + width:
-            window = self.windows[(name, path)] = [now, 0]
+            window = self.windows[key] = [now, 0]
         allowed = window[1] < limit
         window[1] += allowed
         return limit, int(limit - window[1]), window[0] + width, allowed
@@ -423,12 +478,59 @@ class _Sandbox:
     def answer(self, name: str, path: str, problem: tuple[int, dict[str, Any]] | None,
                body: Any) -> tuple[int, dict[str, Any]]:
         """A simulated outage wins over everything, as a real one would."""
-        if self.faults["fail_rate"] and self.rng.random() < self.faults["fail_rate"]:
+        if (self.faults["fail_rate"] and self.faulty(path)
+                and self.rng.random() < self.faults["fail_rate"]):
             status = self.faults["fail_status"]
             return status, {"message": f"sandbox fault: HTTP {status}"}
         if problem:
             return problem
+        if path in TRIGGERS:
+            return self.trigger(name, path, body)
         return (self.track if path == TRACK else self.export)(name, body)
+
+    def trigger(self, name: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """An API-triggered campaign or Canvas: every accepted request sends its recipients a
+        message, twice if sent twice (Braze does not de-duplicate them)."""
+        id_field, properties_field = TRIGGERS[path]
+        other = next(f for p, (_, f) in TRIGGERS.items() if p != path)
+        target = body.get(id_field)
+        if not (isinstance(target, str) and target.strip()):
+            return 400, {"message": f"'{id_field}' is required and must be a non-empty string"}
+        if other in body:
+            return 400, {"message": f"'{other}' is not a field of {path}: use "
+                                    f"'{properties_field}'"}
+        if body.get(properties_field) is not None and not isinstance(body[properties_field],
+                                                                      dict):
+            return 400, {"message": f"'{properties_field}' must be an object"}
+        recipients = body.get("recipients")
+        if recipients is None:
+            return 400, {"message": "'recipients' is required unless 'broadcast' is true "
+                                    "(the sandbox does not broadcast)"}
+        if not (isinstance(recipients, list) and 0 < len(recipients) <= MAX_RECIPIENTS):
+            return 400, {"message": f"'recipients' must be an array of 1 to {MAX_RECIPIENTS} "
+                                    "recipients"}
+        people: list[tuple[str, Any]] = []
+        for index, recipient in enumerate(recipients):
+            problem = _check_recipient(recipient, properties_field, other)
+            if problem:
+                return 400, {"message": f"recipients[{index}]: {problem}"}
+            kind = "external_user_id" if "external_user_id" in recipient else "user_alias"
+            value = recipient[kind]
+            people.append(("external_id", value) if kind == "external_user_id"
+                          else ("user_alias", (value["alias_name"], value["alias_label"])))
+        ws = self.workspaces.setdefault(name, _Workspace())
+        dispatch_id = secrets.token_hex(16)
+        messages = []
+        for recipient, ident in zip(recipients, people, strict=True):
+            profile = self.resolve(ws, ident, create=False)
+            messages.append({
+                "recipient": {k: v for k, v in recipient.items() if k != properties_field},
+                "properties": {**(body.get(properties_field) or {}),
+                               **(recipient.get(properties_field) or {})},
+                "profile_found": profile is not None})
+        ws.triggers.append({"endpoint": path, id_field: target, "dispatch_id": dispatch_id,
+                            "messages": messages, "time": _now_iso()})
+        return 201, {"dispatch_id": dispatch_id, "message": "success"}
 
     def track(self, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         arrays: dict[str, list[Any]] = {}
@@ -563,8 +665,11 @@ class _Sandbox:
     def stats(self) -> dict[str, Any]:
         dropped = sum(d["input_array"] == "events" for ws in self.workspaces.values()
                       for d in ws.dropped)
+        messages = sum(len(t["messages"]) for ws in self.workspaces.values()
+                       for t in ws.triggers)
         return {"requests": dict(self.statuses), "events_received": self.events_received,
-                "events_dropped": dropped, "event_ids": dict(self.event_ids)}
+                "events_dropped": dropped, "event_ids": dict(self.event_ids),
+                "trigger_messages": messages}
 
 
 class _ExtoleRefusal(RelayError):
@@ -755,7 +860,7 @@ def _braze_view(sandbox: _Sandbox, path: str) -> Response:
             limit, remaining, reset, allowed = sandbox.rate(name, path, now)
             if not allowed:
                 status, payload = 429, {"message": "Rate limit exceeded"}
-        latency = sandbox.faults["latency_ms"] / 1000.0
+        latency = sandbox.faults["latency_ms"] / 1000.0 if sandbox.faulty(path) else 0.0
     headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(remaining),
                "X-RateLimit-Reset": str(math.ceil(reset))}
     if status == 429:
@@ -811,6 +916,14 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
                 "workspaces": {n: [p.to_json() for p in ws.profiles]
                                for n, ws in sandbox.workspaces.items()},
                 "dropped": {n: list(ws.dropped) for n, ws in sandbox.workspaces.items()}})
+
+    @app.get("/sandbox/triggers")
+    def triggers() -> Response:
+        """Accepted trigger requests per workspace, each with the messages it sent (one per
+        recipient, with its properties and whether Braze had that profile)."""
+        with sandbox.lock:
+            return jsonify({"workspaces": {n: list(ws.triggers)
+                                           for n, ws in sandbox.workspaces.items()}})
 
     @app.get("/sandbox/requests")
     def requests_log() -> Response:

@@ -1,9 +1,10 @@
 """What runs when: the delivery worker's jobs, and the processes that run them.
 
 APScheduler jobs: delivery (every RELAY_POLL_INTERVAL, and at once when `relay.wakeup` wakes it;
-coalesced, one run at a time), the lease sweeper (every SWEEP_SECONDS: events of dead workers
-come back), the retention purge (daily, the first run 5 minutes after start) and reconciliation
-from Extole (when a token is set and RELAY_RECONCILE_INTERVAL is not 0: it looks every
+coalesced, one run at a time), campaign and Canvas triggers (every RELAY_POLL_INTERVAL, one run at
+a time: `relay.triggers`), the lease sweeper (every SWEEP_SECONDS: events of dead workers come
+back), the retention purge (daily, the first run 5 minutes after start) and reconciliation from
+Extole (when a token is set and RELAY_RECONCILE_INTERVAL is not 0: it looks every
 RECONCILE_TICK_SECONDS at most, and each environment runs once per interval across all workers,
 `relay.reconcile`). They run
 inside the web processes (`start_in_process`, for `relay serve --with-worker`) or in a process of
@@ -26,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from relay import retention
 from relay.db import Database, describe_error, get_db, utcnow
 from relay.eventmap import EventMap
-from relay.exceptions import RelayError
+from relay.exceptions import DatabaseUnavailable, RelayError
 from relay.outbox import leases
 from relay.reconcile import Reconciler
 from relay.settings import Settings
@@ -41,6 +42,7 @@ FIRST_PURGE_AFTER = timedelta(minutes=5)
 RECONCILE_TICK_SECONDS = 60
 FIRST_RECONCILE_AFTER = timedelta(seconds=30)
 DELIVER_JOB = "deliver"
+TRIGGER_JOB = "triggers"
 WORKER_EXTENSION = "relay.worker"  # (Worker, scheduler) of `serve --with-worker`, on the app
 
 
@@ -50,7 +52,7 @@ class _BusyDeliveryFilter(logging.Filter):
     dropped instead of being printed every poll interval under steady traffic."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (DELIVER_JOB in str(record.args)
+        return not ((DELIVER_JOB in str(record.args) or TRIGGER_JOB in str(record.args))
                     and "maximum number of running instances" in str(record.msg))
 
 
@@ -67,6 +69,14 @@ def deliver(worker: Worker, waker: Waker) -> None:
     finally:
         if not finished:
             waker.end()
+
+
+def send_triggers(worker: Worker) -> None:
+    """The trigger job (`relay.triggers`): a database outage waits for the next run."""
+    try:
+        worker.send_triggers()
+    except DatabaseUnavailable as outage:
+        log.warning("triggers paused: %s", outage)
 
 
 def sweep_leases(db: Database) -> int:
@@ -125,6 +135,8 @@ def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> Backgro
     now = datetime.now().astimezone()
     scheduler.add_job(deliver, "interval", args=(worker, waker),
                       seconds=settings.poll_interval, id=DELIVER_JOB, next_run_time=now)
+    scheduler.add_job(send_triggers, "interval", args=(worker,), seconds=settings.poll_interval,
+                      id=TRIGGER_JOB, next_run_time=now)
     scheduler.add_job(sweep_leases, "interval", args=(worker.db,), seconds=SWEEP_SECONDS,
                       id="sweep_leases")
     scheduler.add_job(purge, "interval",

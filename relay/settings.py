@@ -63,6 +63,7 @@ class Settings:
     refused_log_rate: int = 60
     retention_days: int = 30
     dedup_days: int = 400
+    trigger_delay: float = 0.0
     # Tunables of the worker, in the README's table too.
     worker_batch_size: int = 500
     worker_threads: int = 8
@@ -228,6 +229,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RELAY_REFUSED_LOG_RATE": ("refused_log_rate", _int(0)),
     "RELAY_RETENTION_DAYS": ("retention_days", _int(1)),
     "RELAY_DEDUP_DAYS": ("dedup_days", _int(1)),
+    "RELAY_TRIGGER_DELAY": ("trigger_delay", _number(0, strict=False)),
     "RELAY_WORKER_BATCH_SIZE": ("worker_batch_size", _int(1, 10000)),
     "RELAY_WORKER_THREADS": ("worker_threads", _int(1, 64)),
     "RELAY_LEASE_SECONDS": ("lease_seconds", _int(10)),

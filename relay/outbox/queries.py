@@ -94,7 +94,8 @@ def list_events(session: Session, event_filter: EventFilter, *, limit: int = 50,
 
 
 def event_detail(session: Session, event_id: int) -> dict[str, Any]:
-    """The event's whole story: payload, inbound request, identity and every Braze request."""
+    """The event's whole story: payload, inbound request, identity, every Braze request and the
+    campaign/Canvas triggers it started."""
     event = get_event(session, event_id)
     detail = event_json(event)
     detail.update(payload=event.payload, properties=event.properties,
@@ -132,6 +133,11 @@ def event_detail(session: Session, event_id: int) -> dict[str, Any]:
         }
         for attempt, outcome in attempts
     ]
+    # Here, not at the top: relay.triggers imports relay.metrics, which imports this module.
+    from relay import triggers
+
+    found, _ = triggers.list_triggers(session, event_id=event_id, limit=100)
+    detail["triggers"] = [triggers.trigger_json(t) for t in reversed(found)]
     return detail
 
 

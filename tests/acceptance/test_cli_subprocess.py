@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 RELAY = Path(sys.executable).parent / "relay"
 COMMANDS = ["check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
-            "serve", "worker"]
+            "serve", "triggers", "worker"]
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from tests.support import (
 )
 
 COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
-            "serve", "worker")
+            "serve", "triggers", "worker")
 
 
 def set_status(app: Flask, extole_ids: list[str], status: str, **values: Any) -> None:
@@ -61,7 +61,8 @@ def test_help_lists_every_command_with_one_line_each(relay: Callable[..., Result
 @pytest.mark.parametrize("command", [
     ["serve"], ["worker"], ["db", "upgrade"], ["db", "current"], ["db", "history"],
     ["events", "list"], ["events", "show"], ["events", "retry"], ["events", "replay"],
-    ["forget"], ["purge"], ["check-config"], ["sandbox"], ["init"], ["reconcile"]])
+    ["forget"], ["purge"], ["check-config"], ["sandbox"], ["init"], ["reconcile"],
+    ["triggers", "list"], ["triggers", "resend"], ["triggers", "drop"]])
 def test_every_command_has_help(clean_environment: None, command: list[str]) -> None:
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -360,9 +361,9 @@ def test_forget_asks_first_then_prints_counts(relay: Callable[..., Result], app:
 
     result = relay("forget", "--email", "Ann.Lee@example.com", input="y\n")
     assert result.exit_code == 0
-    assert result.stdout.splitlines()[-5:] == [
+    assert result.stdout.splitlines()[-6:] == [
         "events: 1 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
-        "identity_cache: 0 deleted", "dedup_keys: 0 deleted"]
+        "identity_cache: 0 deleted", "triggers: 0 deleted", "dedup_keys: 0 deleted"]
     stored = events_by_extole_id(app)
     assert stored["r7k2m9q4x1b8c3d5e6f0"].email is None
     assert stored["rc00112233445566778"].email == "bo.chen@example.org"
@@ -379,7 +380,7 @@ def test_forget_by_external_id_with_yes(relay: Callable[..., Result], app: Flask
     result = relay("forget", "--external-id", "cust-3001", "--yes")
     assert result.stdout.splitlines() == [
         "events: 2 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
-        "identity_cache: 0 deleted", "dedup_keys: 0 deleted"]
+        "identity_cache: 0 deleted", "triggers: 0 deleted", "dedup_keys: 0 deleted"]
     stored = events_by_extole_id(app)
     assert stored["bt-0001"].external_id is None and stored["bt-0003"].email == "dee@example.net"
 
@@ -395,15 +396,16 @@ def test_purge_prints_counts_and_deletes(relay: Callable[..., Result], app: Flas
         session.execute(update(InboundRequest).values(received_at=old))
 
     kept = relay("purge")  # RELAY_RETENTION_DAYS defaults to 30
-    assert kept.stdout.splitlines()[1:] == ["  events: 0", "  delivery_attempts: 0",
-                                            "  inbound_requests: 0", "  identity_cache: 0",
-                                            "  refused_request_counts: 0", "  dedup_keys: 0"]
+    assert kept.stdout.splitlines()[1:] == ["  events: 0", "  triggers: 0",
+                                            "  delivery_attempts: 0", "  inbound_requests: 0",
+                                            "  identity_cache: 0", "  refused_request_counts: 0",
+                                            "  dedup_keys: 0"]
     result = relay("purge", RELAY_RETENTION_DAYS="7")
     # The purged events' keys stay (RELAY_DEDUP_DAYS, 400 by default): replays stay duplicates.
     assert result.stdout.splitlines() == [
         "purged rows received more than 7 days ago (keys of purged events: 400 days):",
-        "  events: 2", "  delivery_attempts: 0", "  inbound_requests: 2", "  identity_cache: 0",
-        "  refused_request_counts: 0", "  dedup_keys: 0"]
+        "  events: 2", "  triggers: 0", "  delivery_attempts: 0", "  inbound_requests: 2",
+        "  identity_cache: 0", "  refused_request_counts: 0", "  dedup_keys: 0"]
     assert set(events_by_extole_id(app)) == {"us1234abcd5678ef9013"}
     assert relay("purge", "--older-than", "0").exit_code == 2
 

@@ -315,3 +315,45 @@ def test_0005_on_a_database_that_holds_rows(empty_database_url: str) -> None:
                 "SELECT body_size, status_code FROM inbound_requests")).one() == (2, 401)
     finally:
         engine.dispose()
+
+
+def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
+    """The triggers table arrives beside delivered events and leaves without touching them."""
+    migrate.upgrade(empty_database_url, "0005")
+    engine = make_engine(empty_database_url)
+    now = "2026-11-20 14:14:18"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
+                "payload, received_at, updated_at, delivered_at) VALUES ('production', 'ev-1', "
+                "'ev-1', 'delivered', 0, '{}', :t, :t, :t)"), {"t": now})
+            connection.execute(text(
+                "INSERT INTO delivery_attempts (environment, endpoint, started_at, duration_ms) "
+                "VALUES ('production', '/users/track', :t, 5.0)"), {"t": now})
+        migrate.upgrade(empty_database_url, "0006")
+        with engine.begin() as connection:
+            assert connection.execute(text(
+                "SELECT extole_event_id, status FROM events")).all() == [("ev-1", "delivered")]
+            connection.execute(text(
+                "INSERT INTO triggers (event_id, environment, kind, target_id, recipient, state, "
+                "due_at, sends, attempt_id, created_at, updated_at) VALUES (1, 'production', "
+                "'campaign', 'cmp-1', :r, 'due', :t, 0, 1, :t, :t)"),
+                {"t": now, "r": '{"external_user_id": "cust-1"}'})
+            duplicate = text(
+                "INSERT INTO triggers (event_id, environment, kind, target_id, state, sends, "
+                "created_at, updated_at) VALUES (1, 'production', 'campaign', 'cmp-1', 'due', 0, "
+                ":t, :t)")
+            assert connection.execute(text(
+                "SELECT state, recipient FROM triggers")).one()[0] == "due"
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(duplicate, {"t": now})  # one row per event and target
+        command.downgrade(migrate.alembic_config(empty_database_url), "0005")
+        engine.dispose()
+        assert "triggers" not in set(inspect(engine).get_table_names())
+        with engine.begin() as connection:
+            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
+            assert connection.execute(text(
+                "SELECT count(*) FROM delivery_attempts")).scalar() == 1
+    finally:
+        engine.dispose()

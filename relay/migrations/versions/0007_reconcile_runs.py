@@ -1,7 +1,7 @@
 """reconciliation from Extole's rewards API: a record of each run, and the lock of each environment
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-05 09:00:00
 
 Two new tables, nothing else changes: `reconcile_runs` (one row per finished run: window, rewards
@@ -16,7 +16,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0007"
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

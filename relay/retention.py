@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, select, tuple_, update
+from sqlalchemy import delete, exists, false, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
 
+from relay import dialect
 from relay.db import Database, rowcount, utcnow
 from relay.models import (
     AttemptEvent,
@@ -95,9 +96,14 @@ def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int,
     """One batch of events with their triggers, their links and the attempts that carried
     nothing else."""
     with db.session() as session:
-        ids = list(session.scalars(
+        # The batch is locked before anything of it goes (PostgreSQL: its rows, skipping those
+        # another transaction holds; SQLite: the write lock), so an operator's replay cannot slip
+        # in between the trigger delete and the event delete: a replayed event whose finished
+        # trigger was gone would start its campaign a second time.
+        dialect.take_write_lock(session, OutboxEvent, false())
+        ids = list(session.scalars(dialect.for_update(
             select(OutboxEvent.id).where(_purgeable_event(cutoff))
-            .order_by(OutboxEvent.id).limit(batch_size)
+            .order_by(OutboxEvent.id).limit(batch_size), session, skip_locked=True)
         ))
         if not ids:
             return 0, 0, 0

@@ -23,6 +23,7 @@ from relay.models import (
     RefusedRequestCount,
     Trigger,
 )
+from tests.support import POSTGRESQL_ONLY
 
 NOW = datetime(2027, 3, 1, 12, 0, 0)
 OLD = NOW - timedelta(days=31)
@@ -266,3 +267,24 @@ def test_purge_deletes_counts_of_refused_requests_past_retention(db: Database) -
     with db.session() as s:
         assert [(r.minute, r.remote_addr) for r in s.scalars(select(RefusedRequestCount))] == [
             (RECENT, "192.0.2.1")]
+
+
+@POSTGRESQL_ONLY
+def test_an_event_another_transaction_holds_keeps_its_finished_trigger(db: Database) -> None:
+    """The purge locks its batch before deleting anything of it: an event an operator's replay
+    holds at that moment is left whole (its sent trigger with it), so the replayed event cannot
+    start its campaign a second time; the next purge takes both."""
+    with db.session() as s:
+        busy = event(s, "delivered", OLD, None, "busy")
+        free = event(s, "delivered", OLD, None, "free")
+        trigger(s, busy, "sent")
+        trigger(s, free, "sent")
+    with db.engine.connect() as other, other.begin():
+        other.execute(select(OutboxEvent.id).where(OutboxEvent.id == busy).with_for_update())
+        counts = retention.purge(db, 30, dedup_days=400, now=NOW)
+        assert (counts["events"], counts["triggers"]) == (1, 1)
+        with db.session() as s:
+            assert list(s.scalars(select(Trigger.event_id))) == [busy]
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW)
+    assert (counts["events"], counts["triggers"]) == (1, 1)
+    assert ids(db, OutboxEvent) == set()

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, exists, false, select, tuple_, update
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
 from relay import dialect
@@ -162,43 +164,35 @@ def _purge_batch(db: Database, model: type[DeliveryAttempt] | type[InboundReques
         return rowcount(session.execute(delete(model).where(model.id.in_(ids), unused)))
 
 
-def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> int:
-    """Answers that expired longer ago than the retention period: unusable, yet personal data."""
-    key = tuple_(IdentityCache.environment, IdentityCache.email)
+def _purge_by_key(db: Database, model: type[Any], key: tuple[InstrumentedAttribute[Any], ...],
+                  condition: ColumnElement[bool], batch_size: int) -> int:
+    """One batch of rows of a table keyed by several columns (no id to page by): the keys of up
+    to `batch_size` rows meeting `condition`, then those rows, `condition` checked again."""
     with db.session() as session:
         keys = [tuple(row) for row in session.execute(
-            select(IdentityCache.environment, IdentityCache.email)
-            .where(IdentityCache.expires_at < cutoff).limit(batch_size)
-        )]
+            select(*key).where(condition).limit(batch_size))]
         if not keys:
             return 0
         return rowcount(session.execute(
-            delete(IdentityCache).where(key.in_(keys), IdentityCache.expires_at < cutoff)
-        ))
+            delete(model).where(tuple_(*key).in_(keys), condition)))
+
+
+def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Answers that expired longer ago than the retention period: unusable, yet personal data."""
+    return _purge_by_key(db, IdentityCache, (IdentityCache.environment, IdentityCache.email),
+                         IdentityCache.expires_at < cutoff, batch_size)
 
 
 def _purge_dedup_keys(db: Database, cutoff: datetime, batch_size: int) -> int:
     """Keys of purged events received before `cutoff` (now - RELAY_DEDUP_DAYS): a request that
     old is no longer recognised as a replay. A key whose event is still kept stays with it."""
-    expired = DedupKey.event_id.is_(None) & (DedupKey.received_at < cutoff)
-    key = tuple_(DedupKey.environment, DedupKey.key)
-    with db.session() as session:
-        keys = [tuple(row) for row in session.execute(
-            select(DedupKey.environment, DedupKey.key).where(expired).limit(batch_size)
-        )]
-        if not keys:
-            return 0
-        return rowcount(session.execute(delete(DedupKey).where(key.in_(keys), expired)))
+    return _purge_by_key(db, DedupKey, (DedupKey.environment, DedupKey.key),
+                         DedupKey.event_id.is_(None) & (DedupKey.received_at < cutoff),
+                         batch_size)
 
 
 def _purge_refused_counts(db: Database, cutoff: datetime, batch_size: int) -> int:
     """Counts of refused requests for minutes older than the retention period."""
-    key = tuple_(RefusedRequestCount.minute, RefusedRequestCount.remote_addr)
-    with db.session() as session:
-        keys = [tuple(row) for row in session.execute(
-            select(RefusedRequestCount.minute, RefusedRequestCount.remote_addr)
-            .where(RefusedRequestCount.minute < cutoff).limit(batch_size)
-        )]
-        if not keys:
-            return 0
-        return rowcount(session.execute(delete(RefusedRequestCount).where(key.in_(keys))))
+    return _purge_by_key(db, RefusedRequestCount,
+                         (RefusedRequestCount.minute, RefusedRequestCount.remote_addr),
+                         RefusedRequestCount.minute < cutoff, batch_size)

@@ -38,7 +38,7 @@ from relay.braze import (
     RateLimited,
     TransportError,
 )
-from relay.db import Database, rowcount, utcnow
+from relay.db import Database, iso_time, rowcount, utcnow
 from relay.eventmap import EventMap, Mapping, reward_state
 from relay.exceptions import (
     DatabaseUnavailable,
@@ -516,10 +516,6 @@ def _operator_move(session: Session, trigger: Trigger, new: TriggerState, why: s
 # --- read-only ----------------------------------------------------------------------------------
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="milliseconds") + "Z" if moment else None
-
-
 def trigger_json(trigger: Trigger) -> dict[str, Any]:
     """A trigger as the admin API and `relay triggers` show it."""
     return {
@@ -531,10 +527,10 @@ def trigger_json(trigger: Trigger) -> dict[str, Any]:
         "state": trigger.state,
         "recipient": trigger.recipient,
         "sends": trigger.sends,
-        "due_at": _iso(trigger.due_at) if trigger.state == TriggerState.DUE.value else None,
-        "sent_at": _iso(trigger.sent_at),
-        "created_at": _iso(trigger.created_at),
-        "updated_at": _iso(trigger.updated_at),
+        "due_at": iso_time(trigger.due_at) if trigger.state == TriggerState.DUE.value else None,
+        "sent_at": iso_time(trigger.sent_at),
+        "created_at": iso_time(trigger.created_at),
+        "updated_at": iso_time(trigger.updated_at),
         "last_error": trigger.last_error,
     }
 

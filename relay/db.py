@@ -45,6 +45,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def iso_time(moment: datetime | None) -> str | None:
+    """A time column as the admin API, the CLI and the pages show it: ISO 8601 UTC to the
+    millisecond with a `Z`; None stays None."""
+    return moment.isoformat(timespec="milliseconds") + "Z" if moment else None
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     if "poolclass" not in kwargs:

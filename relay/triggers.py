@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,7 +38,7 @@ from relay.braze import (
     RateLimited,
     TransportError,
 )
-from relay.db import Database, rowcount, utcnow
+from relay.db import Database, iso_time, rowcount, utcnow
 from relay.eventmap import EventMap, Mapping, reward_state
 from relay.exceptions import (
     DatabaseUnavailable,
@@ -469,54 +469,51 @@ def get_trigger(session: Session, trigger_id: int) -> Trigger:
 def resend(session: Session, trigger_id: int, now: datetime | None = None) -> Trigger:
     """An operator's decision: an `uncertain` (or `failed`) trigger is sent again, once."""
     now = now or utcnow()
-    trigger = get_trigger(session, trigger_id)
-    old = trigger.state
-    if old not in RESENDABLE:
-        raise InvalidTransition(f"trigger {trigger_id} is {old}: only an uncertain or failed "
-                                "trigger can be resent")
+    trigger = _operator_trigger(session, trigger_id, RESENDABLE,
+                                "only an uncertain or failed trigger can be resent")
     if trigger.recipient is None:
         raise InvalidTransition(f"trigger {trigger_id} has no recipient Braze can address "
                                 f"({NO_RECIPIENT})")
-    _operator_update(session, trigger, old, state=TriggerState.DUE.value, due_at=now,
-                     last_error=None, updated_at=now)
-    log.info("trigger %s (event %s): %s -> due (resent by an operator)", trigger.id,
-             trigger.event_id, old)
-    metrics.TRIGGERS.labels(trigger.environment, TriggerState.DUE.value).inc()
-    return trigger
+    return _operator_move(session, trigger, TriggerState.DUE, "resent by an operator",
+                          due_at=now, last_error=None, updated_at=now)
 
 
 def drop(session: Session, trigger_id: int, now: datetime | None = None) -> Trigger:
     """An operator's decision: the trigger is never sent (again)."""
     now = now or utcnow()
+    trigger = _operator_trigger(session, trigger_id, DROPPABLE,
+                                "only a due, uncertain or failed trigger can be dropped")
+    return _operator_move(session, trigger, TriggerState.DROPPED, "by an operator", due_at=None,
+                          updated_at=now)
+
+
+def _operator_trigger(session: Session, trigger_id: int, allowed: Collection[str],
+                      rule: str) -> Trigger:
+    """The trigger an operator acts on, if its state allows the action (`rule` says which do)."""
     trigger = get_trigger(session, trigger_id)
-    old = trigger.state
-    if old not in DROPPABLE:
-        raise InvalidTransition(f"trigger {trigger_id} is {old}: only a due, uncertain or "
-                                "failed trigger can be dropped")
-    _operator_update(session, trigger, old, state=TriggerState.DROPPED.value, due_at=None,
-                     updated_at=now)
-    log.info("trigger %s (event %s): %s -> dropped (by an operator)", trigger.id,
-             trigger.event_id, old)
-    metrics.TRIGGERS.labels(trigger.environment, TriggerState.DROPPED.value).inc()
+    if trigger.state not in allowed:
+        raise InvalidTransition(f"trigger {trigger_id} is {trigger.state}: {rule}")
     return trigger
 
 
-def _operator_update(session: Session, trigger: Trigger, old: str, **values: Any) -> None:
-    """Change the trigger only if it is still in the state the operator saw (a worker may have
-    claimed a due trigger meanwhile)."""
+def _operator_move(session: Session, trigger: Trigger, new: TriggerState, why: str,
+                   **values: Any) -> Trigger:
+    """Change the trigger to `new` only if it is still in the state the operator saw (a worker may
+    have claimed a due trigger meanwhile); logged and counted like every transition."""
+    old = trigger.state
     changed = rowcount(session.execute(
-        update(Trigger).where(Trigger.id == trigger.id, Trigger.state == old).values(values)
-        .execution_options(synchronize_session=False)))
+        update(Trigger).where(Trigger.id == trigger.id, Trigger.state == old)
+        .values(state=new.value, **values).execution_options(synchronize_session=False)))
     if not changed:
         raise InvalidTransition(f"trigger {trigger.id} changed meanwhile: look again")
     session.refresh(trigger)
+    log.info("trigger %s (event %s): %s -> %s (%s)", trigger.id, trigger.event_id, old,
+             new.value, why)
+    metrics.TRIGGERS.labels(trigger.environment, new.value).inc()
+    return trigger
 
 
 # --- read-only ----------------------------------------------------------------------------------
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="milliseconds") + "Z" if moment else None
 
 
 def trigger_json(trigger: Trigger) -> dict[str, Any]:
@@ -530,10 +527,10 @@ def trigger_json(trigger: Trigger) -> dict[str, Any]:
         "state": trigger.state,
         "recipient": trigger.recipient,
         "sends": trigger.sends,
-        "due_at": _iso(trigger.due_at) if trigger.state == TriggerState.DUE.value else None,
-        "sent_at": _iso(trigger.sent_at),
-        "created_at": _iso(trigger.created_at),
-        "updated_at": _iso(trigger.updated_at),
+        "due_at": iso_time(trigger.due_at) if trigger.state == TriggerState.DUE.value else None,
+        "sent_at": iso_time(trigger.sent_at),
+        "created_at": iso_time(trigger.created_at),
+        "updated_at": iso_time(trigger.updated_at),
         "last_error": trigger.last_error,
     }
 

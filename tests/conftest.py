@@ -162,6 +162,15 @@ def app(settings: Settings) -> Iterator[Flask]:
 
 
 @pytest.fixture
+def second_app(settings: Settings) -> Iterator[Flask]:
+    """Another process of the same deployment as `app`: its own app, engine and memory, one
+    database."""
+    other = create_app(settings, TESTING=True)
+    yield other
+    other.extensions["relay.db"].dispose()
+
+
+@pytest.fixture
 def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., Flask]]:
     """Apps with settings of their own (`make_app(max_items=3)`) on the test's database; two
     of them stand for two processes sharing it."""

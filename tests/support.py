@@ -66,6 +66,32 @@ def signed(body: bytes, secret: str = PROD_SECRET) -> dict[str, str]:
     return {"Content-Type": "application/json", "X-Extole-Signature": sign(body, secret)}
 
 
+def post_concurrently(app: Flask, bodies: list[bytes]) -> list[Any]:
+    """Post each signed body to `production` from its own thread, all released at once by a
+    barrier: the webhooks race through the receiver. Answers the responses in order."""
+    barrier = threading.Barrier(len(bodies))
+    answers: list[Any] = [None] * len(bodies)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        client = app.test_client()
+        try:
+            barrier.wait(timeout=30)
+            answers[index] = client.post("/webhooks/extole/production", data=bodies[index],
+                                         headers=signed(bodies[index]))
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert all(not thread.is_alive() for thread in threads)
+    return answers
+
+
 def free_port() -> int:
     """A port of 127.0.0.1 nobody listens on at this moment: to serve on, or to find closed."""
     with socket.socket() as probe:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from sqlalchemy.orm import Session
 
 from relay import triggers
 from relay.admin import auth
@@ -32,6 +34,8 @@ from relay.outbox.filters import EventFilter
 from relay.settings import ENVIRONMENTS, Settings
 
 bp = Blueprint("api", __name__)
+
+T = TypeVar("T")
 
 REPLAY_FIELDS = ("status", "environment", "name", "q", "since")
 STATS_TTL = 1.0  # seconds; the page script waits at least this long after a change to ask
@@ -90,17 +94,13 @@ def event(raw_id: str) -> Response:
 @bp.post("/events/<raw_id>/retry")
 def retry(raw_id: str) -> Response:
     """A dead or retrying event becomes due now; 409 says why when it is neither."""
-    with get_db().session() as session:
-        body = queries.event_json(operator.retry(session, to_event_id(raw_id)))
-    return jsonify(body)
+    return _act(operator.retry, to_event_id(raw_id), queries.event_json)
 
 
 @bp.post("/events/<raw_id>/replay")
 def replay(raw_id: str) -> Response:
     """Send the event again, even if delivered; its attempt history is kept."""
-    with get_db().session() as session:
-        body = queries.event_json(operator.replay(session, to_event_id(raw_id)))
-    return jsonify(body)
+    return _act(operator.replay, to_event_id(raw_id), queries.event_json)
 
 
 @bp.post("/replay")
@@ -190,14 +190,19 @@ def list_triggers() -> Response:
 def resend_trigger(raw_id: str) -> Response:
     """An uncertain (or failed) trigger is sent again, once: the operator has checked that the
     person did not get the message."""
-    with get_db().session() as session:
-        body = triggers.trigger_json(triggers.resend(session, to_trigger_id(raw_id)))
-    return jsonify(body)
+    return _act(triggers.resend, to_trigger_id(raw_id), triggers.trigger_json)
 
 
 @bp.post("/triggers/<raw_id>/drop")
 def drop_trigger(raw_id: str) -> Response:
     """The trigger is never sent (again): state `dropped`."""
+    return _act(triggers.drop, to_trigger_id(raw_id), triggers.trigger_json)
+
+
+def _act(action: Callable[[Session, int], T], object_id: int,
+         as_json: Callable[[T], dict[str, Any]]) -> Response:
+    """An operator's action on one event or trigger, in its own transaction; answers the object as
+    it is now (a refusal is the InvalidTransition handler's 409)."""
     with get_db().session() as session:
-        body = triggers.trigger_json(triggers.drop(session, to_trigger_id(raw_id)))
+        body = as_json(action(session, object_id))
     return jsonify(body)

@@ -47,7 +47,6 @@ from flask import (
 )
 from flask.sessions import SecureCookieSessionInterface
 from sqlalchemy import CursorResult, delete, select, update
-from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response as BaseResponse
 
 from relay import dialect
@@ -146,13 +145,21 @@ class _Every:
             return True
 
 
-def _delete_batch(session: Session, model: type[AdminSession] | type[AdminLoginFailure],
-                  key: Any, condition: Any) -> int:
-    """Delete up to PURGE_BATCH rows matching `condition`, skipping rows another transaction
-    holds (PostgreSQL), so two processes tidying at once never wait on or deadlock each other."""
-    doomed = select(key).where(condition).limit(PURGE_BATCH).with_for_update(skip_locked=True)
-    result = cast(CursorResult[Any], session.execute(delete(model).where(key.in_(doomed))))
-    return int(result.rowcount)
+def _purge(db: Database, model: type[AdminSession] | type[AdminLoginFailure], key: Any,
+           condition: Any) -> int:
+    """Delete the rows matching `condition`, PURGE_BATCH at a time, each batch its own short
+    transaction; answers how many went. A batch skips rows another transaction holds
+    (PostgreSQL), so two processes tidying at once never wait on or deadlock each other."""
+    total = 0
+    while True:
+        with db.session() as session:
+            doomed = (select(key).where(condition).limit(PURGE_BATCH)
+                      .with_for_update(skip_locked=True))
+            result = cast(CursorResult[Any], session.execute(delete(model).where(key.in_(doomed))))
+            deleted = int(result.rowcount)
+        total += deleted
+        if deleted < PURGE_BATCH:
+            return total
 
 
 @dataclass(frozen=True)
@@ -240,14 +247,8 @@ class LoginThrottle:
     def purge(self, db: Database) -> int:
         """Delete rows that no longer count (older than the window), a batch at a time."""
         cutoff = self.clock() - self.window
-        total = 0
-        while True:
-            with db.session() as session:
-                deleted = _delete_batch(session, AdminLoginFailure, AdminLoginFailure.id,
-                                        AdminLoginFailure.failed_at <= cutoff)
-            total += deleted
-            if deleted < PURGE_BATCH:
-                return total
+        return _purge(db, AdminLoginFailure, AdminLoginFailure.id,
+                      AdminLoginFailure.failed_at <= cutoff)
 
 
 def session_hash(session_id: str) -> str:
@@ -300,14 +301,7 @@ class SessionStore:
 
     def purge(self, db: Database) -> int:
         now = self.clock()
-        total = 0
-        while True:
-            with db.session() as session:
-                deleted = _delete_batch(session, AdminSession, AdminSession.id_hash,
-                                        AdminSession.expires_at <= now)
-            total += deleted
-            if deleted < PURGE_BATCH:
-                return total
+        return _purge(db, AdminSession, AdminSession.id_hash, AdminSession.expires_at <= now)
 
 
 @dataclass

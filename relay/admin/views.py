@@ -150,23 +150,29 @@ def can_retry(event: dict[str, Any]) -> bool:
 
 @bp.post("/events/<raw_id>/retry")
 def retry(raw_id: str) -> Any:
-    return _act(raw_id, operator.retry, "is due now and will be retried within seconds")
+    return _act_on_event(raw_id, operator.retry, "is due now and will be retried within seconds")
 
 
 @bp.post("/events/<raw_id>/replay")
 def replay(raw_id: str) -> Any:
-    return _act(raw_id, operator.replay, "is queued to be sent to Braze again")
+    return _act_on_event(raw_id, operator.replay, "is queued to be sent to Braze again")
 
 
-def _act(raw_id: str, action: Any, done: str) -> Any:
+def _act_on_event(raw_id: str, action: Any, done: str) -> Any:
     event_id = to_event_id(raw_id)
+    _act("Event", event_id, action, done)
+    return redirect(url_for("admin.views.event", raw_id=event_id))
+
+
+def _act(noun: str, object_id: int, action: Any, done: str) -> None:
+    """An operator's action on one event or trigger, in its own transaction; the outcome (done, or
+    why the state refused it) is flashed on the page the operator returns to."""
     try:
         with get_db().session() as session:
-            action(session, event_id)
-        flash(f"Event {event_id} {done}.", "ok")
+            action(session, object_id)
+        flash(f"{noun} {object_id} {done}.", "ok")
     except InvalidTransition as refusal:
         flash(f"Not done: {refusal}.", "error")
-    return redirect(url_for("admin.views.event", raw_id=event_id))
 
 
 @bp.route("/replay", methods=["GET", "POST"])
@@ -228,13 +234,7 @@ def drop_trigger(raw_id: str) -> Any:
 
 
 def _act_on_trigger(raw_id: str, action: Any, done: str) -> Any:
-    trigger_id = to_trigger_id(raw_id)
-    try:
-        with get_db().session() as session:
-            action(session, trigger_id)
-        flash(f"Trigger {trigger_id} {done}.", "ok")
-    except InvalidTransition as refusal:
-        flash(f"Not done: {refusal}.", "error")
+    _act("Trigger", to_trigger_id(raw_id), action, done)
     # Back to the event page the form was on, else to the list.
     event_id = parse_id(request.form.get("event_id"))
     if event_id is not None:

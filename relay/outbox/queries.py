@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from relay.db import utcnow
+from relay.db import iso_time, utcnow
 from relay.exceptions import EventNotFound
 from relay.extole import is_reconciled
 from relay.models import (
@@ -55,10 +55,6 @@ def counts_by_status(session: Session) -> dict[str, int]:
     return counts
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="milliseconds") + "Z" if moment else None
-
-
 def event_json(event: OutboxEvent) -> dict[str, Any]:
     """An event as the admin API and `relay events` show it."""
     return {
@@ -71,11 +67,12 @@ def event_json(event: OutboxEvent) -> dict[str, Any]:
         "attempts": event.attempts,
         "external_id": event.external_id,
         "email": event.email,
-        "event_time": _iso(event.event_time),
-        "received_at": _iso(event.received_at),
-        "updated_at": _iso(event.updated_at),
-        "next_attempt_at": _iso(event.next_attempt_at) if event.status == Status.PENDING else None,
-        "delivered_at": _iso(event.delivered_at),
+        "event_time": iso_time(event.event_time),
+        "received_at": iso_time(event.received_at),
+        "updated_at": iso_time(event.updated_at),
+        "next_attempt_at": (iso_time(event.next_attempt_at) if event.status == Status.PENDING
+                            else None),
+        "delivered_at": iso_time(event.delivered_at),
         "last_error": event.last_error,
         "identity": event.identity,
         "reconciled": is_reconciled(event.extole_event_id),
@@ -103,7 +100,7 @@ def event_detail(session: Session, event_id: int) -> dict[str, Any]:
     inbound = session.get(InboundRequest, event.inbound_id) if event.inbound_id else None
     detail["inbound"] = None if inbound is None else {
         "id": inbound.id,
-        "received_at": _iso(inbound.received_at),
+        "received_at": iso_time(inbound.received_at),
         "method": inbound.method,
         "path": inbound.path,
         "remote_addr": inbound.remote_addr,
@@ -123,7 +120,7 @@ def event_detail(session: Session, event_id: int) -> dict[str, Any]:
         {
             "id": attempt.id,
             "endpoint": attempt.endpoint,
-            "started_at": _iso(attempt.started_at),
+            "started_at": iso_time(attempt.started_at),
             "duration_ms": round(attempt.duration_ms, 1),
             "status_code": attempt.status_code,
             "request_body": attempt.request_body,
@@ -158,11 +155,11 @@ def reconciliation(session: Session, environments: Sequence[str]) -> dict[str, A
             report[environment]["problems"] = []
             continue
         report[environment] = {
-            "last_run_at": _iso(run.started_at),
-            "finished_at": _iso(run.finished_at),
+            "last_run_at": iso_time(run.started_at),
+            "finished_at": iso_time(run.finished_at),
             "trigger": run.trigger,
-            "window_start": _iso(run.window_start),
-            "window_end": _iso(run.window_end),
+            "window_start": iso_time(run.window_start),
+            "window_end": iso_time(run.window_end),
             "seen": run.seen,
             "present": run.present,
             "backfilled": run.backfilled,
@@ -170,7 +167,7 @@ def reconciliation(session: Session, environments: Sequence[str]) -> dict[str, A
             "error": run.error,
             "problems": run.problems or [],
             "duration_ms": round(run.duration_ms, 1),
-            "last_success_at": _iso(successes.get(environment)),
+            "last_success_at": iso_time(successes.get(environment)),
         }
     return report
 

@@ -7,11 +7,10 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
@@ -97,14 +96,6 @@ def assert_refused(copy: FlaskClient, token: str, event_id: int) -> None:
     assert form.status_code == 302 and form.headers["Location"].startswith("/admin/login")
     stream = copy.get("/admin/stream")
     assert stream.status_code == 401
-
-
-@pytest.fixture
-def second_app(settings: Settings) -> Iterator[Flask]:
-    """Another process of the same deployment: its own app, engine and memory, one database."""
-    other = create_app(settings, TESTING=True)
-    yield other
-    get_db(other).dispose()
 
 
 def test_a_cookie_copied_before_sign_out_is_refused_after(

@@ -7,11 +7,10 @@ from __future__ import annotations
 import base64
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
@@ -40,14 +39,6 @@ def basic(user: str, password: str) -> dict[str, str]:
 def failure_rows(app: Flask) -> Counter[str]:
     with get_db(app).session() as session:
         return Counter(session.scalars(select(AdminLoginFailure.scope)))
-
-
-@pytest.fixture
-def second_app(settings: Settings) -> Iterator[Flask]:
-    """Another process of the same deployment: its own app, engine and memory, one database."""
-    other = create_app(settings, TESTING=True)
-    yield other
-    get_db(other).dispose()
 
 
 def test_ten_failures_then_429_with_retry_after_even_for_the_right_password(

@@ -23,7 +23,14 @@ from relay.extole import normalise
 from relay.models import DedupKey, InboundRequest
 from relay.outbox import ingest
 from relay.worker import Worker
-from tests.support import BRAZE_URL, POSTGRESQL_ONLY, signed, stored_events, update_event
+from tests.support import (
+    BRAZE_URL,
+    POSTGRESQL_ONLY,
+    post_concurrently,
+    signed,
+    stored_events,
+    update_event,
+)
 
 TRACK = f"{BRAZE_URL}/users/track"
 
@@ -193,28 +200,6 @@ def test_the_single_statement_stores_keys_and_finds_a_held_one(app: Flask) -> No
 # --- concurrency (PostgreSQL: SQLite has one writer at a time) ---------------------------------
 
 
-def _post_all(app: Flask, bodies: list[bytes]) -> list[Any]:
-    barrier = threading.Barrier(len(bodies))
-    answers: list[Any] = [None] * len(bodies)
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            answers[index] = app.test_client().post(
-                "/webhooks/extole/production", data=bodies[index], headers=signed(bodies[index]))
-        except BaseException as error:  # noqa: BLE001 - reported below
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert errors == [] and not any(t.is_alive() for t in threads)
-    return answers
-
-
 @POSTGRESQL_ONLY
 @pytest.mark.parametrize("round_", range(3))
 def test_concurrent_copies_of_a_reward_state_under_different_event_ids_store_one(
@@ -226,7 +211,7 @@ def test_concurrent_copies_of_a_reward_state_under_different_event_ids_store_one
     bodies = [json.dumps(reward(f"c{round_}-{i}", reward_id) if i % 2 else
                          [reward(f"c{round_}-{i}", reward_id), event(f"own{round_}-{i}")]
                          ).encode() for i in range(8)]
-    answers = _post_all(app, bodies)
+    answers = post_concurrently(app, bodies)
     assert [a.status_code for a in answers] == [200] * 8
     receipts = [a.get_json() for a in answers]
     assert sum(r["duplicates"] for r in receipts) == 7

@@ -3,8 +3,11 @@ PostgreSQL, and `relay db upgrade` / `relay db current` drive them from the comm
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -12,7 +15,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, Engine, column, func, insert, inspect, select, text
+from sqlalchemy import table as sql_table
 from sqlalchemy.exc import IntegrityError
 
 from relay import migrate
@@ -87,22 +91,67 @@ def test_cli_upgrades_and_reports_the_head_revision(empty_database_url: str, tmp
     assert _differences(empty_database_url) == []
 
 
+# --- a database that already holds rows --------------------------------------------------------
+
+INBOUND_ROW: dict[str, Any] = {
+    "environment": "production", "method": "POST", "path": "/webhooks/extole/production",
+    "headers": "{}", "body_size": 2, "status_code": 200, "outcome": "accepted", "accepted": 1,
+    "duplicates": 0, "rejected": 0}
+
+
+def _insert(connection: Connection, table: str, values: dict[str, Any]) -> None:
+    """One row of `table`, named columns, values bound: these tests write through SQL because
+    the models describe only the newest schema."""
+    connection.execute(insert(sql_table(table, *map(column, values))).values(values))
+
+
+def _insert_inbound(connection: Connection, received_at: str, **values: Any) -> None:
+    """An inbound request (by default one accepted webhook of `production`), as every revision
+    since 0001 can hold it."""
+    _insert(connection, "inbound_requests", INBOUND_ROW | {"received_at": received_at} | values)
+
+
+def _insert_event(connection: Connection, received_at: str, key: str | None = "ev-1", *,
+                  status: str = "pending", **values: Any) -> None:
+    """An event whose de-duplication key is its Extole event id (`key`), as every revision since
+    0001 can hold it; `values` adds or overrides columns."""
+    _insert(connection, "events", {
+        "environment": "production", "dedup_key": key, "extole_event_id": key, "status": status,
+        "attempts": 0, "payload": "{}", "received_at": received_at, "updated_at": received_at,
+    } | values)
+
+
+@contextlib.contextmanager
+def _engine_at(url: str, revision: str) -> Iterator[Engine]:
+    """The database upgraded to `revision`, and an engine on it, disposed afterwards."""
+    migrate.upgrade(url, revision)
+    engine = make_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _downgrade(url: str, engine: Engine, revision: str) -> set[str]:
+    """Downgrade to `revision`; answers the tables left (the engine reconnects afresh)."""
+    command.downgrade(migrate.alembic_config(url), revision)
+    engine.dispose()
+    return set(inspect(engine).get_table_names())
+
+
+def _count(engine: Engine, table: str) -> int:
+    with engine.begin() as connection:
+        return int(connection.execute(select(func.count()).select_from(sql_table(table)))
+                   .scalar_one())
+
+
 def test_0003_on_a_database_that_holds_rows(empty_database_url: str) -> None:
     """The admin tables arrive beside existing data and leave without touching it."""
-    migrate.upgrade(empty_database_url, "0002")
-    engine = make_engine(empty_database_url)
     now = "2026-11-20 14:14:18"
-    try:
+    with _engine_at(empty_database_url, "0002") as engine:
         with engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO inbound_requests (received_at, environment, method, path, headers, "
-                "body_size, status_code, outcome, accepted, duplicates, rejected) VALUES "
-                "(:t, 'production', 'POST', '/webhooks/extole/production', '{}', 2, 200, "
-                "'accepted', 1, 0, 0)"), {"t": now})
-            connection.execute(text(
-                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
-                "payload, received_at, updated_at, inbound_id) VALUES ('production', 'ev-1', "
-                "'ev-1', 'pending', 0, '{}', :t, :t, 1)"), {"t": now})
+            _insert_inbound(connection, now)
+            _insert_event(connection, now, inbound_id=1)
         migrate.upgrade(empty_database_url)
         with engine.begin() as connection:
             assert connection.execute(text(
@@ -118,15 +167,10 @@ def test_0003_on_a_database_that_holds_rows(empty_database_url: str) -> None:
             assert connection.execute(text(
                 "SELECT id FROM admin_login_failures ORDER BY id")).scalars().all() == [1, 2]
         assert _differences(empty_database_url) == []
-        command.downgrade(migrate.alembic_config(empty_database_url), "0002")
-        engine.dispose()
-        tables = set(inspect(engine).get_table_names())
+        tables = _downgrade(empty_database_url, engine, "0002")
         assert not tables & {"admin_sessions", "admin_login_failures"}
-        with engine.begin() as connection:
-            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
-            assert connection.execute(text("SELECT count(*) FROM inbound_requests")).scalar() == 1
-    finally:
-        engine.dispose()
+        assert _count(engine, "events") == 1
+        assert _count(engine, "inbound_requests") == 1
 
 
 def test_0007_on_a_database_that_holds_rows(empty_database_url: str) -> None:
@@ -134,15 +178,10 @@ def test_0007_on_a_database_that_holds_rows(empty_database_url: str) -> None:
     before = ScriptDirectory.from_config(
         migrate.alembic_config(empty_database_url)).get_revision("0007").down_revision
     assert isinstance(before, str)
-    migrate.upgrade(empty_database_url, before)
-    engine = make_engine(empty_database_url)
     now = "2026-12-03 12:00:00"
-    try:
+    with _engine_at(empty_database_url, before) as engine:
         with engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
-                "payload, received_at, updated_at) VALUES ('production', 'ev-1', 'ev-1', "
-                "'delivered', 0, '{}', :t, :t)"), {"t": now})
+            _insert_event(connection, now, status="delivered")
         migrate.upgrade(empty_database_url)
         with engine.begin() as connection:
             assert connection.execute(text(
@@ -160,38 +199,25 @@ def test_0007_on_a_database_that_holds_rows(empty_database_url: str) -> None:
                 "SELECT id, backfilled, error FROM reconcile_runs ORDER BY id")).all() == [
                 (1, 2, None), (2, 0, "Extole refused the token")]
         assert _differences(empty_database_url) == []
-        command.downgrade(migrate.alembic_config(empty_database_url), before)
-        engine.dispose()
-        assert not set(inspect(engine).get_table_names()) & {"reconcile_runs", "reconcile_locks"}
-        with engine.begin() as connection:
-            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
-    finally:
-        engine.dispose()
+        tables = _downgrade(empty_database_url, engine, before)
+        assert not tables & {"reconcile_runs", "reconcile_locks"}
+        assert _count(engine, "events") == 1
 
 
 def test_0004_gives_every_stored_event_its_key(empty_database_url: str) -> None:
     """Existing events get their event-id key (rejected items none); the keys are unique per
     environment; the events keep their own constraint; downgrading drops only the keys."""
-    migrate.upgrade(empty_database_url, "0003")
-    engine = make_engine(empty_database_url)
     old, new = "2026-11-20 14:14:18", "2026-11-27 09:30:00"
-    try:
+    with _engine_at(empty_database_url, "0003") as engine:
         with engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO inbound_requests (received_at, environment, method, path, headers, "
-                "body_size, status_code, outcome, accepted, duplicates, rejected) VALUES "
-                "(:t, 'production', 'POST', '/webhooks/extole/production', '{}', 2, 200, "
-                "'accepted', 3, 0, 1)"), {"t": old})
+            _insert_inbound(connection, old, accepted=3, rejected=1)
             for environment, key, status, received in (
                     ("production", "ev-1", "delivered", old),
                     ("production", "sha256:" + "ab" * 32, "pending", new),
                     ("staging", "ev-1", "dead", new),
                     ("production", None, "rejected", old)):
-                connection.execute(text(
-                    "INSERT INTO events (environment, dedup_key, extole_event_id, status, "
-                    "attempts, payload, received_at, updated_at, inbound_id) VALUES (:e, :k, "
-                    ":k, :s, 0, '{}', :t, :t, 1)"),
-                    {"e": environment, "k": key, "s": status, "t": received})
+                _insert_event(connection, received, key, status=status, environment=environment,
+                              inbound_id=1)
         migrate.upgrade(empty_database_url)
         with engine.begin() as connection:
             rows = connection.execute(text(
@@ -223,29 +249,18 @@ def test_0004_gives_every_stored_event_its_key(empty_database_url: str) -> None:
                 "SELECT event_id FROM dedup_keys WHERE environment = 'production' "
                 "AND key = 'ev-1'")).scalar_one() is None
         assert _differences(empty_database_url) == []
-        command.downgrade(migrate.alembic_config(empty_database_url), "0003")
-        engine.dispose()
-        assert "dedup_keys" not in set(inspect(engine).get_table_names())
-        with engine.begin() as connection:
-            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 3
-    finally:
-        engine.dispose()
+        assert "dedup_keys" not in _downgrade(empty_database_url, engine, "0003")
+        assert _count(engine, "events") == 3
 
 
 def test_0004_gives_stored_reward_events_their_reward_keys(empty_database_url: str) -> None:
     """Reward events stored before the upgrade get `reward:<id>:<STATE>` too (README, "Reward
     events"), so a reconciled or re-sent copy of a reward state received before the upgrade is a
     duplicate; of two old events holding one reward state, the older keeps the key."""
-    migrate.upgrade(empty_database_url, "0003")
-    engine = make_engine(empty_database_url)
     t = "2026-11-20 14:14:18"
-    try:
+    with _engine_at(empty_database_url, "0003") as engine:
         with engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO inbound_requests (received_at, environment, method, path, headers, "
-                "body_size, status_code, outcome, accepted, duplicates, rejected) VALUES "
-                "(:t, 'production', 'POST', '/webhooks/extole/production', '{}', 2, 200, "
-                "'accepted', 6, 0, 0)"), {"t": t})
+            _insert_inbound(connection, t, accepted=6)
             for environment, key, extole_type, properties in (
                     ("production", "ev-1", "FULFILLED", {"reward_id": "r-1"}),
                     ("production", "ev-2", "fulfilled", {"reward_id": "r-1"}),  # same state
@@ -253,12 +268,9 @@ def test_0004_gives_stored_reward_events_their_reward_keys(empty_database_url: s
                     ("staging", "ev-4", "Failed Fulfillment", {"reward_id": " r-1 "}),
                     ("production", "ev-5", "shared", {"reward_id": "r-9"}),  # not a state
                     ("production", "ev-6", "EARNED", {"person_id": "p-1"})):  # no reward id
-                connection.execute(text(
-                    "INSERT INTO events (environment, dedup_key, extole_event_id, extole_type, "
-                    "status, attempts, payload, properties, received_at, updated_at, inbound_id) "
-                    "VALUES (:e, :k, :k, :type, 'delivered', 0, '{}', :p, :t, :t, 1)"),
-                    {"e": environment, "k": key, "type": extole_type,
-                     "p": json.dumps(properties), "t": t})
+                _insert_event(connection, t, key, status="delivered", environment=environment,
+                              extole_type=extole_type, properties=json.dumps(properties),
+                              inbound_id=1)
         migrate.upgrade(empty_database_url)
         with engine.begin() as connection:
             rows = connection.execute(text(
@@ -268,27 +280,17 @@ def test_0004_gives_stored_reward_events_their_reward_keys(empty_database_url: s
             ("production", "reward:r-1:FULFILLED", 1),
             ("production", "reward:42:EARNED", 3),
             ("staging", "reward:r-1:FAILED_FULFILLMENT", 4)]
-    finally:
-        engine.dispose()
 
 
 def test_0005_on_a_database_that_holds_rows(empty_database_url: str) -> None:
     """The body's SHA-256 column and the refused-request counts arrive beside existing data (old
     inbound rows keep their bodies, with no hash) and leave without touching it."""
-    migrate.upgrade(empty_database_url, "0004")
-    engine = make_engine(empty_database_url)
     now = "2026-11-20 14:14:18"
-    try:
+    with _engine_at(empty_database_url, "0004") as engine:
         with engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO inbound_requests (received_at, environment, method, path, headers, "
-                "body, body_size, status_code, outcome, accepted, duplicates, rejected) VALUES "
-                "(:t, 'production', 'POST', '/webhooks/extole/production', '{}', :body, 2, 401, "
-                "'unauthorized', 0, 0, 0)"), {"t": now, "body": b"{}"})
-            connection.execute(text(
-                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
-                "payload, received_at, updated_at) VALUES ('production', 'ev-1', 'ev-1', "
-                "'pending', 0, '{}', :t, :t)"), {"t": now})
+            _insert_inbound(connection, now, body=b"{}", status_code=401, outcome="unauthorized",
+                            accepted=0)
+            _insert_event(connection, now)
         migrate.upgrade(empty_database_url, "0005")
         with engine.begin() as connection:
             assert connection.execute(text(
@@ -304,30 +306,21 @@ def test_0005_on_a_database_that_holds_rows(empty_database_url: str) -> None:
                                {"h": "c" * 64})
         if migrate.head_revision() == "0005":
             assert _differences(empty_database_url) == []
-        command.downgrade(migrate.alembic_config(empty_database_url), "0004")
-        engine.dispose()
-        assert "refused_request_counts" not in set(inspect(engine).get_table_names())
+        assert "refused_request_counts" not in _downgrade(empty_database_url, engine, "0004")
         assert "body_sha256" not in {c["name"] for c in inspect(engine).get_columns(
             "inbound_requests")}
+        assert _count(engine, "events") == 1
         with engine.begin() as connection:
-            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
             assert connection.execute(text(
                 "SELECT body_size, status_code FROM inbound_requests")).one() == (2, 401)
-    finally:
-        engine.dispose()
 
 
 def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
     """The triggers table arrives beside delivered events and leaves without touching them."""
-    migrate.upgrade(empty_database_url, "0005")
-    engine = make_engine(empty_database_url)
     now = "2026-11-20 14:14:18"
-    try:
+    with _engine_at(empty_database_url, "0005") as engine:
         with engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
-                "payload, received_at, updated_at, delivered_at) VALUES ('production', 'ev-1', "
-                "'ev-1', 'delivered', 0, '{}', :t, :t, :t)"), {"t": now})
+            _insert_event(connection, now, status="delivered", delivered_at=now)
             connection.execute(text(
                 "INSERT INTO delivery_attempts (environment, endpoint, started_at, duration_ms) "
                 "VALUES ('production', '/users/track', :t, 5.0)"), {"t": now})
@@ -348,12 +341,6 @@ def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
                 "SELECT state, recipient FROM triggers")).one()[0] == "due"
         with pytest.raises(IntegrityError), engine.begin() as connection:
             connection.execute(duplicate, {"t": now})  # one row per event and target
-        command.downgrade(migrate.alembic_config(empty_database_url), "0005")
-        engine.dispose()
-        assert "triggers" not in set(inspect(engine).get_table_names())
-        with engine.begin() as connection:
-            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
-            assert connection.execute(text(
-                "SELECT count(*) FROM delivery_attempts")).scalar() == 1
-    finally:
-        engine.dispose()
+        assert "triggers" not in _downgrade(empty_database_url, engine, "0005")
+        assert _count(engine, "events") == 1
+        assert _count(engine, "delivery_attempts") == 1

@@ -35,7 +35,14 @@ from relay.db import get_db
 from relay.extole import canonical_json
 from relay.models import Base, InboundRequest
 from relay.settings import Settings
-from tests.support import POSTGRESQL_ONLY, PROD_SECRET, STAGING_SECRET, signed, stored_events
+from tests.support import (
+    POSTGRESQL_ONLY,
+    PROD_SECRET,
+    STAGING_SECRET,
+    post_concurrently,
+    signed,
+    stored_events,
+)
 
 JSON = {"Content-Type": "application/json"}
 DB_DOWN = {"error": "database unavailable: the event was not stored, retry later"}
@@ -936,34 +943,10 @@ def test_database_without_schema_is_503_never_500(empty_database_url: str) -> No
 # --- concurrency --------------------------------------------------------------------------------
 
 
-def _post_concurrently(app: Flask, bodies: list[bytes]) -> list[Any]:
-    barrier = threading.Barrier(len(bodies))
-    answers: list[Any] = [None] * len(bodies)
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        client = app.test_client()
-        try:
-            barrier.wait(timeout=30)
-            answers[index] = client.post("/webhooks/extole/production", data=bodies[index],
-                                         headers=signed(bodies[index]))
-        except BaseException as error:  # noqa: BLE001 - reported by the main thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
-    assert all(not thread.is_alive() for thread in threads)
-    return answers
-
-
 @pytest.mark.parametrize("round_", range(3))
 def test_same_event_from_eight_threads_is_stored_once(app: Flask, round_: int) -> None:
     body = encode(event(f"race-{round_}"))
-    answers = _post_concurrently(app, [body] * 8)
+    answers = post_concurrently(app, [body] * 8)
     assert [a.status_code for a in answers] == [200] * 8
     receipts = [a.get_json() for a in answers]
     assert sum(r["accepted"] for r in receipts) == 1
@@ -982,7 +965,7 @@ def test_overlapping_arrays_in_opposite_orders_store_each_event_once(app: Flask)
     names = [f"ov-{i}" for i in range(6)]
     forward = encode([event(n) for n in names])
     backward = encode([event(n) for n in reversed(names)])
-    answers = _post_concurrently(app, [forward, backward] * 4)
+    answers = post_concurrently(app, [forward, backward] * 4)
     assert {a.status_code for a in answers} <= {200, 503}
     for answer in answers:
         if answer.status_code == 503:
@@ -1025,7 +1008,7 @@ def test_webhooks_sharing_events_in_opposite_orders_both_answer_200_without_dead
     meet = _MeetAfterFirstEventInsert(2)
     event_api.listen(engine, "after_cursor_execute", meet)
     try:
-        answers = _post_concurrently(app, [forward, backward])
+        answers = post_concurrently(app, [forward, backward])
     finally:
         event_api.remove(engine, "after_cursor_execute", meet)
     assert [a.status_code for a in answers] == [200, 200]

@@ -7,6 +7,7 @@ only after its group was signalled, so a group id is never one the system could 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -383,6 +384,51 @@ def make_event(event_id: str, person: str, seq: int = 0, *, email: bool = False,
 
 def run_id() -> str:
     return uuid.uuid4().hex[:8]
+
+
+class Trickle:
+    """Genuine signed webhooks posted one at a time, `pause` apart, from a thread while a scenario
+    attacks the receiver: the evidence that real traffic keeps being served. Each answer's status
+    and time goes to `answers`, each acknowledged event id to `acknowledged` (for `audit`).
+    Event n is `<tag>-genuine-<n>` of person `<tag>-<person><n % people>`."""
+
+    def __init__(self, base_url: str, tag: str, acknowledged: dict[str, str], *, person: str,
+                 people: int, pause: float) -> None:
+        self.base_url, self.tag, self.acknowledged = base_url, tag, acknowledged
+        self.person, self.people, self.pause = person, people, pause
+        self.answers: list[tuple[int | None, float]] = []
+        self._running = threading.Event()
+        self._first = 0
+        self._thread = threading.Thread(target=self._run, name="genuine")
+
+    def post(self, session: requests.Session, n: int) -> None:
+        """Post event n now, in the calling thread."""
+        event_id = f"{self.tag}-genuine-{n}"
+        started = time.monotonic()
+        answer = post_webhook(session, self.base_url,
+                              make_event(event_id, f"{self.tag}-{self.person}{n % self.people}",
+                                         n))
+        self.answers.append((answer.status, time.monotonic() - started))
+        if answer.status == 200:
+            self.acknowledged[event_id] = "production"
+
+    def start(self, first: int = 0) -> None:
+        """Post events first, first + 1, ... from the thread until `stop`."""
+        self._first = first
+        self._running.set()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running.clear()
+        self._thread.join(timeout=120)
+
+    def _run(self) -> None:
+        with requests.Session() as session:
+            for n in itertools.count(self._first):
+                if not self._running.is_set():
+                    return
+                self.post(session, n)
+                time.sleep(self.pause)
 
 
 # --- databases ---------------------------------------------------------------------------------

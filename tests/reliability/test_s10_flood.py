@@ -28,9 +28,8 @@ from tests.reliability.harness import (
     Clients,
     Db,
     Processes,
+    Trickle,
     audit,
-    make_event,
-    post_webhook,
     relay_env,
     rss_kib,
     run_id,
@@ -73,25 +72,16 @@ def test_unauthenticated_flood(database: tuple[str, Db], procs: Processes,
     server = procs.server(env, workers=2, threads=8)
     procs.worker(env)
     genuine_ids: dict[str, str] = {}
-    genuine: list[tuple[int | None, float]] = []
-
-    def post_genuine(session: requests.Session, n: int) -> None:
-        event_id = f"{tag}-genuine-{n}"
-        started = time.monotonic()
-        answer = post_webhook(session, server.url, make_event(event_id, f"{tag}-p{n % 20}", n))
-        genuine.append((answer.status, time.monotonic() - started))
-        if answer.status == 200:
-            genuine_ids[event_id] = "production"
+    trickle = Trickle(server.url, tag, genuine_ids, person="p", people=20, pause=GENUINE_PAUSE)
+    genuine = trickle.answers
 
     with requests.Session() as session:  # the tables' first pages are not the flood's doing
-        post_genuine(session, 0)
+        trickle.post(session, 0)
     wait_drained(db, 60, "the first genuine event to be delivered")
     size_before, log_before = db.size(), log_bytes(db)
     rss_before = {pid: rss_kib(pid) for pid in server.workers()}
     answers: Counter[tuple[str, int | str]] = Counter()
     lock = threading.Lock()
-    flooding = threading.Event()
-    flooding.set()
 
     def attack(kind: str, clients: Clients) -> None:
         environment, headers = KINDS[kind]
@@ -109,17 +99,8 @@ def test_unauthenticated_flood(database: tuple[str, Db], procs: Processes,
         with lock:
             answers[(kind, status)] += 1
 
-    def steady() -> None:
-        with requests.Session() as session:
-            for n in itertools.count(1):
-                if not flooding.is_set():
-                    return
-                post_genuine(session, n)
-                time.sleep(GENUINE_PAUSE)
-
     started = time.monotonic()
-    trickle = threading.Thread(target=steady, name="genuine")
-    trickle.start()
+    trickle.start(first=1)
     try:
         with Clients(CLIENT_THREADS) as clients:
             kinds = itertools.islice(itertools.cycle(KINDS), REQUESTS)
@@ -127,8 +108,7 @@ def test_unauthenticated_flood(database: tuple[str, Db], procs: Processes,
             for future in futures:
                 future.result(timeout=600)
     finally:
-        flooding.clear()
-        trickle.join(timeout=120)
+        trickle.stop()
     flood_seconds = time.monotonic() - started
     size_after, log_after = db.size(), log_bytes(db)
     rss_after = {pid: rss_kib(pid) for pid in server.workers()}

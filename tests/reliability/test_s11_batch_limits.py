@@ -10,7 +10,6 @@ answer sizes and the gunicorn workers' memory are measured.
 
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 import threading
@@ -25,6 +24,7 @@ import requests
 from tests.reliability.harness import (
     Db,
     Processes,
+    Trickle,
     audit,
     make_event,
     post_webhook,
@@ -88,25 +88,10 @@ def test_batch_limits(database: tuple[str, Db], procs: Processes,
             acknowledged.update({event["event_id"]: "production" for event in usable})
 
     # Max-size batches of unusable items from several clients, genuine webhooks meanwhile.
-    genuine: list[tuple[int | None, float]] = []
+    steady = Trickle(server.url, tag, acknowledged, person="g", people=10, pause=GENUINE_PAUSE)
+    genuine = steady.answers
     batches: list[tuple[int | None, float]] = []
-    busy = threading.Event()
-    busy.set()
     lock = threading.Lock()
-
-    def trickle() -> None:
-        with requests.Session() as session:
-            for n in itertools.count():
-                if not busy.is_set():
-                    return
-                event_id = f"{tag}-genuine-{n}"
-                started = time.monotonic()
-                answer = post_webhook(session, server.url,
-                                      make_event(event_id, f"{tag}-g{n % 10}", n))
-                genuine.append((answer.status, time.monotonic() - started))
-                if answer.status == 200:
-                    acknowledged[event_id] = "production"
-                time.sleep(GENUINE_PAUSE)
 
     def batch_client(numbers: list[int]) -> None:
         with requests.Session() as session:
@@ -117,7 +102,6 @@ def test_batch_limits(database: tuple[str, Db], procs: Processes,
                     batches.append((answer.status, seconds))
 
     started = time.monotonic()
-    steady = threading.Thread(target=trickle, name="genuine")
     clients = [threading.Thread(target=batch_client, args=(list(range(i, MAX_BATCHES,
                                                                        BATCH_THREADS)),))
                for i in range(BATCH_THREADS)]
@@ -126,8 +110,7 @@ def test_batch_limits(database: tuple[str, Db], procs: Processes,
         client.start()
     for client in clients:
         client.join(timeout=600)
-    busy.clear()
-    steady.join(timeout=120)
+    steady.stop()
     busy_seconds = time.monotonic() - started
     rss_end = {pid: rss_kib(pid) for pid in server.workers()}
     rss_peak = {pid: rss_kib(pid, peak=True) for pid in server.workers()}

@@ -29,6 +29,13 @@ RECEIVED = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 EVENTS = EventMap.load()
 
 
+def event_map(tmp_path: Any, text: str) -> EventMap:
+    """The event map of an override file holding `text`."""
+    path = tmp_path / "events.toml"
+    path.write_text(text, encoding="utf-8")
+    return EventMap.load(str(path))
+
+
 def utc(*parts: int) -> datetime:
     return datetime(*parts, tzinfo=UTC)  # type: ignore[misc]
 
@@ -509,9 +516,7 @@ def test_reward_id_must_be_usable_on_a_reward_event() -> None:
 
 
 def test_the_event_map_renames_reward_states(tmp_path: Any) -> None:
-    path = tmp_path / "events.toml"
-    path.write_text('[rewards.fulfilled]\nbraze_event = "Coupon Ready"\n', encoding="utf-8")
-    events = EventMap.load(str(path))
+    events = event_map(tmp_path, '[rewards.fulfilled]\nbraze_event = "Coupon Ready"\n')
     body = {"type": "FULFILLED", "reward_id": "r", "event_id": "e"}
     assert normalise(body, events, RECEIVED).braze_event == "Coupon Ready"
     assert normalise({**body, "type": "SENT"}, events, RECEIVED).braze_event == "Reward Sent"
@@ -520,12 +525,10 @@ def test_the_event_map_renames_reward_states(tmp_path: Any) -> None:
 def test_a_stored_event_maps_to_the_entry_that_named_it(tmp_path: Any) -> None:
     """Triggers are found by `stored_entry` from the stored type and item: the same entry as
     `normalise` chose (a reward state's, unless it is an older earned type or has no reward)."""
-    path = tmp_path / "events.toml"
-    path.write_text('[rewards.fulfilled]\nbraze_event = "Coupon Ready"\ncampaign_id = "c-r"\n'
-                    '[rewards.earned]\nbraze_event = "Earned"\ncampaign_id = "c-e"\n'
-                    '[events.fulfilled]\nbraze_event = "Fulfilled"\ncanvas_id = "v-f"\n',
-                    encoding="utf-8")
-    events = EventMap.load(str(path))
+    events = event_map(tmp_path, '[rewards.fulfilled]\nbraze_event = "Coupon Ready"\n'
+                       'campaign_id = "c-r"\n'
+                       '[rewards.earned]\nbraze_event = "Earned"\ncampaign_id = "c-e"\n'
+                       '[events.fulfilled]\nbraze_event = "Fulfilled"\ncanvas_id = "v-f"\n')
     for body in ({"type": "FULFILLED", "reward_id": "r", "event_id": "e"},
                  {"type": "fulfilled", "event_id": "e"},  # no reward: its type's entry
                  {"type": "EARNED", "data": {"reward_id": "r"}, "event_id": "e"},
@@ -621,12 +624,9 @@ def test_groups_only_for_subscription_types_and_only_usable_ids() -> None:
 
 
 def test_an_event_map_entry_can_fix_the_group(tmp_path: Any) -> None:
-    path = tmp_path / "events.toml"
-    path.write_text('[events.newsletter_off]\nbraze_event = "Newsletter Off"\n'
-                    'subscription_state = "unsubscribed"\n'
-                    'subscription_group_id = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"\n',
-                    encoding="utf-8")
-    events = EventMap.load(str(path))
+    events = event_map(tmp_path, '[events.newsletter_off]\nbraze_event = "Newsletter Off"\n'
+                       'subscription_state = "unsubscribed"\n'
+                       'subscription_group_id = "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0"\n')
     fixed = normalise({"type": "newsletter_off", "event_id": "n"}, events, RECEIVED)
     assert fixed.attributes == {"subscription_groups": [
         {"subscription_group_id": "0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0",

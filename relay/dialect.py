@@ -10,6 +10,7 @@ for SQLite, timeouts and pools for PostgreSQL) are configured in `relay.db`.
 
 from __future__ import annotations
 
+import contextlib
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVarTuple
@@ -208,3 +209,51 @@ def execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tupl
         pooled.close()
     assert row is not None
     return tuple(row)
+
+
+def execute_in_one_transaction(engine: Engine, first_sql: str, first_params: dict[str, Any],
+                               sql: str, params_seq: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """`first_sql` once, then `sql` once per parameter set, in ONE transaction committed once
+    (PostgreSQL only): the first row each execution of `sql` returns, in order.
+
+    Pipelined (psycopg's pipeline mode): the statements go out together and their answers come
+    back together, so a group costs about one round trip and one commit (one WAL flush) instead
+    of one each. On any error the transaction is rolled back and the error raised as
+    SQLAlchemy's, a lost connection invalidated, as `execute_autocommit` does.
+    """
+    import psycopg
+
+    try:
+        pooled = engine.raw_connection()
+    except psycopg.Error as error:
+        raise DBAPIError.instance(None, None, error, psycopg.Error,
+                                  connection_invalidated=True) from error
+    try:
+        dbapi = typing.cast("psycopg.Connection[Any]", pooled.dbapi_connection)
+        rows: list[tuple[Any, ...]] = []
+        try:
+            with dbapi.cursor() as first, dbapi.cursor() as cursor:
+                with dbapi.pipeline():
+                    first.execute(first_sql, first_params)
+                    cursor.executemany(sql, params_seq, returning=True)
+                while True:
+                    row = cursor.fetchone()
+                    assert row is not None
+                    rows.append(tuple(row))
+                    if not cursor.nextset():
+                        break
+            dbapi.commit()
+        except BaseException:
+            if not dbapi.closed:
+                with contextlib.suppress(psycopg.Error):
+                    dbapi.rollback()
+            raise
+    except psycopg.Error as error:
+        lost = isinstance(error, psycopg.OperationalError)
+        if lost:
+            pooled.invalidate(error)
+        raise DBAPIError.instance(sql, params_seq, error, psycopg.Error, hide_parameters=True,
+                                  connection_invalidated=lost) from error
+    finally:
+        pooled.close()
+    return rows

@@ -71,6 +71,7 @@ class Settings:
     braze_connect_timeout: float = 5.0
     braze_read_timeout: float = 30.0
     proxy_fix: int = 0
+    group_commit: str = "on"
 
     def braze_key(self, environment: str) -> str | None:
         """The key for one environment: production and staging never share one."""
@@ -222,6 +223,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "BRAZE_CONNECT_TIMEOUT": ("braze_connect_timeout", _number(0)),
     "BRAZE_READ_TIMEOUT": ("braze_read_timeout", _number(0)),
     "RELAY_PROXY_FIX": ("proxy_fix", _int(0, 10)),
+    "RELAY_GROUP_COMMIT": ("group_commit", _choice("on", "off")),
 }
 
 SECRET_VARIABLES = frozenset(

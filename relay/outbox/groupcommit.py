@@ -10,10 +10,12 @@ groups grow with the load and a lone webhook waits for nobody.
 
 Guarantees kept: a request is answered 200 only after the commit that stored it. A failed
 group stores nothing of anyone; its members are then stored one by one, each by its own
-statement, so one bad request cannot fail the others. A request waits at most `wait` seconds:
-still queued then, it is withdrawn (nothing of it is stored) and answered 503; already in a
-group still running, it is answered 503 too, and if that group then commits, Extole's retry is
-answered as a duplicate, as after any lost answer.
+statement, so one bad request cannot fail the others. A request waits at most `wait` seconds
+and is then answered 503 with nothing of it stored: still queued, it is withdrawn; in a group
+that is still running (waiting for a lock, a slow disk), that group's transaction is cancelled,
+and its other members are stored one by one. Only when the cancel meets the commit itself can
+a 503'd webhook end up stored; Extole's retry is then answered as a duplicate, as after any
+answer lost on the way.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -73,6 +76,9 @@ class GroupWriter:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._closed = False
+        # How to cancel the group being written, while it is written (`relay.dialect.Running`).
+        self._cancel: Callable[[], None] | None = None
+        self._cancel_lock = threading.Lock()
 
     def store(self, row: SingleRow) -> Receipt | None:
         """Store one prepared row with whatever else is queued, and answer its receipt once the
@@ -88,18 +94,29 @@ class GroupWriter:
             self._cond.notify()
         if not member.done.wait(self.wait):
             with self._cond:
-                if member.state == _QUEUED:
+                queued = member.state == _QUEUED
+                if queued:
                     self._queue.remove(member)
                     member.state = _WITHDRAWN
-                if member.state != _DONE:
-                    raise DatabaseUnavailable(
-                        f"database unavailable: not committed within {self.wait:g} s")
+            if not queued:
+                self._cancel_running()
+                member.done.wait(self.wait)  # a cancelled group ends at once
+            if not isinstance(member.outcome, Receipt):
+                # Withdrawn, cancelled, or (cancel impossible) still running: only a commit
+                # that won the race against the cancel stored it, and then it is answered so.
+                raise DatabaseUnavailable(
+                    f"database unavailable: not committed within {self.wait:g} s")
         outcome = member.outcome
         if isinstance(outcome, _Alone):
             return ingest.store_prepared(self.engine, row)
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
+
+    def queued(self) -> int:
+        """Rows waiting for the next group (not those being written)."""
+        with self._cond:
+            return len(self._queue)
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
@@ -109,6 +126,21 @@ class GroupWriter:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(self.wait)
+
+    def _running(self, cancel: Callable[[], None] | None) -> None:
+        with self._cancel_lock:
+            self._cancel = cancel
+
+    def _cancel_running(self) -> None:
+        """Cancel the group being written (once). Under the lock that `_running(None)` takes,
+        so a cancel never reaches the connection after the group has handed it back."""
+        with self._cancel_lock:
+            if self._cancel is not None:
+                cancel, self._cancel = self._cancel, None
+                try:
+                    cancel()
+                except Exception:  # noqa: BLE001 - then the group simply runs on
+                    log.warning("could not cancel a group of webhooks", exc_info=True)
 
     def _start(self) -> None:
         # A forked child inherits the object but not the thread: start one of its own.
@@ -139,11 +171,11 @@ class GroupWriter:
         """Each row's outcome: its receipt, or ALONE when the group failed."""
         if len(rows) == 1:
             try:
-                return [ingest.store_prepared(self.engine, rows[0])]
+                return [ingest.store_prepared(self.engine, rows[0], self._running)]
             except Exception as error:  # noqa: BLE001 - handed to the request, which answers
                 return [error]
         try:
-            return list(ingest.store_group(self.engine, rows))
+            return list(ingest.store_group(self.engine, rows, self._running))
         except Exception as error:  # noqa: BLE001 - every member tries again by itself
             log.info("a group of %d webhooks failed (%s): storing each by itself", len(rows),
                      type(error).__name__)

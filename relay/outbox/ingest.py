@@ -177,12 +177,17 @@ def _insert_one(connection: Connection, claims: dedup.Claims, event: Event, envi
 # the keys go in unless one is already held, each ON CONFLICT DO NOTHING; the event only when
 # all of its keys were new; then the inbound row with its final counts.
 #
+# Each key is looked up by a subquery of its own, an equality on the whole primary key, which
+# the planner answers from the index whatever it thinks of the table. (`key = ANY(:keys)` was
+# planned, while the table had no statistics yet, e.g. for the first minute of a fresh
+# database, as a scan of every key of the environment: each webhook cost more than the last.)
+#
 # All or nothing with several keys: the statement's snapshot is taken before it may wait for a
 # lock, so its NOT EXISTS can miss a key that a concurrent holder committed meanwhile; ON
 # CONFLICT still sees that key (it checks the index, not the snapshot) and skips it, and the
 # keys that did go in then name an event that was not inserted. Their foreign key, checked at
-# the end of the statement, refuses the whole statement: nothing stays, and `store_single` hands
-# the event to the transaction path, whose check is exact. One key cannot be half stored.
+# the end of the statement, refuses the whole statement: nothing stays, and `store_prepared`
+# hands the event to the transaction path, whose check is exact. One key cannot be half stored.
 # Non-deferred foreign keys are checked at the end of the statement, after every insert.
 # (The f-string splices a constant of relay.dialect; every value is a bound parameter.)
 _STORE_ONE_PG = text(f"""
@@ -196,9 +201,10 @@ WITH ids AS (
     SELECT CAST(:environment AS varchar), key, ids.event_id, CAST(:received_at AS timestamp)
     FROM ids, unnest(CAST(:keys AS varchar[])) AS key
     WHERE (SELECT locked FROM locks) IS NOT NULL
-      AND NOT EXISTS (SELECT FROM dedup_keys AS held
-                      WHERE held.environment = CAST(:environment AS varchar)
-                        AND held.key = ANY(CAST(:keys AS varchar[])))
+      AND NOT EXISTS (SELECT FROM unnest(CAST(:keys AS varchar[])) AS wanted (key)
+                      WHERE (SELECT true FROM dedup_keys AS held
+                             WHERE held.environment = CAST(:environment AS varchar)
+                               AND held.key = wanted.key))
     ORDER BY key
     ON CONFLICT (environment, key) DO NOTHING
     RETURNING key
@@ -292,11 +298,14 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
     return None if row is None else store_prepared(engine, row)
 
 
-def store_prepared(engine: Engine, row: SingleRow) -> Receipt | None:
+def store_prepared(engine: Engine, row: SingleRow,
+                   running: dialect.Running | None = None) -> Receipt | None:
     """A prepared single event by its own autocommitted statement; None when its keys met a
-    concurrent webhook halfway (the general path decides it exactly)."""
+    concurrent webhook halfway (the general path decides it exactly). `running`: as for
+    `relay.dialect.execute_autocommit`."""
     try:
-        inbound_id, new_id = dialect.execute_autocommit(engine, _STORE_ONE_SQL, row.params)
+        inbound_id, new_id = dialect.execute_autocommit(engine, _STORE_ONE_SQL, row.params,
+                                                        running)
     except IntegrityError as error:
         if not dialect.is_foreign_key_violation(error):
             raise
@@ -308,7 +317,8 @@ def store_prepared(engine: Engine, row: SingleRow) -> Receipt | None:
     return receipt_of(row, inbound_id, new_id)
 
 
-def store_group(engine: Engine, rows: Sequence[SingleRow]) -> list[Receipt]:
+def store_group(engine: Engine, rows: Sequence[SingleRow],
+                running: dialect.Running | None = None) -> list[Receipt]:
     """Several prepared single events in ONE transaction with one commit: each by the same
     statement as alone, in the given order, so a later one sees an earlier one's keys (two
     webhooks of one group carrying one event: the first is stored, the second is a duplicate),
@@ -318,12 +328,12 @@ def store_group(engine: Engine, rows: Sequence[SingleRow]) -> list[Receipt]:
     groups, or a group and another writer, cannot deadlock on keys they lock in different
     orders. All or nothing: any error (including a statement refused for keys that met a
     concurrent webhook halfway) rolls the whole group back and is raised; the caller then
-    stores its members one by one.
+    stores its members one by one. `running`: as for `relay.dialect.execute_in_one_transaction`.
     """
     lock_names = sorted({name for row in rows for name in row.params["lock_names"]})
     results = dialect.execute_in_one_transaction(
         engine, _LOCK_SQL, {"lock_names": lock_names}, _STORE_ONE_SQL,
-        [row.params for row in rows])
+        [row.params for row in rows], running)
     return [receipt_of(row, inbound_id, new_id)
             for row, (inbound_id, new_id) in zip(rows, results, strict=True)]
 

@@ -249,17 +249,20 @@ def execute_in_one_transaction(
         if running is not None:
             running(dbapi.cancel_safe)
         try:
-            with dbapi.cursor() as first, dbapi.cursor() as cursor:
-                with dbapi.pipeline():
-                    first.execute(first_sql, first_params)
-                    cursor.executemany(sql, params_seq, returning=True)
-                while True:
-                    row = cursor.fetchone()
-                    assert row is not None
-                    rows.append(tuple(row))
-                    if not cursor.nextset():
-                        break
-            dbapi.commit()
+            # One cursor per statement and the COMMIT inside the pipeline: everything goes out
+            # at once and the answers come back at one synchronisation point (executemany and
+            # a commit after the pipeline would wait for the server two more times).
+            cursors = [dbapi.cursor() for _ in params_seq]
+            with dbapi.pipeline(), dbapi.cursor() as first:
+                first.execute(first_sql, first_params)
+                for cursor, params in zip(cursors, params_seq, strict=True):
+                    cursor.execute(sql, params)
+                dbapi.commit()
+            for cursor in cursors:
+                row = cursor.fetchone()
+                assert row is not None
+                rows.append(tuple(row))
+                cursor.close()
         except BaseException:
             if not dbapi.closed:
                 with contextlib.suppress(psycopg.Error):

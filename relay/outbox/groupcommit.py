@@ -1,21 +1,23 @@
 """Group commit: the single-event webhooks of one process share a transaction and its commit.
 
-Each request normalises its webhook itself (`relay.outbox.ingest.prepare_single`) and hands the
-prepared row to this process's `GroupWriter`; the writer's thread stores everything queued so
-far in one pipelined transaction (`ingest.store_group`: each row by the same statement as
-alone, so duplicates and ids per request are exactly what one-by-one storing gives), commits
-once, and wakes each waiting request with its own receipt. One commit, one WAL flush and one
-round trip serve a whole group; while a group is being written the next one queues up, so
-groups grow with the load and a lone webhook waits for nobody.
+Each request normalises its webhook itself (`relay.outbox.ingest.prepare_single`) and queues the
+prepared row. When no group is being written, the request writes one itself (it "leads"): it
+takes everything queued so far, its own row included, stores it in one pipelined transaction
+(`ingest.store_group`: each row by the same statement as alone, so duplicates and ids per
+request are exactly what one-by-one storing gives), commits once, and wakes each waiting
+request with its own receipt. Requests that arrive meanwhile queue up; the leader hands the
+next group to the first of them. One commit, one WAL flush and one round trip serve a whole
+group; groups grow with the load, and a lone webhook writes at once, waiting for nobody. No
+thread of its own: the request that leads was going to wait for the database anyway.
 
 Guarantees kept: a request is answered 200 only after the commit that stored it. A failed
 group stores nothing of anyone; its members are then stored one by one, each by its own
 statement, so one bad request cannot fail the others. A request waits at most `wait` seconds
 and is then answered 503 with nothing of it stored: still queued, it is withdrawn; in a group
-that is still running (waiting for a lock, a slow disk), that group's transaction is cancelled,
-and its other members are stored one by one. Only when the cancel meets the commit itself can
-a 503'd webhook end up stored; Extole's retry is then answered as a duplicate, as after any
-answer lost on the way.
+that is still running (waiting for a lock, a slow disk), that group's transaction is cancelled
+and all its members are answered 503. Only a cancel that meets the commit itself can leave a
+503'd webhook stored; Extole's retry is then answered as a duplicate, as after any answer lost
+on the way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -39,6 +42,7 @@ WAIT_SECONDS = 10.0  # the longest a webhook waits for its group's commit before
 MOST_PER_GROUP = 64  # rows in one transaction; the rest go in the next group
 
 _QUEUED: Final = "queued"
+_LEAD: Final = "lead"  # handed the next group: writes it
 _WRITING: Final = "writing"
 _DONE: Final = "done"
 _WITHDRAWN: Final = "withdrawn"
@@ -49,36 +53,43 @@ class _Alone:
 
 
 ALONE = _Alone()
+Outcome = Receipt | None | _Alone | BaseException
 
 
 @dataclass(eq=False)
 class _Member:
     row: SingleRow
+    queued_at: float = field(default_factory=time.monotonic)
     state: str = _QUEUED
-    outcome: Receipt | None | _Alone | BaseException = None
-    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome = None
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class _Group:
+    members: list[_Member]
+    # How to cancel its transaction while it runs (`relay.dialect.Running`).
+    cancel: Callable[[], None] | None = None
+    cancelled: bool = False
 
 
 class GroupWriter:
-    """One per process and database: a thread that writes queued rows in groups.
-
-    Started on first use, in the process that uses it (gunicorn forks its workers before any
-    request), and stopped by `close` (`relay.db.Database.dispose`).
-    """
+    """One per process and database (`relay.db.Database.group_writer`)."""
 
     def __init__(self, engine: Engine, *, wait: float = WAIT_SECONDS,
                  most: int = MOST_PER_GROUP) -> None:
         self.engine = engine
         self.wait = wait
         self.most = most
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Member] = []
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._closed = False
-        # How to cancel the group being written, while it is written (`relay.dialect.Running`).
-        self._cancel: Callable[[], None] | None = None
+        self._writing = False  # a leader is writing a group or about to
+        self._running: _Group | None = None
         self._cancel_lock = threading.Lock()
+        self._watchdog: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._closed = False
+        self._stop = threading.Event()
 
     def store(self, row: SingleRow) -> Receipt | None:
         """Store one prepared row with whatever else is queued, and answer its receipt once the
@@ -86,26 +97,19 @@ class GroupWriter:
         `ingest.store_prepared`). Raises DatabaseUnavailable when the wait runs out, and the
         database's own error when the row failed by itself."""
         member = _Member(row)
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise DatabaseUnavailable("database unavailable: the receiver is shutting down")
-            self._start()
+            if self._pid != os.getpid():  # a forked child: nobody waits on its parent's queue
+                self._queue, self._writing, self._running = [], False, None
+                self._pid, self._watchdog = os.getpid(), None
             self._queue.append(member)
-            self._cond.notify()
-        if not member.done.wait(self.wait):
-            with self._cond:
-                queued = member.state == _QUEUED
-                if queued:
-                    self._queue.remove(member)
-                    member.state = _WITHDRAWN
-            if not queued:
-                self._cancel_running()
-                member.done.wait(self.wait)  # a cancelled group ends at once
-            if not isinstance(member.outcome, Receipt):
-                # Withdrawn, cancelled, or (cancel impossible) still running: only a commit
-                # that won the race against the cancel stored it, and then it is answered so.
-                raise DatabaseUnavailable(
-                    f"database unavailable: not committed within {self.wait:g} s")
+            lead = not self._writing
+            self._writing = True
+        if lead:
+            self._lead()
+        else:
+            self._follow(member)
         outcome = member.outcome
         if isinstance(outcome, _Alone):
             return ingest.store_prepared(self.engine, row)
@@ -115,68 +119,134 @@ class GroupWriter:
 
     def queued(self) -> int:
         """Rows waiting for the next group (not those being written)."""
-        with self._cond:
+        with self._lock:
             return len(self._queue)
 
     def close(self) -> None:
-        """Write what is queued, then stop the thread."""
-        with self._cond:
+        """Refuse new rows; stop the watchdog."""
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(self.wait)
+        self._stop.set()
 
-    def _running(self, cancel: Callable[[], None] | None) -> None:
-        with self._cancel_lock:
-            self._cancel = cancel
+    # --- following ------------------------------------------------------------------------
 
-    def _cancel_running(self) -> None:
-        """Cancel the group being written (once). Under the lock that `_running(None)` takes,
-        so a cancel never reaches the connection after the group has handed it back."""
-        with self._cancel_lock:
-            if self._cancel is not None:
-                cancel, self._cancel = self._cancel, None
-                try:
-                    cancel()
-                except Exception:  # noqa: BLE001 - then the group simply runs on
-                    log.warning("could not cancel a group of webhooks", exc_info=True)
-
-    def _start(self) -> None:
-        # A forked child inherits the object but not the thread: start one of its own.
-        if self._pid != os.getpid():
-            self._queue = []  # a forked child's copy of its parent's queue: nobody waits on it
-            self._pid = os.getpid()
-            self._thread = threading.Thread(target=self._run, name="relay-group-commit",
-                                            daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
+    def _follow(self, member: _Member) -> None:
+        """Wait for a leader to write this row, or to be handed the next group."""
+        deadline = member.queued_at + self.wait
         while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
+            member.wake.wait(max(0.0, deadline - time.monotonic()))
+            with self._lock:
+                state = member.state
+                if state == _LEAD:
+                    member.wake.clear()
+                    if time.monotonic() >= deadline:
+                        # Too late for itself; it still leads the others.
+                        self._queue.remove(member)
+                        member.outcome = self._timed_out()
+                        member.state = _WITHDRAWN
+                elif state == _QUEUED and time.monotonic() >= deadline:
+                    self._queue.remove(member)
+                    member.state, member.outcome = _WITHDRAWN, self._timed_out()
                     return
-                group, self._queue = self._queue[:self.most], self._queue[self.most:]
-                for member in group:
-                    member.state = _WRITING
-            outcomes = self._write([member.row for member in group])
-            with self._cond:
-                for member, outcome in zip(group, outcomes, strict=True):
-                    member.outcome, member.state = outcome, _DONE
-                    member.done.set()
+                elif state == _DONE:
+                    return
+                group = self._running if state == _WRITING else None
+            if state == _LEAD:
+                self._lead()
+                return
+            if group is not None and time.monotonic() >= deadline:
+                self._cancel(group)
+                member.wake.wait(self.wait)  # a cancelled group ends at once
+                with self._lock:
+                    if member.state != _DONE:  # could not be cancelled: answer anyway
+                        member.outcome = self._timed_out()
+                return
 
-    def _write(self, rows: list[SingleRow]) -> list[Receipt | None | _Alone | BaseException]:
-        """Each row's outcome: its receipt, or ALONE when the group failed."""
-        if len(rows) == 1:
-            try:
-                return [ingest.store_prepared(self.engine, rows[0], self._running)]
-            except Exception as error:  # noqa: BLE001 - handed to the request, which answers
-                return [error]
+    # --- leading ----------------------------------------------------------------------------
+
+    def _lead(self) -> None:
+        """Write one group (everything queued, up to `most`), then hand the next one on."""
+        self._start_watchdog()
+        with self._lock:
+            members, self._queue = self._queue[:self.most], self._queue[self.most:]
+            for member in members:
+                member.state = _WRITING
+            group = self._running = _Group(members)
+        outcomes: list[Outcome] = [self._timed_out()] * len(members)
         try:
-            return list(ingest.store_group(self.engine, rows, self._running))
+            outcomes = self._write(group) if members else []
+        finally:  # whatever happens, the members are answered and the next group is led
+            with self._lock:
+                self._running = None
+                for member, outcome in zip(members, outcomes, strict=True):
+                    member.outcome, member.state = outcome, _DONE
+                    member.wake.set()
+                self._hand_on()
+
+    def _hand_on(self) -> None:
+        """The first queued member leads the next group; none queued: nobody writes."""
+        if self._queue:
+            following = self._queue[0]
+            following.state = _LEAD
+            following.wake.set()
+        else:
+            self._writing = False
+
+    def _write(self, group: _Group) -> list[Outcome]:
+        """Each row's outcome: its receipt, ALONE when the group failed, a 503 when the group
+        was cancelled for taking too long."""
+        rows = [member.row for member in group.members]
+        try:
+            if len(rows) == 1:
+                try:
+                    return [ingest.store_prepared(self.engine, rows[0],
+                                                  lambda cancel: self._running_as(group, cancel))]
+                except Exception as error:  # noqa: BLE001 - handed to the request, which answers
+                    if group.cancelled:
+                        return [self._timed_out()]
+                    return [error]
+            return list(ingest.store_group(self.engine, rows,
+                                           lambda cancel: self._running_as(group, cancel)))
         except Exception as error:  # noqa: BLE001 - every member tries again by itself
+            if group.cancelled:
+                return [self._timed_out()] * len(rows)
             log.info("a group of %d webhooks failed (%s): storing each by itself", len(rows),
                      type(error).__name__)
             return [ALONE] * len(rows)
+
+    def _timed_out(self) -> DatabaseUnavailable:
+        return DatabaseUnavailable(f"database unavailable: not committed within {self.wait:g} s")
+
+    # --- cancelling -------------------------------------------------------------------------
+
+    def _running_as(self, group: _Group, cancel: Callable[[], None] | None) -> None:
+        with self._cancel_lock:
+            group.cancel = cancel
+
+    def _cancel(self, group: _Group) -> None:
+        """Cancel a group's transaction (once). Under the lock that `_running_as(None)` takes,
+        so a cancel never reaches the connection after the group has handed it back."""
+        with self._cancel_lock:
+            if group.cancel is not None and not group.cancelled:
+                group.cancelled = True
+                try:
+                    group.cancel()
+                except Exception:  # noqa: BLE001 - then the group simply runs on
+                    log.warning("could not cancel a group of webhooks", exc_info=True)
+
+    def _start_watchdog(self) -> None:
+        """A group nobody else waits for (its leader alone) is cancelled past the wait too."""
+        if self._watchdog is None:
+            with self._lock:
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                                      name="relay-group-commit-watchdog")
+                    self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.wait / 4)):
+            with self._lock:
+                group = self._running
+            if group is not None and group.members and (
+                    time.monotonic() - group.members[0].queued_at > self.wait):
+                self._cancel(group)

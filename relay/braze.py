@@ -1,10 +1,10 @@
 """Braze REST client: one per environment, shared by the delivery threads of that environment.
 
-The only code that talks to Braze: delivery (`track`, `export_ids_by_email`) and `relay
-check-config` (`check_key`) go through it, so every request has the same headers, timeouts,
-pacing, key scrubbing and errors. Its errors derive from `BrazeError` (a `RelayError`) and carry
-the `Exchange` (request and answer) so callers can record it; a transport failure is chained to
-the `requests` exception behind it (`__cause__`).
+The only code that talks to Braze: delivery (`track`, `export_ids_by_email`), campaign and Canvas
+triggers (`trigger`) and `relay check-config` (`check_key`) go through it, so every request has the
+same headers, timeouts, pacing, key scrubbing and errors. Its errors derive from `BrazeError` (a
+`RelayError`) and carry the `Exchange` (request and answer) so callers can record it; a transport
+failure is chained to the `requests` exception behind it (`__cause__`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import requests
+import urllib3
 
 from relay.exceptions import RelayError
 
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 
 TRACK_PATH = "/users/track"
 EXPORT_IDS_PATH = "/users/export/ids"
+CAMPAIGN_TRIGGER_PATH = "/campaigns/trigger/send"
+CANVAS_TRIGGER_PATH = "/canvas/trigger/send"
+# trigger kind -> (path, the id field, the recipients' properties field)
+TRIGGER_ENDPOINTS = {
+    "campaign": (CAMPAIGN_TRIGGER_PATH, "campaign_id", "trigger_properties"),
+    "canvas": (CANVAS_TRIGGER_PATH, "canvas_id", "canvas_entry_properties"),
+}
+MAX_TRIGGER_RECIPIENTS = 50
+# Braze limits the two trigger endpoints together (with /messages/send): one pacing state.
+_RATE_GROUPS = {CAMPAIGN_TRIGGER_PATH: "/messages", CANVAS_TRIGGER_PATH: "/messages"}
 # `check_key` asks for one made-up user: harmless, and it needs the permission email lookups need.
 CHECK_KEY_BODY = {"external_ids": ["relay-check-config"], "fields_to_export": ["external_id"]}
 MAX_PACING_SLEEP = 60.0
@@ -107,7 +118,29 @@ class ServerError(BrazeError):
 
 
 class TransportError(BrazeError):
-    """No usable answer from Braze."""
+    """No usable answer from Braze.
+
+    `reached` says whether the request may have reached Braze: False only when the connection
+    could not be opened (refused, unresolvable, a connect timeout, a failed TLS handshake), so
+    nothing of the request was sent. A trigger may only be tried again when it is False.
+    """
+
+    def __init__(self, message: str | None = None, *, exchange: Exchange | None = None,
+                 reached: bool = True) -> None:
+        super().__init__(message, exchange=exchange)
+        self.reached = reached
+
+
+def _may_have_reached(error: requests.RequestException) -> bool:
+    """False only for failures that happen before any byte of the request is sent."""
+    if isinstance(error, requests.ConnectTimeout | requests.exceptions.SSLError):
+        return False
+    if isinstance(error, requests.ConnectionError):
+        reason = error.args[0] if error.args else None
+        reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+        return not isinstance(reason, urllib3.exceptions.NewConnectionError
+                              | urllib3.exceptions.ConnectTimeoutError)
+    return True
 
 
 def _float(value: str | None) -> float | None:
@@ -169,8 +202,8 @@ class BrazeClient:
     def rate_limit_state(self, endpoint: str = TRACK_PATH) -> dict[str, float | None]:
         """What Braze last said about this endpoint's limit (None where it said nothing)."""
         with self._lock:
-            return dict(self._rate.get(endpoint, {"limit": None, "remaining": None,
-                                                  "reset": None}))
+            return dict(self._rate.get(_RATE_GROUPS.get(endpoint, endpoint),
+                                       {"limit": None, "remaining": None, "reset": None}))
 
     def track(self, body: dict[str, Any]) -> TrackResult:
         data, exchange = self._call(TRACK_PATH, body)
@@ -187,6 +220,48 @@ class BrazeClient:
         if not isinstance(users, list) or not all(isinstance(u, dict) for u in users):
             raise TransportError("Braze's export answer has no list of users", exchange=exchange)
         return users, exchange
+
+    @staticmethod
+    def trigger_body(kind: str, target_id: str, recipients: list[dict[str, Any]]) -> dict[str, Any]:
+        """The /campaigns/trigger/send or /canvas/trigger/send body for these recipients, each
+        `{<identifier>, "properties": {...}}` (README, "Campaign and Canvas triggers")."""
+        _path, id_field, properties_field = TRIGGER_ENDPOINTS[kind]
+        if not 0 < len(recipients) <= MAX_TRIGGER_RECIPIENTS:
+            raise ValueError(f"a trigger request carries 1 to {MAX_TRIGGER_RECIPIENTS} "
+                             f"recipients, not {len(recipients)}")
+        sent = []
+        for recipient in recipients:
+            one = {k: v for k, v in recipient.items() if k != "properties"}
+            if recipient.get("properties"):
+                one[properties_field] = recipient["properties"]
+            sent.append(one)
+        return {id_field: target_id, "recipients": sent}
+
+    def trigger(self, kind: str, body: dict[str, Any], *, pace: bool = True) -> Exchange:
+        """Send a trigger body (from `trigger_body`); raises as every call does. A 2xx whose
+        body is not JSON still started the campaign: its TransportError carries the status.
+        `pace=False`: never sleep before sending (the caller asked `pacing_delay` first: a
+        trigger committed `sending` must leave at once)."""
+        path = TRIGGER_ENDPOINTS[kind][0]
+        _, exchange = self._call(path, body, pace=pace)
+        return exchange
+
+    def pacing_delay(self, path: str) -> float:
+        """Seconds `_pace` would wait before a request to `path` now (0: none)."""
+        group = _RATE_GROUPS.get(path, path)
+        with self._lock:
+            state = dict(self._rate.get(group, {}))
+            in_flight = self._in_flight.get(group, 0)
+        remaining, limit, reset = state.get("remaining"), state.get("limit"), state.get("reset")
+        wait = reset - self._clock() if reset is not None else 0.0
+        if remaining is None or wait <= 0 or remaining - in_flight >= max(1.0, (limit or 0) * 0.01):
+            return 0.0
+        return min(wait, MAX_PACING_SLEEP)
+
+    @staticmethod
+    def serialise(body: dict[str, Any]) -> str:
+        """The exact text a request body is sent as (and recorded as)."""
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
     def check_key(self) -> Exchange:
         """A harmless request that needs this key and the permission delivery needs
@@ -243,9 +318,15 @@ class BrazeClient:
         retry = _retry_after(headers.get("Retry-After"), now)
         return retry if retry is not None else now + 1.0
 
-    def _call(self, path: str, body: dict[str, Any]) -> tuple[dict[str, Any], Exchange]:
-        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-        self._pace(path)
+    def _call(self, path: str, body: dict[str, Any], *,
+              pace: bool = True) -> tuple[dict[str, Any], Exchange]:
+        payload = self.serialise(body)
+        group = _RATE_GROUPS.get(path, path)
+        if pace:
+            self._pace(group)
+        else:
+            with self._lock:
+                self._in_flight[group] = self._in_flight.get(group, 0) + 1
         started_at = datetime.now(UTC)
         t0 = time.perf_counter()
         status: int | None = None
@@ -265,7 +346,7 @@ class BrazeClient:
             error, failure = self._scrub(f"request failed: {type(exc).__name__}: {exc}"), exc
         finally:
             if status is None:
-                self._answered(path)
+                self._answered(group)
         duration_ms = (time.perf_counter() - t0) * 1000.0
         if self._log_requests:
             log.info("braze POST %s status=%s duration_ms=%.1f environment=%s",
@@ -277,11 +358,12 @@ class BrazeClient:
                             started_at=started_at)
 
         if error is not None:
-            raise TransportError(error, exchange=exchange(error)) from failure
+            reached = failure is None or _may_have_reached(failure)
+            raise TransportError(error, exchange=exchange(error), reached=reached) from failure
         assert status is not None
         reset_at = self._reset_at(response.headers) if status == 429 else None
-        self._remember_rate(path, response.headers, status, reset_at)
-        self._answered(path)
+        self._remember_rate(group, response.headers, status, reset_at)
+        self._answered(group)
         data = self._json(text)
 
         if 200 <= status < 300:

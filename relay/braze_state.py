@@ -90,3 +90,12 @@ def blocked_until(session: Session, environment: str) -> datetime | None:
     now = utcnow()
     times = [t for t in (state.paused_until, state.rate_limited_until) if t and t > now]
     return max(times) if times else None
+
+
+def paused_until(session: Session, environment: str) -> datetime | None:
+    """When a refused key's pause ends, or None: the rate limit of /users/track is not the
+    trigger endpoints', so only the pause stops triggers."""
+    state = session.get(EnvironmentState, environment)
+    if state is None or state.paused_until is None or state.paused_until <= utcnow():
+        return None
+    return state.paused_until

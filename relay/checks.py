@@ -1,4 +1,5 @@
-"""`relay check-config`: is this configuration able to run, and does Braze accept its keys?
+"""`relay check-config`: is this configuration able to run, and do Braze and Extole accept its keys
+and tokens?
 
 Each check gives one line: what was checked and `OK`, or the exact problem. Notes are facts an
 operator may have chosen (no staging key: staging events are skipped) and do not fail the check.
@@ -21,6 +22,8 @@ from relay.braze import (
     RateLimited,
     TransportError,
 )
+from relay.exceptions import ExtoleError
+from relay.extoleapi import TOKEN_VARIABLES, ExtoleClient
 from relay.settings import Settings
 
 PROBE_TIMEOUT = (3.0, 10.0)
@@ -37,11 +40,13 @@ class Check:
 
 
 def run_checks(settings: Settings, *, timeout: tuple[float, float] = PROBE_TIMEOUT) -> list[Check]:
-    """Every check, in the order an operator fixes things: database, webhooks, admin, Braze."""
+    """Every check, in the order an operator fixes things: database, webhooks, admin, Braze,
+    Extole's API (reconciliation)."""
     checks = [check_database(settings)]
     checks += check_webhook_secrets(settings)
     checks.append(check_admin(settings))
     checks += check_braze(settings, timeout=timeout)
+    checks += check_extole(settings, timeout=timeout)
     return checks
 
 
@@ -112,6 +117,31 @@ def check_braze(settings: Settings, *, timeout: tuple[float, float] = PROBE_TIME
             settings.braze_endpoint("production") == settings.braze_endpoint("staging")):
         checks.append(Check("braze keys", "staging uses the production key and endpoint: staging "
                             "events would reach the production workspace", problem=True))
+    return checks
+
+
+def check_extole(settings: Settings, *,
+                 timeout: tuple[float, float] = PROBE_TIMEOUT) -> list[Check]:
+    """Each environment's Extole API token, tried with one small rewards read (no retries)."""
+    checks: list[Check] = []
+    for environment, variable in TOKEN_VARIABLES.items():
+        name = f"extole {environment}"
+        token = settings.extole_token(environment)
+        if not token:
+            checks.append(Check(name, f"not configured ({variable} is not set): {environment} "
+                                      "is not reconciled"))
+            continue
+        client = ExtoleClient(settings.extole_api_url, token, environment=environment,
+                              connect_timeout=timeout[0], read_timeout=timeout[1], attempts=1,
+                              log_requests=False)
+        try:
+            client.check_token()
+        except ExtoleError as error:
+            checks.append(Check(name, str(error), problem=True))
+        else:
+            checks.append(Check(name, f"OK (token reads rewards at {settings.extole_api_url})"))
+        finally:
+            client.close()
     return checks
 
 

@@ -28,15 +28,18 @@ from relay.exceptions import (
     MigrationError,
     RelayError,
     SettingsError,
+    TriggerNotFound,
 )
-from relay.models import Status
+from relay.models import Status, TriggerState
 from relay.settings import ENVIRONMENTS, Settings, load_settings
 
 STATUSES = tuple(status.value for status in Status)
+TRIGGER_STATES = tuple(state.value for state in TriggerState)
 # 1: a check or operation failed; 2: invalid setting or usage (as click); then one code per kind.
 EXIT_CODES: dict[type[Exception], int] = {
     SettingsError: 2,
     EventNotFound: 3,
+    TriggerNotFound: 3,
     InvalidTransition: 4,
     DatabaseUnavailable: 5,
     MigrationError: 5,
@@ -317,6 +320,83 @@ def events_replay(event_id: int | None, status: str, environment: str | None, na
     click.echo(f"requeued {count} {status} event{'s' if count != 1 else ''}")
 
 
+# --- campaign and Canvas triggers ---------------------------------------------------------------
+
+
+@cli.group()
+def triggers() -> None:
+    """Campaign and Canvas triggers: list, resend, drop.
+
+    See the README, "Campaign and Canvas triggers".
+    """
+
+
+@triggers.command("list")
+@click.option("--state", type=click.Choice(TRIGGER_STATES), help="Only triggers in this state.")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS), help="Only this environment.")
+@click.option("--kind", type=click.Choice(("campaign", "canvas")), help="Only this kind.")
+@click.option("--event", "event_id", type=click.IntRange(1), help="Only this event's.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--before", type=int, help="Only ids below this one (the next page).")
+def triggers_list(state: str | None, environment: str | None, kind: str | None,
+                  event_id: int | None, limit: int, before: int | None) -> None:
+    """List triggers, newest first, as a table."""
+    from relay import triggers as store
+
+    filters = store.parse_filter(state, environment, kind)
+    with _database() as database, database.session() as session:
+        found, next_cursor = store.list_triggers(session, filters, limit=limit, cursor=before,
+                                                 event_id=event_id)
+        rows = [_trigger_row(store.trigger_json(t)) for t in found]
+    if not rows:
+        click.echo("no triggers match")
+        return
+    click.echo(_table(["id", "event", "env", "kind", "target", "state", "sends", "sent (UTC)",
+                       "recipient", "last error"], rows))
+    if next_cursor is not None:
+        click.echo(f"more: add --before {next_cursor}")
+
+
+def _trigger_row(trigger: dict[str, Any]) -> list[str]:
+    recipient = trigger["recipient"] or {}
+    who = recipient.get("external_user_id") or (recipient.get("user_alias") or {}).get(
+        "alias_name") or "-"
+    return [str(trigger["id"]), str(trigger["event_id"]), trigger["environment"],
+            trigger["kind"], trigger["target_id"], trigger["state"], str(trigger["sends"]),
+            (trigger["sent_at"] or "-")[:19].replace("T", " "), who,
+            trigger["last_error"] or ""]
+
+
+@triggers.command("resend")
+@click.argument("trigger_id", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask first.")
+def triggers_resend(trigger_id: int, yes: bool) -> None:
+    """Send an uncertain (or failed) trigger again, once.
+
+    Check in Braze first that the person did not get the message: Braze does not de-duplicate
+    trigger requests, so a second request is a second message.
+    """
+    from relay import triggers as store
+
+    if not yes:
+        click.confirm(f"Send trigger {trigger_id} to Braze again (a second message if the first "
+                      "reached the person)?", abort=True)
+    with _database() as database, database.session() as session:
+        store.resend(session, trigger_id)
+    click.echo(f"trigger {trigger_id} is due, to be sent once")
+
+
+@triggers.command("drop")
+@click.argument("trigger_id", type=int)
+def triggers_drop(trigger_id: int) -> None:
+    """Never send this (due, uncertain or failed) trigger: state `dropped`."""
+    from relay import triggers as store
+
+    with _database() as database, database.session() as session:
+        store.drop(session, trigger_id)
+    click.echo(f"trigger {trigger_id} is dropped")
+
+
 # --- personal data and retention ----------------------------------------------------------------
 
 
@@ -332,10 +412,11 @@ def forget(email: str | None, external_id: str | None, wait_seconds: float, yes:
 
     Their events (rejected ones included) keep their ids, times and statuses but lose every
     personal field; raw inbound bodies and Braze requests that mention them, in any JSON
-    spelling, are redacted; their identity cache entries are deleted. Deliveries of their
-    events already in flight are waited for (--wait), new ones held back meanwhile, so none
-    writes the data back. On SQLite the write-ahead log is checkpointed and truncated. This
-    cannot be undone. Braze's own copy is not touched (use Braze's user deletion).
+    spelling, are redacted; their identity cache entries and campaign/Canvas triggers are
+    deleted. Deliveries of their events already in flight are waited for (--wait), new ones held
+    back meanwhile, so none writes the data back. On SQLite the write-ahead log is checkpointed
+    and truncated. This cannot be undone. Braze's own copy is not touched (use Braze's user
+    deletion).
     """
     from relay import privacy
 
@@ -355,7 +436,7 @@ def forget(email: str | None, external_id: str | None, wait_seconds: float, yes:
         done = privacy.forget(database, email=email, external_id=external_id,
                               wait_seconds=wait_seconds, on_wait=waiting)
     for kind, count in done.counts.items():
-        verb = "deleted" if kind in ("identity_cache", "dedup_keys") else "redacted"
+        verb = "deleted" if kind in ("identity_cache", "triggers", "dedup_keys") else "redacted"
         click.echo(f"{kind}: {count} {verb}")
     if done.checkpointed is False:
         raise RelayError(
@@ -385,12 +466,69 @@ def purge(days: int | None) -> None:
         click.echo(f"  {kind}: {count}")
 
 
+# --- reconciliation -----------------------------------------------------------------------------
+
+SHOWN_BACKFILLS = 50
+
+
+@cli.command(short_help="Recover reward states Extole never delivered.")
+@click.option("--environment", type=click.Choice(ENVIRONMENTS),
+              help="Only this environment [default: every one with an Extole API token].")
+@click.option("--since", help="Look back to this ISO-8601 time instead of "
+                              "RELAY_RECONCILE_WINDOW.")
+@click.option("--dry-run", is_flag=True, help="Say what would be backfilled; store nothing.")
+def reconcile(environment: str | None, since: str | None, dry_run: bool) -> None:
+    """Recover reward events Extole never delivered, from its rewards API.
+
+    Reads Extole's rewards over the window and stores, as reward events delivered like any
+    other, each reward state the environment does not hold yet; prints what it saw and
+    backfilled. Exit code 1 when an environment could not be reconciled (a refused token,
+    Extole unavailable, another run in progress).
+    """
+    from relay.eventmap import EventMap
+    from relay.exceptions import ReconcileBusy
+    from relay.outbox.filters import parse_since
+    from relay.reconcile import Reconciler
+
+    try:
+        moment = parse_since(since)
+    except FilterError as error:
+        raise click.BadParameter(str(error), param_hint="--since") from None
+    settings = load_settings()
+    with _database(settings) as database:
+        reconciler = Reconciler(settings, database, EventMap.load(settings.event_map))
+        environments = [environment] if environment else reconciler.environments()
+        if not environments:
+            raise RelayError("no Extole API token is set (EXTOLE_API_TOKEN, "
+                             "EXTOLE_STAGING_API_TOKEN): nothing to reconcile")
+        failed = 0
+        for name in environments:
+            try:
+                report = reconciler.run(name, since=moment, dry_run=dry_run)
+            except ReconcileBusy as busy:
+                click.echo(f"{busy}: not started")
+                failed += 1
+                continue
+            assert report is not None  # only the worker's due-only runs answer None
+            click.echo(report.summary())
+            verb = "would backfill" if dry_run else "backfilled"
+            for extole_id in report.backfilled_ids[:SHOWN_BACKFILLS]:
+                click.echo(f"  {verb} {extole_id}")
+            if len(report.backfilled_ids) > SHOWN_BACKFILLS:
+                click.echo(f"  … and {len(report.backfilled_ids) - SHOWN_BACKFILLS} more")
+            for problem in report.problems:
+                click.echo(f"  error: {problem}")
+            failed += not report.ok
+    if failed:
+        raise RelayError(f"{failed} environment{'s' if failed != 1 else ''} not reconciled")
+
+
 # --- checking -----------------------------------------------------------------------------------
 
 
-@cli.command("check-config")
+@cli.command("check-config", short_help="Validate settings, Braze keys, Extole tokens.")
 def check_config() -> None:
-    """Validate settings and try each Braze key."""
+    """Validate settings and try each Braze key and Extole API token."""
     from relay import checks
 
     settings = load_settings()  # an invalid value stops here with one line and exit code 2
@@ -415,7 +553,7 @@ def init() -> None:
     click.echo(localsetup.instructions(load_settings()))
 
 
-@cli.command(short_help="Run a local imitation of Braze.")
+@cli.command(short_help="Run a local imitation of Braze and Extole's rewards API.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=9010, show_default=True, type=int)
 @click.option("--api-key", "api_keys", multiple=True,
@@ -426,10 +564,20 @@ def init() -> None:
 @click.option("--latency-ms", default=0, type=click.IntRange(0), show_default=True)
 @click.option("--rate-limit", default=None, help="e.g. 20/3s: requests allowed per window.")
 @click.option("--reject-key", "reject_keys", multiple=True, help="Key answered 401.")
+@click.option("--extole-token", "extole_tokens", multiple=True,
+              help="Extole API token, PROGRAM=TOKEN or TOKEN (repeatable; none: any token "
+                   "reads program production).")
+@click.option("--fault-path", "fault_paths", multiple=True,
+              type=click.Choice(("/users/track", "/users/export/ids", "/campaigns/trigger/send",
+                                 "/canvas/trigger/send")),
+              help="Apply --fail-rate and --latency-ms only here (repeatable; none: everywhere).")
 def sandbox(host: str, port: int, api_keys: tuple[str, ...], fail_rate: float,
             fail_status: int, latency_ms: int, rate_limit: str | None,
-            reject_keys: tuple[str, ...]) -> None:
-    """Run a local imitation of Braze's /users/track and /users/export/ids."""
+            reject_keys: tuple[str, ...], extole_tokens: tuple[str, ...],
+            fault_paths: tuple[str, ...]) -> None:
+    """Run a local imitation of Braze's /users/track, /users/export/ids,
+    /campaigns/trigger/send and /canvas/trigger/send, and of Extole's GET /v2/rewards over the
+    rewards posted to /sandbox/extole/rewards."""
     from relay.sandbox import SandboxConfig, run_sandbox
 
     if rate_limit:
@@ -439,8 +587,10 @@ def sandbox(host: str, port: int, api_keys: tuple[str, ...], fail_rate: float,
             raise click.BadParameter(str(exc), param_hint="--rate-limit") from None
     config = SandboxConfig(api_keys=list(api_keys), fail_rate=fail_rate,
                            fail_status=fail_status, latency_ms=latency_ms,
-                           rate_limit=rate_limit, reject_keys=list(reject_keys))
-    click.echo(f"Braze sandbox on http://{host}:{port} (profiles: /sandbox/profiles)")
+                           rate_limit=rate_limit, reject_keys=list(reject_keys),
+                           extole_tokens=list(extole_tokens), fault_paths=list(fault_paths))
+    click.echo(f"Braze sandbox on http://{host}:{port} (profiles: /sandbox/profiles, "
+               "triggers: /sandbox/triggers)")
     run_sandbox(host, port, config)
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from relay import attributes as person_attributes
-from relay import braze_state, dialect, metrics
+from relay import braze_state, dialect, metrics, triggers
 from relay.braze import (
     BadRequest,
     BrazeClient,
@@ -37,6 +37,7 @@ from relay.braze import (
     Unauthorized,
 )
 from relay.db import Database, utcnow
+from relay.eventmap import EventMap
 from relay.exceptions import DatabaseUnavailable
 from relay.extole import braze_time, canonical_json
 from relay.limiter import take_token
@@ -169,8 +170,10 @@ class Delivery:
 
     def __init__(self, settings: Settings, db: Database, owner: str,
                  clients: Callable[[str], BrazeClient], pool: ThreadPoolExecutor | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, event_map: EventMap | None = None) -> None:
         self.settings = settings
+        # Read at delivery for the triggers an event starts (its campaign_id / canvas_id).
+        self.event_map = event_map or EventMap.load(settings.event_map)
         self.db = db
         self.owner = owner
         self.clients = clients
@@ -460,8 +463,15 @@ class Delivery:
                 self._record_in(session, environment, exchange, events, note, outcomes,
                                 request)
                 if outcome.delivered:
-                    leases.mark_delivered(session, self.owner,
-                                          [p.event for p in outcome.delivered], identities)
+                    now = utcnow()
+                    delivered = leases.mark_delivered(
+                        session, self.owner, [p.event for p in outcome.delivered], identities,
+                        now)
+                    # In the same transaction: an event is delivered with its triggers or not
+                    # at all, so no crash can leave a delivered event without them.
+                    triggers.create_for_delivered(session, delivered, identities,
+                                                  self.event_map, self.settings.trigger_delay,
+                                                  now)
                 if outcome.dead:
                     leases.mark_dead(session, self.owner, outcome.dead, events, identities)
         except DatabaseUnavailable:

@@ -59,10 +59,11 @@ def insert(bind: Bind | str, table: Table | type[Any]) -> Insert:
 
 
 def upsert(bind: Bind, table: Table | type[Any], values: dict[str, Any],
-           keys: list[str]) -> Insert:
-    """INSERT ... ON CONFLICT (keys) DO UPDATE SET values: the row ends up holding `values`."""
+           keys: list[str], where: ColumnElement[bool] | None = None) -> Insert:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE SET values: the row ends up holding `values`.
+    With `where`, an existing row is updated only when it matches (else left as it is)."""
     return insert(bind, table).values(**values).on_conflict_do_update(index_elements=keys,
-                                                                      set_=values)
+                                                                      set_=values, where=where)
 
 
 def json_object(bind: Bind, *pairs: Any) -> Function[Any]:

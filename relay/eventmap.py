@@ -26,9 +26,13 @@ REWARD_STATES = ("EARNED", "FULFILLED", "SENT", "REDEEMED", "FAILED", "FAILED_FU
 EARNED_TYPES = ("earned_reward", "reward_earned")
 MAX_NAME = 255  # Braze event names, and the outbox column that keeps them
 MAX_GROUP_ID = 255
-_EVENT_KEYS = frozenset({"braze_event", "aliases", "email_subscribe", "subscription_state",
-                         "subscription_group_id"})
-_REWARD_KEYS = frozenset({"braze_event"})
+MAX_TARGET_ID = 64  # Braze campaign and Canvas ids (UUIDs), and the triggers column
+# Entry key -> trigger kind (README, "Campaign and Canvas triggers"). Every kind of entry (an
+# event type's, a reward state's) may name them.
+TRIGGER_KEYS = {"campaign_id": "campaign", "canvas_id": "canvas"}
+EVENT_KEYS = frozenset({"braze_event", "aliases", "email_subscribe", "subscription_state",
+                        "subscription_group_id", *TRIGGER_KEYS})
+REWARD_KEYS = frozenset({"braze_event", *TRIGGER_KEYS})
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,26 @@ class Mapping:
     `subscription_state` says that an event of this type changes a subscription group's state
     (the group named by the event, else `subscription_group_id`); by default it follows
     `email_subscribe`, so `subscribed`/`unsubscribed` events carry their group too.
+    `campaign_id` / `canvas_id` name an API-triggered campaign or Canvas started for the person
+    once the event is delivered: at most once (README, "Campaign and Canvas triggers").
     """
 
     braze_event: str
     email_subscribe: str | None = None
     subscription_state: str | None = None
     subscription_group_id: str | None = None
+    campaign_id: str | None = None
+    canvas_id: str | None = None
+
+    @property
+    def triggers(self) -> list[tuple[str, str]]:
+        """(kind, Braze id) of each campaign or Canvas this entry starts."""
+        found = []
+        if self.campaign_id:
+            found.append(("campaign", self.campaign_id))
+        if self.canvas_id:
+            found.append(("canvas", self.canvas_id))
+        return found
 
 
 def type_key(extole_type: str) -> str:
@@ -126,14 +144,10 @@ def _parse_rewards(rewards: dict[str, Any], origin: str) -> dict[str, Mapping]:
         if state is None:
             raise EventMapError(f"{where}: {name!r} is not a reward state (one of "
                                 f"{', '.join(s.lower() for s in REWARD_STATES)})")
-        if not isinstance(table, dict):
-            raise EventMapError(f"{where} must be a table")
-        unknown = set(table) - _REWARD_KEYS
-        if unknown:
-            raise EventMapError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+        mapping, _ = parse_entry(table, where, REWARD_KEYS)
         if state in entries:
             raise EventMapError(f"{where}: state {state} is already mapped")
-        entries[state] = Mapping(braze_event=_braze_event(table, where))
+        entries[state] = mapping
     return entries
 
 
@@ -163,23 +177,7 @@ def _parse_events(events: dict[str, Any], origin: str) -> dict[str, Mapping]:
     defined_by: dict[str, str] = {}
     for name, table in events.items():
         where = f"{origin}: [events.{name}]"
-        if not isinstance(table, dict):
-            raise EventMapError(f"{where} must be a table")
-        unknown = set(table) - _EVENT_KEYS
-        if unknown:
-            raise EventMapError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
-        braze_event = _braze_event(table, where)
-        aliases = table.get("aliases", [])
-        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-            raise EventMapError(f"{where}: aliases must be a list of strings")
-        subscribe = table.get("email_subscribe")
-        if subscribe is not None and subscribe not in EMAIL_SUBSCRIBE_STATES:
-            raise EventMapError(
-                f"{where}: email_subscribe must be one of {', '.join(EMAIL_SUBSCRIBE_STATES)}"
-            )
-        state, group = _subscription(table, subscribe, where)
-        mapping = Mapping(braze_event=braze_event, email_subscribe=subscribe,
-                          subscription_state=state, subscription_group_id=group)
+        mapping, aliases = parse_entry(table, where, EVENT_KEYS)
         for extole_type in [name, *aliases]:
             key = type_key(extole_type)
             if not key:
@@ -191,3 +189,41 @@ def _parse_events(events: dict[str, Any], origin: str) -> dict[str, Mapping]:
             defined_by[key] = name
             entries[key] = mapping
     return entries
+
+
+def parse_entry(table: Any, where: str,
+                keys: frozenset[str] = EVENT_KEYS) -> tuple[Mapping, list[str]]:
+    """One entry (its table named by `where` in messages): the mapping and its aliases.
+
+    Every kind of entry (`[events.<type>]`, `[rewards.<state>]`) is read here, each allowing its
+    own `keys`; the trigger keys are in every kind, so a trigger can be named wherever an event
+    name can.
+    """
+    if not isinstance(table, dict):
+        raise EventMapError(f"{where} must be a table")
+    unknown = set(table) - keys
+    if unknown:
+        raise EventMapError(f"{where} has unknown keys: {', '.join(sorted(unknown))}")
+    braze_event = _braze_event(table, where)
+    aliases = table.get("aliases", [])
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise EventMapError(f"{where}: aliases must be a list of strings")
+    subscribe = table.get("email_subscribe")
+    if subscribe is not None and subscribe not in EMAIL_SUBSCRIBE_STATES:
+        raise EventMapError(
+            f"{where}: email_subscribe must be one of {', '.join(EMAIL_SUBSCRIBE_STATES)}"
+        )
+    state, group = _subscription(table, subscribe, where)
+    targets: dict[str, str | None] = {}
+    for key in TRIGGER_KEYS:
+        value = table.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()
+                                  or len(value.strip()) > MAX_TARGET_ID
+                                  or any(c.isspace() for c in value.strip())):
+            raise EventMapError(f"{where}: {key} must be a Braze id (a string of at most "
+                                f"{MAX_TARGET_ID} characters without spaces)")
+        targets[key] = value.strip() if isinstance(value, str) else None
+    mapping = Mapping(braze_event=braze_event, email_subscribe=subscribe,
+                      subscription_state=state, subscription_group_id=group,
+                      campaign_id=targets["campaign_id"], canvas_id=targets["canvas_id"])
+    return mapping, list(aliases)

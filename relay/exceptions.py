@@ -66,5 +66,42 @@ class InvalidTransition(RelayError):
     """The event is not in a state that allows this."""
 
 
+class TriggerNotFound(RelayError):
+    """No trigger with that id."""
+
+
 class DeliveryInFlight(RelayError):
     """A delivery of this person's events is still in flight; nothing was erased."""
+
+
+# --- Extole's API (reconciliation) --------------------------------------------------------------
+
+
+class ExtoleError(RelayError):
+    """Extole's API request failed."""
+
+    def __init__(self, message: str | None = None, *, status: int | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ExtoleTokenRefused(ExtoleError):
+    """Extole refused the API token (401/403): check EXTOLE_API_TOKEN."""
+
+
+class ExtoleBadRequest(ExtoleError):
+    """Extole refused a parameter of the request (400)."""
+
+
+class ExtoleUnavailable(ExtoleError):
+    """Extole did not answer usefully (429, 5xx, timeout or connection error) after retries."""
+
+
+class ExtoleBadAnswer(ExtoleError):
+    """Extole's answer is not what its API documents (not JSON, not a list of rewards)."""
+
+
+class ReconcileBusy(RelayError):
+    """Another reconciliation run of this environment is in progress."""

@@ -40,6 +40,9 @@ REWARD_STATE_FIELD = ("state",)
 SUBSCRIPTION_GROUP = ("subscription_group_id",)
 COUPON_KEY_TYPE = "COUPON"
 MAX_NUMBER_TEXT = 40  # longer digit strings are not amounts: they stay text
+# The Extole event id of a reward event reconciliation recovered from Extole's rewards API:
+# `reconciled:<reward_id>:<STATE>` (relay.reconcile), an id Extole itself never makes.
+RECONCILED_PREFIX = "reconciled:"
 
 # Fields that are not event properties: identity and profile (top level and `person`), and the
 # envelope (top level only: a person's `id` or `name` is not the event's, so it is kept).
@@ -86,6 +89,11 @@ class Event:
         if self.email:
             return "email:" + self.email
         return None
+
+
+def is_reconciled(extole_event_id: str | None) -> bool:
+    """Whether an event was recovered by reconciliation rather than posted by Extole."""
+    return bool(extole_event_id and extole_event_id.startswith(RECONCILED_PREFIX))
 
 
 def canonical_json(value: Any) -> str:
@@ -254,8 +262,7 @@ def normalise(item: Any, event_map: EventMap, received_at: datetime, *,
     else:
         external_id = _scalar_text(fields.first(EXTERNAL_ID), "partner_user_id/external_id")
     state, reward_id = _reward(fields, extole_type)
-    mapping = (event_map.reward(state) if state and not is_earned_type(extole_type)
-               else event_map.lookup(extole_type))
+    mapping = entry_for(event_map, extole_type, state)
     dedup_key = event_id or "sha256:" + content_hash(hashed_item)
 
     attributes: dict[str, Any] = {}
@@ -345,6 +352,28 @@ def _checked_type(raw_type: Any) -> str:
     if len(extole_type) > MAX_ID_LENGTH:
         raise RejectedEvent(f"event type is longer than {MAX_ID_LENGTH} characters")
     return extole_type
+
+
+def entry_for(event_map: EventMap, extole_type: str, state: str | None) -> Mapping:
+    """The map entry that names an event: a reward event's is its state's `[rewards.<state>]`
+    entry, except for the older earned types (`earned_reward`, `reward_earned`), which keep
+    their `[events]` entry; any other event's is its type's."""
+    if state and not is_earned_type(extole_type):
+        return event_map.reward(state)
+    return event_map.lookup(extole_type)
+
+
+def stored_entry(event_map: EventMap, extole_type: str, payload: Any) -> Mapping:
+    """The map entry of a stored event (its type and the item Extole posted), found as
+    `normalise` found it: what starts its campaign or Canvas once delivered is the same entry
+    that named it. A payload that is no longer an item (erased) maps by its type alone."""
+    state = None
+    if isinstance(payload, dict):
+        try:
+            state, _ = _reward(_Fields(payload), extole_type)
+        except RejectedEvent:  # it was accepted, so this does not happen; never guess a state
+            state = None
+    return entry_for(event_map, extole_type, state)
 
 
 def _reward(fields: _Fields, extole_type: str) -> tuple[str | None, str | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
+from datetime import UTC
 from typing import Any
 
 from flask import Blueprint, Flask, Response
@@ -50,10 +51,22 @@ IDENTITY_LOOKUPS = Counter(
     "Email to Braze identity resolutions, by result (cache_hit, found, not_found, error).",
     ["result"],
 )
+RECONCILE_REWARDS = Counter(
+    "relay_reconcile_rewards",
+    "Rewards reconciliation read from Extole, by environment and result (present, backfilled, "
+    "error).",
+    ["environment", "result"],
+)
+TRIGGERS = Counter(
+    "relay_triggers",
+    "Campaign/Canvas trigger state transitions, by environment and the state entered.",
+    ["environment", "state"],
+)
 
 
 class OutboxCollector(Collector):
-    """Outbox depth by status and the age of the oldest pending event, read at scrape time.
+    """Outbox depth by status, the age of the oldest pending event and when each environment's
+    reconciliation last succeeded, read at scrape time (whichever process ran it).
 
     A database outage must not turn a scrape into a 500 (Prometheus would lose every other metric
     too), so these gauges are left out and the problem is logged.
@@ -67,6 +80,7 @@ class OutboxCollector(Collector):
             with self.db.session() as session:
                 counts = queries.counts_by_status(session)
                 oldest = queries.oldest_pending_age(session)
+                reconciled = queries.last_reconcile_success(session)
         except (DatabaseUnavailable, SQLAlchemyError) as error:
             log.warning("outbox gauges left out of this scrape: %s", describe_error(error))
             return
@@ -80,6 +94,13 @@ class OutboxCollector(Collector):
             "Age of the oldest pending event (0 when none is pending).",
             value=oldest,
         )
+        success = GaugeMetricFamily(
+            "relay_reconcile_last_success_timestamp_seconds",
+            "When the environment's last successful reconciliation run finished (Unix time).",
+            labels=["environment"])
+        for environment, finished in sorted(reconciled.items()):
+            success.add_metric([environment], finished.replace(tzinfo=UTC).timestamp())
+        yield success
 
 
 class _ProcessMetrics(Collector):

@@ -43,6 +43,21 @@ class Status(enum.StrEnum):
     REJECTED = "rejected"
 
 
+class TriggerState(enum.StrEnum):
+    """A campaign/Canvas trigger's states (README, "Campaign and Canvas triggers").
+
+    `sending` is committed before the request leaves; only what certainly did not reach Braze
+    goes back to `due`; what may have reached it becomes `uncertain`, for a person to decide.
+    """
+
+    DUE = "due"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    UNCERTAIN = "uncertain"
+    DROPPED = "dropped"
+
+
 class Base(DeclarativeBase):
     # Every model here is mapped to a table (none to a join or a select): say so for the type
     # checker, so Core statements (`OutboxEvent.__table__.update()`) are typed too.
@@ -209,6 +224,44 @@ class AttemptEvent(Base):
     outcome: Mapped[str | None] = mapped_column(String(32))
 
 
+class Trigger(Base):
+    """One API-triggered campaign or Canvas to start for one delivered event: at most once.
+
+    Created in the transaction that marks the event delivered, one per event and target. The
+    recipient is the identifier the event was delivered under; the properties are read from the
+    event when the request is built. `attempt_id` is the last Braze request that carried it
+    (recorded before it left, so a request whose answer never came is still on the event page).
+    """
+
+    __tablename__ = "triggers"
+    __table_args__ = (
+        UniqueConstraint("event_id", "kind", "target_id", name="uq_triggers_event_target"),
+        # The trigger job's "next due triggers" query.
+        Index("ix_triggers_due", "state", "due_at", "id"),
+        # Admin lists by state, newest first.
+        Index("ix_triggers_state_id", "state", "id"),
+        Index("ix_triggers_lease_expires_at", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[int] = mapped_column(BigId, ForeignKey("events.id", ondelete="CASCADE"))
+    environment: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(16))
+    target_id: Mapped[str] = mapped_column(String(64))
+    recipient: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    state: Mapped[str] = mapped_column(String(16))
+    due_at: Mapped[datetime | None] = mapped_column(DateTime)
+    sends: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    attempt_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("delivery_attempts.id", ondelete="SET NULL"), index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class IdentityCache(Base):
     """What Braze answered for an email, reused for RELAY_IDENTITY_TTL seconds."""
 
@@ -278,3 +331,45 @@ class AdminLoginFailure(Base):
     scope: Mapped[str] = mapped_column(String(16))
     key_hash: Mapped[str] = mapped_column(String(64))
     failed_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class ReconcileRun(Base):
+    """One finished reconciliation run of one environment (README, "Reconciliation").
+
+    `seen` rewards Extole listed in the window; `present` of them the environment already held
+    (by reward and state); `backfilled` stored now as reward events; `errors` rewards that could
+    not be used (their reasons, the first few, in `problems`). `error` says why a run stopped
+    early (a refused token, Extole unavailable, an answer that is not a list of rewards): such a
+    run is not a success.
+    """
+
+    __tablename__ = "reconcile_runs"
+    __table_args__ = (Index("ix_reconcile_runs_environment_id", "environment", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    environment: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime] = mapped_column(DateTime)
+    window_start: Mapped[datetime] = mapped_column(DateTime)
+    window_end: Mapped[datetime] = mapped_column(DateTime)
+    seen: Mapped[int] = mapped_column(Integer, default=0)
+    present: Mapped[int] = mapped_column(Integer, default=0)
+    backfilled: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    problems: Mapped[list[str] | None] = mapped_column(Json)
+    duration_ms: Mapped[float] = mapped_column(Float)
+
+
+class ReconcileLock(Base):
+    """Who runs an environment's reconciliation now: one row per environment while a run holds
+    it, until `expires_at` (renewed after every page), so a run whose process died frees the
+    environment by itself. Shared by every worker and host through the database."""
+
+    __tablename__ = "reconcile_locks"
+
+    environment: Mapped[str] = mapped_column(String(16), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)

@@ -8,10 +8,11 @@ element (one event or attributes object of a Braze batch) that mentions them is 
 and any other string that mentions them becomes a marker. Raw inbound bodies cannot be edited
 safely (they are the exact bytes Extole sent), so a body that mentions them is replaced by a
 marker; headers are kept unless a header value itself mentions them. Identity cache entries for
-them are deleted. De-duplication keys are event ids, reward ids and hashes, which name nobody; a
-key that does mention them (a reshaped body whose event `id` is a person's id) is deleted, as
-their event's own `dedup_key` is erased: a replay of that request is then new again, which
-forgetting accepts.
+them are deleted, and so are the campaign/Canvas triggers of their events or addressed to them
+(a due one is never sent). De-duplication keys are event ids, reward ids and hashes, which name
+nobody; a key that does mention them (a reshaped body whose event `id` is a person's id) is
+deleted, as their event's own `dedup_key` is erased: a replay of that request is then new again,
+which forgetting accepts.
 
 Matching is case-insensitive and bounded by identifier characters, so forgetting ann@example.com
 leaves joann@example.com alone and forgetting external id 42 leaves 420 alone. Raw text is also
@@ -61,6 +62,7 @@ from relay.models import (
     InboundRequest,
     OutboxEvent,
     Status,
+    Trigger,
 )
 from relay.outbox import leases
 
@@ -273,16 +275,18 @@ def _checkpoint(db: Database) -> bool | None:
 
 def erase(session: Session, person: Person, ids: Sequence[int] | None = None) -> dict[str, int]:
     """Erase one person in the caller's transaction; answers how many rows of each table
-    changed (identity cache: deleted). `ids`: their events as `_candidate_ids` found them
-    (found again when not given). Callers make sure no delivery of theirs is in flight
-    (`forget`)."""
+    changed (identity cache, triggers and de-duplication keys: deleted). `ids`: their events
+    as `_candidate_ids` found them (found again when not given). Callers make sure no delivery
+    of theirs is in flight (`forget`)."""
     if ids is None:
         ids = _candidate_ids(session, person)
+    triggers = _forget_triggers(session, person)  # first: it finds their events by identifier
     counts = {
         "events": _forget_events(session, person, ids),
         "inbound_requests": _forget_inbound(session, person),
         "delivery_attempts": _forget_attempts(session, person),
         "identity_cache": _forget_identity_cache(session, person),
+        "triggers": triggers,
         "dedup_keys": _forget_dedup_keys(session, person),
     }
     session.flush()
@@ -407,6 +411,25 @@ def _forget_attempts(session: Session, person: Person) -> int:
                 touched = True
         changed += touched
     return changed
+
+
+def _forget_triggers(session: Session, person: Person) -> int:
+    """Their events' triggers, and any trigger addressed to them (its recipient): deleted.
+    Before their events are redacted: it knows them by their identifiers."""
+    own_events = select(OutboxEvent.id).where(_own(person))
+    candidates = list(session.scalars(select(Trigger).where(or_(
+        Trigger.event_id.in_(own_events), person.contains(Trigger.recipient)))))
+    rows = [t for t in candidates
+            if person.json_mentions(t.recipient) or _is_own_event(session, t.event_id, person)]
+    for row in rows:
+        session.delete(row)
+    session.flush()
+    return len(rows)
+
+
+def _is_own_event(session: Session, event_id: int, person: Person) -> bool:
+    event = session.get(OutboxEvent, event_id)
+    return event is not None and _is_own(event, person)
 
 
 def _forget_identity_cache(session: Session, person: Person) -> int:

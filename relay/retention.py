@@ -1,9 +1,11 @@
 """Retention: delete what the relay no longer needs after RELAY_RETENTION_DAYS.
 
-Delivered and skipped events (by `received_at`), the Braze requests that carried only such events,
-inbound log rows no kept event refers to (refused requests included), the per-minute counts of
-refused requests, and identity cache answers long expired. Dead, pending
-and rejected events stay until an operator handles them, with their inbound row and attempts.
+Delivered and skipped events (by `received_at`) with their campaign/Canvas triggers, the Braze
+requests that carried only such events, inbound log rows no kept event refers to (refused requests
+included), the per-minute counts of refused requests, and identity cache answers long expired.
+Dead, pending and rejected events stay until an operator handles them, with their inbound row and
+attempts; so does a delivered event whose trigger is still due, being sent or uncertain (it waits
+for the operator's resend or drop).
 A purged event's de-duplication keys stay behind (`relay.outbox.dedup`) until its `received_at`
 + RELAY_DEDUP_DAYS, so a request replayed after the purge is still a duplicate; then they go too.
 
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import delete, exists, select, tuple_, update
+from sqlalchemy import delete, exists, false, select, tuple_, update
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
+from relay import dialect
 from relay.db import Database, rowcount, utcnow
 from relay.models import (
     AttemptEvent,
@@ -30,11 +35,15 @@ from relay.models import (
     OutboxEvent,
     RefusedRequestCount,
     Status,
+    Trigger,
+    TriggerState,
 )
 
 log = logging.getLogger(__name__)
 
 PURGEABLE = (Status.DELIVERED.value, Status.SKIPPED.value)
+# Triggers in these states still need the event (its properties, the operator's decision).
+OPEN_TRIGGERS = (TriggerState.DUE.value, TriggerState.SENDING.value, TriggerState.UNCERTAIN.value)
 DEFAULT_BATCH_SIZE = 1000
 
 
@@ -52,11 +61,12 @@ def purge(
         raise ValueError("retention_days and dedup_days must be at least 1")
     now = now or utcnow()
     cutoff = now - timedelta(days=retention_days)
-    counts = {"events": 0, "delivery_attempts": 0, "inbound_requests": 0, "identity_cache": 0,
-              "refused_request_counts": 0, "dedup_keys": 0}
+    counts = {"events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
+              "identity_cache": 0, "refused_request_counts": 0, "dedup_keys": 0}
     while True:
-        events, attempts = _purge_events(db, cutoff, batch_size)
+        events, purged_triggers, attempts = _purge_events(db, cutoff, batch_size)
         counts["events"] += events
+        counts["triggers"] += purged_triggers
         counts["delivery_attempts"] += attempts
         if events == 0:  # nothing left (or what was found changed meanwhile): done
             break
@@ -78,18 +88,32 @@ def purge(
 
 
 def _purgeable_event(cutoff: datetime) -> ColumnElement[bool]:
-    return (OutboxEvent.status.in_(PURGEABLE)) & (OutboxEvent.received_at < cutoff)
+    open_trigger = exists().where(Trigger.event_id == OutboxEvent.id,
+                                  Trigger.state.in_(OPEN_TRIGGERS))
+    return ((OutboxEvent.status.in_(PURGEABLE)) & (OutboxEvent.received_at < cutoff)
+            & ~open_trigger)
 
 
-def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int, int]:
-    """One batch of events with their links and the attempts that carried nothing else."""
+def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int, int, int]:
+    """One batch of events with their triggers, their links and the attempts that carried
+    nothing else."""
     with db.session() as session:
-        ids = list(session.scalars(
+        # The batch is locked before anything of it goes (PostgreSQL: its rows, skipping those
+        # another transaction holds; SQLite: the write lock), so an operator's replay cannot slip
+        # in between the trigger delete and the event delete: a replayed event whose finished
+        # trigger was gone would start its campaign a second time.
+        dialect.take_write_lock(session, OutboxEvent, false())
+        ids = list(session.scalars(dialect.for_update(
             select(OutboxEvent.id).where(_purgeable_event(cutoff))
-            .order_by(OutboxEvent.id).limit(batch_size)
+            .order_by(OutboxEvent.id).limit(batch_size), session, skip_locked=True)
         ))
         if not ids:
-            return 0, 0
+            return 0, 0, 0
+        # Finished triggers go with their event (explicitly: never relying on the pragma); an
+        # open one keeps its event, checked again by the delete below.
+        purged_triggers = rowcount(session.execute(
+            delete(Trigger).where(Trigger.event_id.in_(ids),
+                                  ~Trigger.state.in_(OPEN_TRIGGERS))))
         attempt_ids = list(session.scalars(
             select(AttemptEvent.attempt_id).where(AttemptEvent.event_id.in_(ids)).distinct()
         ))
@@ -111,7 +135,7 @@ def _purge_events(db: Database, cutoff: datetime, batch_size: int) -> tuple[int,
                     ~exists().where(AttemptEvent.attempt_id == DeliveryAttempt.id),
                 )
             ))
-        return len(deleted), attempts
+        return len(deleted), purged_triggers, attempts
 
 
 def _purge_orphan_attempts(db: Database, cutoff: datetime, batch_size: int) -> int:
@@ -140,43 +164,35 @@ def _purge_batch(db: Database, model: type[DeliveryAttempt] | type[InboundReques
         return rowcount(session.execute(delete(model).where(model.id.in_(ids), unused)))
 
 
-def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> int:
-    """Answers that expired longer ago than the retention period: unusable, yet personal data."""
-    key = tuple_(IdentityCache.environment, IdentityCache.email)
+def _purge_by_key(db: Database, model: type[Any], key: tuple[InstrumentedAttribute[Any], ...],
+                  condition: ColumnElement[bool], batch_size: int) -> int:
+    """One batch of rows of a table keyed by several columns (no id to page by): the keys of up
+    to `batch_size` rows meeting `condition`, then those rows, `condition` checked again."""
     with db.session() as session:
         keys = [tuple(row) for row in session.execute(
-            select(IdentityCache.environment, IdentityCache.email)
-            .where(IdentityCache.expires_at < cutoff).limit(batch_size)
-        )]
+            select(*key).where(condition).limit(batch_size))]
         if not keys:
             return 0
         return rowcount(session.execute(
-            delete(IdentityCache).where(key.in_(keys), IdentityCache.expires_at < cutoff)
-        ))
+            delete(model).where(tuple_(*key).in_(keys), condition)))
+
+
+def _purge_identity_cache(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Answers that expired longer ago than the retention period: unusable, yet personal data."""
+    return _purge_by_key(db, IdentityCache, (IdentityCache.environment, IdentityCache.email),
+                         IdentityCache.expires_at < cutoff, batch_size)
 
 
 def _purge_dedup_keys(db: Database, cutoff: datetime, batch_size: int) -> int:
     """Keys of purged events received before `cutoff` (now - RELAY_DEDUP_DAYS): a request that
     old is no longer recognised as a replay. A key whose event is still kept stays with it."""
-    expired = DedupKey.event_id.is_(None) & (DedupKey.received_at < cutoff)
-    key = tuple_(DedupKey.environment, DedupKey.key)
-    with db.session() as session:
-        keys = [tuple(row) for row in session.execute(
-            select(DedupKey.environment, DedupKey.key).where(expired).limit(batch_size)
-        )]
-        if not keys:
-            return 0
-        return rowcount(session.execute(delete(DedupKey).where(key.in_(keys), expired)))
+    return _purge_by_key(db, DedupKey, (DedupKey.environment, DedupKey.key),
+                         DedupKey.event_id.is_(None) & (DedupKey.received_at < cutoff),
+                         batch_size)
 
 
 def _purge_refused_counts(db: Database, cutoff: datetime, batch_size: int) -> int:
     """Counts of refused requests for minutes older than the retention period."""
-    key = tuple_(RefusedRequestCount.minute, RefusedRequestCount.remote_addr)
-    with db.session() as session:
-        keys = [tuple(row) for row in session.execute(
-            select(RefusedRequestCount.minute, RefusedRequestCount.remote_addr)
-            .where(RefusedRequestCount.minute < cutoff).limit(batch_size)
-        )]
-        if not keys:
-            return 0
-        return rowcount(session.execute(delete(RefusedRequestCount).where(key.in_(keys))))
+    return _purge_by_key(db, RefusedRequestCount,
+                         (RefusedRequestCount.minute, RefusedRequestCount.remote_addr),
+                         RefusedRequestCount.minute < cutoff, batch_size)

@@ -1,7 +1,14 @@
-"""A local imitation of Braze's /users/track and /users/export/ids, strict where Braze is strict.
+"""A local imitation of Braze's /users/track, /users/export/ids, /campaigns/trigger/send and
+/canvas/trigger/send, strict where Braze is strict, and of Extole's GET /v2/rewards (the rewards
+reconciliation reads).
 
-It keeps profiles in memory per workspace (per API key) so tests and demos can see what Braze would
-hold, and injects faults (errors, latency, rate limits, refused keys and events) on demand.
+It keeps profiles and the campaign/Canvas messages it was asked to send in memory per workspace
+(per API key) so tests and demos can see what Braze would hold and send, and injects faults
+(errors, latency, rate limits, refused keys and events; all endpoints or only some) on demand.
+Rewards posted to POST /sandbox/extole/rewards are served by GET /v2/rewards to the token of their
+program, with Extole's parameters (`time_interval`, `success_only`, `limit` up to 1000, `offset`)
+and Extole's error bodies; its faults (statuses for the next requests, malformed answers, fields
+left out) are set through POST /sandbox/faults like Braze's.
 """
 
 from __future__ import annotations
@@ -23,11 +30,22 @@ from flask import Flask, Response, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.serving import make_server
 
+from relay.eventmap import REWARD_STATES
+from relay.exceptions import RelayError
+
 log = logging.getLogger(__name__)
 
 TRACK = "/users/track"
 EXPORT = "/users/export/ids"
-ENDPOINTS = (TRACK, EXPORT)
+CAMPAIGN_TRIGGER = "/campaigns/trigger/send"
+CANVAS_TRIGGER = "/canvas/trigger/send"
+ENDPOINTS = (TRACK, EXPORT, CAMPAIGN_TRIGGER, CANVAS_TRIGGER)
+# path -> (the id field, the recipients' properties field)
+TRIGGERS = {CAMPAIGN_TRIGGER: ("campaign_id", "trigger_properties"),
+            CANVAS_TRIGGER: ("canvas_id", "canvas_entry_properties")}
+MAX_RECIPIENTS = 50
+# Braze's rate limit of the trigger endpoints is one budget for both (and /messages/send).
+_RATE_KEYS = {CAMPAIGN_TRIGGER: "/messages", CANVAS_TRIGGER: "/messages"}
 DEFAULT_RATE = (3000, 3.0)
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_PROPERTIES_BYTES = 50 * 1024
@@ -44,11 +62,28 @@ EXPORT_IDS = ("external_ids", "user_aliases", "braze_id", "email_address", "phon
 EXPORT_FIELDS = ("external_id", "braze_id", "user_aliases", "email", "phone", "first_name",
                  "last_name")
 FAULT_FIELDS = ("fail_rate", "fail_status", "latency_ms", "rate_limit", "reject_keys",
-                "refuse_event_ids", "refuse_mode")
+                "refuse_event_ids", "refuse_mode", "extole_fail_statuses", "extole_malformed",
+                "extole_drop_fields", "fault_paths")
+EXTOLE_REWARDS = "/v2/rewards"
+EXTOLE_MAX_LIMIT = 1000
+EXTOLE_DEFAULT_LIMIT = 100
+EXTOLE_DEFAULT_PROGRAM = "production"
+# The states Extole's rewards API reports; success_only (its default) leaves the failed ones out.
+EXTOLE_REWARD_STATES = REWARD_STATES
+EXTOLE_FAILED_STATES = ("FAILED", "FAILED_FULFILLMENT")
+EXTOLE_MALFORMED = ("not_json", "not_list")
+_EXTOLE_ERROR_CODES = {401: "method_unauthorized", 403: "access_denied", 429: "too_many_requests"}
+_DURATION = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?$")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([a-z]*)\s*$")
 _UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
           "m": 60.0, "min": 60.0, "minute": 60.0, "minutes": 60.0}
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def _named(entry: str) -> tuple[str | None, str]:
+    """"NAME=KEY" → (NAME, KEY); "KEY" → (None, KEY)."""
+    name, sep, key = entry.partition("=")
+    return (name.strip(), key.strip()) if sep else (None, name.strip())
 
 
 def _is_num(value: Any) -> bool:
@@ -85,6 +120,26 @@ def validate_faults(data: Any) -> dict[str, Any]:
             out[name] = list(data[name])
     if data.get("refuse_mode", "errors") not in ("errors", "400"):
         raise ValueError('refuse_mode must be "errors" or "400"')
+    if "extole_fail_statuses" in data:
+        statuses = data["extole_fail_statuses"]
+        if not (isinstance(statuses, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) and 400 <= v <= 599
+                for v in statuses)):
+            raise ValueError("extole_fail_statuses must be an array of HTTP statuses from 400 "
+                             "to 599")
+        out["extole_fail_statuses"] = list(statuses)
+    if data.get("extole_malformed") not in (None, *EXTOLE_MALFORMED):
+        raise ValueError("extole_malformed must be null or one of " + ", ".join(EXTOLE_MALFORMED))
+    if "extole_drop_fields" in data:
+        if not _str_list(data["extole_drop_fields"]):
+            raise ValueError("extole_drop_fields must be an array of strings")
+        out["extole_drop_fields"] = list(data["extole_drop_fields"])
+    if "fault_paths" in data:
+        paths = data["fault_paths"]
+        if not _str_list(paths) or any(path not in ENDPOINTS for path in paths):
+            raise ValueError("fault_paths must be an array of endpoints among "
+                             + ", ".join(ENDPOINTS) + " (empty: all)")
+        out["fault_paths"] = list(paths)
     return out
 
 
@@ -100,18 +155,29 @@ class SandboxConfig:
     reject_keys: list[str] = field(default_factory=list)
     refuse_event_ids: list[str] = field(default_factory=list)
     refuse_mode: str = "errors"
+    # The endpoints fail_rate and latency_ms apply to; empty: every endpoint.
+    fault_paths: list[str] = field(default_factory=list)
     max_objects: int = 75
     seed: int | None = None  # makes fail_rate reproducible
+    # Extole: "PROGRAM=TOKEN" or "TOKEN" (program production); none: any token reads production.
+    extole_tokens: list[str] = field(default_factory=list)
+    extole_fail_statuses: list[int] = field(default_factory=list)  # answers of the next requests
+    extole_malformed: str | None = None  # "not_json" or "not_list": every answer is broken
+    extole_drop_fields: list[str] = field(default_factory=list)  # left out of every reward
 
     def __post_init__(self) -> None:
         self.api_keys = [str(k) for k in self.api_keys]
+        self.extole_tokens = [str(k) for k in self.extole_tokens]
         self.reject_keys = [str(k) for k in self.reject_keys]
         self.refuse_event_ids = [str(k) for k in self.refuse_event_ids]
+        self.fault_paths = [str(k) for k in self.fault_paths]
         validate_faults(self.faults())
         if not (isinstance(self.max_objects, int) and self.max_objects >= 1):
             raise ValueError("max_objects must be a positive integer")
         if any(not key.rpartition("=")[2].strip() for key in self.api_keys):
             raise ValueError("api_keys has an empty key (expected NAME=KEY or KEY)")
+        if any(not key.rpartition("=")[2].strip() for key in self.extole_tokens):
+            raise ValueError("extole_tokens has an empty token (expected PROGRAM=TOKEN or TOKEN)")
 
     def faults(self) -> dict[str, Any]:
         faults = {name: getattr(self, name) for name in FAULT_FIELDS}
@@ -164,6 +230,7 @@ class _Workspace:
         self.by_braze: dict[str, _Profile] = {}
         self.by_alias: dict[tuple[str, str], _Profile] = {}
         self.dropped: list[dict[str, Any]] = []
+        self.triggers: list[dict[str, Any]] = []  # accepted trigger requests, as received
 
     def new(self, seq: int) -> _Profile:
         now = _now_iso()
@@ -277,6 +344,36 @@ def _check_object(array: str, obj: Any) -> tuple[str, Any]:
     return ident
 
 
+def _check_recipient(recipient: Any, properties_field: str, other: str) -> str | None:
+    """What is wrong with one trigger recipient, or None."""
+    if not isinstance(recipient, dict):
+        return "must be an object"
+    given = [k for k in ("external_user_id", "user_alias", "email", "braze_id")
+             if recipient.get(k) is not None]
+    if len(given) != 1:
+        return "exactly one of 'external_user_id' or 'user_alias' is required"
+    if given[0] in ("email", "braze_id"):
+        return f"'{given[0]}' is not supported by the sandbox: use 'external_user_id' or " \
+               "'user_alias'"
+    if given[0] == "external_user_id" and not (
+            isinstance(recipient["external_user_id"], str) and recipient["external_user_id"]):
+        return "'external_user_id' must be a non-empty string"
+    if given[0] == "user_alias":
+        try:
+            _identify("events", {"user_alias": recipient["user_alias"]})
+        except ValueError as exc:
+            return str(exc)
+    if other in recipient:
+        return f"'{other}' is not a field of this endpoint: use '{properties_field}'"
+    if recipient.get(properties_field) is not None and not isinstance(
+            recipient[properties_field], dict):
+        return f"'{properties_field}' must be an object"
+    if "send_to_existing_only" in recipient and not isinstance(
+            recipient["send_to_existing_only"], bool):
+        return "'send_to_existing_only' must be true or false"
+    return None
+
+
 def _refused_id(obj: Any, refused: list[str]) -> str | None:
     props = obj.get("properties") if isinstance(obj, dict) else None
     event_id = props.get("extole_event_id") if isinstance(props, dict) else None
@@ -291,9 +388,13 @@ class _Sandbox:
         self.lock = threading.Lock()
         self.keys: dict[str, str] = {}
         for entry in config.api_keys:
-            name, sep, key = entry.partition("=")
-            key = key if sep else name
-            self.keys[key.strip()] = name.strip() if sep else f"key-{key.strip()[-4:]}"
+            name, key = _named(entry)
+            self.keys[key] = name or f"key-{key[-4:]}"
+        # Extole: token -> the program whose rewards it reads.
+        self.extole_tokens: dict[str, str] = {}
+        for entry in config.extole_tokens:
+            program, token = _named(entry)
+            self.extole_tokens[token] = program or EXTOLE_DEFAULT_PROGRAM
         self.rng = random.Random(config.seed)
         self.reset()
 
@@ -306,6 +407,12 @@ class _Sandbox:
         self.faults = self.config.faults()
         self.windows: dict[tuple[str, str], list[float]] = {}
         self.seq = 0
+        # Extole: program -> reward_id -> the reward as the rewards API shows it.
+        self.rewards: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def faulty(self, path: str) -> bool:
+        """Whether fail_rate and latency_ms apply to this endpoint."""
+        return not self.faults["fault_paths"] or path in self.faults["fault_paths"]
 
     def workspace_name(self, key: str) -> str | None:
         if self.keys:
@@ -322,9 +429,10 @@ class _Sandbox:
         limit, width = SandboxConfig.parse_rate_limit(spec) if spec else DEFAULT_RATE
         if name is None:
             return limit, limit, now + width, True
-        window = self.windows.get((name, path))
+        key = (name, _RATE_KEYS.get(path, path))
+        window = self.windows.get(key)
         if window is None or now >= window[0] + width:
-            window = self.windows[(name, path)] = [now, 0]
+            window = self.windows[key] = [now, 0]
         allowed = window[1] < limit
         window[1] += allowed
         return limit, int(limit - window[1]), window[0] + width, allowed
@@ -370,12 +478,59 @@ class _Sandbox:
     def answer(self, name: str, path: str, problem: tuple[int, dict[str, Any]] | None,
                body: Any) -> tuple[int, dict[str, Any]]:
         """A simulated outage wins over everything, as a real one would."""
-        if self.faults["fail_rate"] and self.rng.random() < self.faults["fail_rate"]:
+        if (self.faults["fail_rate"] and self.faulty(path)
+                and self.rng.random() < self.faults["fail_rate"]):
             status = self.faults["fail_status"]
             return status, {"message": f"sandbox fault: HTTP {status}"}
         if problem:
             return problem
+        if path in TRIGGERS:
+            return self.trigger(name, path, body)
         return (self.track if path == TRACK else self.export)(name, body)
+
+    def trigger(self, name: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """An API-triggered campaign or Canvas: every accepted request sends its recipients a
+        message, twice if sent twice (Braze does not de-duplicate them)."""
+        id_field, properties_field = TRIGGERS[path]
+        other = next(f for p, (_, f) in TRIGGERS.items() if p != path)
+        target = body.get(id_field)
+        if not (isinstance(target, str) and target.strip()):
+            return 400, {"message": f"'{id_field}' is required and must be a non-empty string"}
+        if other in body:
+            return 400, {"message": f"'{other}' is not a field of {path}: use "
+                                    f"'{properties_field}'"}
+        if body.get(properties_field) is not None and not isinstance(body[properties_field],
+                                                                      dict):
+            return 400, {"message": f"'{properties_field}' must be an object"}
+        recipients = body.get("recipients")
+        if recipients is None:
+            return 400, {"message": "'recipients' is required unless 'broadcast' is true "
+                                    "(the sandbox does not broadcast)"}
+        if not (isinstance(recipients, list) and 0 < len(recipients) <= MAX_RECIPIENTS):
+            return 400, {"message": f"'recipients' must be an array of 1 to {MAX_RECIPIENTS} "
+                                    "recipients"}
+        people: list[tuple[str, Any]] = []
+        for index, recipient in enumerate(recipients):
+            problem = _check_recipient(recipient, properties_field, other)
+            if problem:
+                return 400, {"message": f"recipients[{index}]: {problem}"}
+            kind = "external_user_id" if "external_user_id" in recipient else "user_alias"
+            value = recipient[kind]
+            people.append(("external_id", value) if kind == "external_user_id"
+                          else ("user_alias", (value["alias_name"], value["alias_label"])))
+        ws = self.workspaces.setdefault(name, _Workspace())
+        dispatch_id = secrets.token_hex(16)
+        messages = []
+        for recipient, ident in zip(recipients, people, strict=True):
+            profile = self.resolve(ws, ident, create=False)
+            messages.append({
+                "recipient": {k: v for k, v in recipient.items() if k != properties_field},
+                "properties": {**(body.get(properties_field) or {}),
+                               **(recipient.get(properties_field) or {})},
+                "profile_found": profile is not None})
+        ws.triggers.append({"endpoint": path, id_field: target, "dispatch_id": dispatch_id,
+                            "messages": messages, "time": _now_iso()})
+        return 201, {"dispatch_id": dispatch_id, "message": "success"}
 
     def track(self, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         arrays: dict[str, list[Any]] = {}
@@ -510,8 +665,170 @@ class _Sandbox:
     def stats(self) -> dict[str, Any]:
         dropped = sum(d["input_array"] == "events" for ws in self.workspaces.values()
                       for d in ws.dropped)
+        messages = sum(len(t["messages"]) for ws in self.workspaces.values()
+                       for t in ws.triggers)
         return {"requests": dict(self.statuses), "events_received": self.events_received,
-                "events_dropped": dropped, "event_ids": dict(self.event_ids)}
+                "events_dropped": dropped, "event_ids": dict(self.event_ids),
+                "trigger_messages": messages}
+
+
+class _ExtoleRefusal(RelayError):
+    """An answer of Extole's with its error body: `{"code", "message", "http_status_code",
+    "parameters", "unique_id"}`."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 parameters: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.parameters = parameters or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "http_status_code": self.status,
+                "parameters": self.parameters, "unique_id": secrets.token_hex(8)}
+
+
+def _extole_time(value: Any, what: str) -> datetime:
+    """An ISO-8601 time with an offset (or Z), as UTC; ValueError naming `what` otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be an ISO-8601 time string")
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not an ISO-8601 time") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{what} {value!r} has no offset (add Z or +00:00)")
+    return moment.astimezone(UTC)
+
+
+def _extole_interval(value: str, now: datetime) -> tuple[datetime, datetime]:
+    """Extole's `time_interval`: `start/end` (ISO-8601 explicit form) or a duration ending now
+    (`P2D`, `PT36H`)."""
+    text = value.strip()
+    if "/" in text:
+        first, _, last = text.partition("/")
+        start = _extole_time(first, "time_interval start")
+        end = _extole_time(last, "time_interval end")
+        if end < start:
+            raise ValueError("time_interval ends before it starts")
+        return start, end
+    match = _DURATION.match(text)
+    if not match or not any(match.groups()):
+        raise ValueError(f"time_interval {value!r} is neither start/end nor a duration")
+    days, hours, minutes, seconds = (int(v or 0) for v in match.groups())
+    span = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    return datetime.fromtimestamp(now.timestamp() - span, UTC), now
+
+
+def _extole_number(args: Any, name: str, default: int, low: int, high: int | None,
+                   code: str) -> int:
+    raw = args.get(name)
+    if raw is None:
+        return default
+    try:
+        number = int(raw)
+    except ValueError:
+        raise _ExtoleRefusal(400, f"invalid_{name}", f"{name} must be a whole number",
+                             {name: raw}) from None
+    if number < low:
+        raise _ExtoleRefusal(400, f"invalid_{name}", f"{name} must be at least {low}",
+                             {name: raw})
+    if high is not None and number > high:
+        raise _ExtoleRefusal(400, code, f"{name} must be at most {high}", {name: raw})
+    return number
+
+
+def _extole_rewards(sandbox: _Sandbox, program: str, args: Any) -> list[dict[str, Any]]:
+    """The page GET /v2/rewards answers, or _ExtoleRefusal for a parameter Extole refuses."""
+    now = datetime.now(UTC)
+    window: tuple[datetime, datetime] | None = None
+    if args.get("time_interval") is not None:
+        try:
+            window = _extole_interval(args["time_interval"], now)
+        except ValueError as exc:
+            raise _ExtoleRefusal(400, "time_interval_invalid", str(exc),
+                                 {"time_interval": args["time_interval"]}) from None
+    success_only = args.get("success_only", "true").strip().lower()
+    if success_only not in ("true", "false"):
+        raise _ExtoleRefusal(400, "invalid_success_only", "success_only must be true or false",
+                             {"success_only": args["success_only"]})
+    limit = _extole_number(args, "limit", EXTOLE_DEFAULT_LIMIT, 1, EXTOLE_MAX_LIMIT,
+                           "max_fetch_size_1000")
+    offset = _extole_number(args, "offset", 0, 0, None, "invalid_offset")
+    state = args.get("state")
+    if state is not None and state.strip().upper() not in EXTOLE_REWARD_STATES:
+        raise _ExtoleRefusal(400, "invalid_reward_state", f"unknown reward state {state!r}",
+                             {"state": state})
+    chosen = []
+    for reward in sandbox.rewards.get(program, {}).values():
+        created = _extole_time(reward["created_at"], "created_at")
+        if window and not window[0] <= created < window[1]:
+            continue
+        if success_only == "true" and reward["state"] in EXTOLE_FAILED_STATES:
+            continue
+        if state is not None and reward["state"] != state.strip().upper():
+            continue
+        chosen.append((created, reward["reward_id"], reward))
+    chosen.sort(key=lambda entry: (entry[0], entry[1]))
+    dropped = sandbox.faults["extole_drop_fields"]
+    return [{k: v for k, v in reward.items() if k not in dropped}
+            for _, _, reward in chosen[offset:offset + limit]]
+
+
+def _checked_rewards(body: Any) -> list[dict[str, Any]]:
+    """Rewards posted to POST /sandbox/extole/rewards: one object or an array of them, each with
+    a `reward_id`, a `state` Extole knows and a `created_at` with an offset."""
+    rewards = body if isinstance(body, list) else [body]
+    checked = []
+    for index, reward in enumerate(rewards):
+        where = f"reward {index}"
+        if not isinstance(reward, dict):
+            raise ValueError(f"{where} must be a JSON object")
+        if not (isinstance(reward.get("reward_id"), str) and reward["reward_id"].strip()):
+            raise ValueError(f"{where}: reward_id must be a non-empty string")
+        state = reward.get("state")
+        if not (isinstance(state, str) and state.strip().upper() in EXTOLE_REWARD_STATES):
+            raise ValueError(f"{where}: state must be one of {', '.join(EXTOLE_REWARD_STATES)}")
+        _extole_time(reward.get("created_at"), f"{where}: created_at")
+        checked.append({**reward, "state": state.strip().upper()})
+    return checked
+
+
+def _extole_view(sandbox: _Sandbox) -> Response:
+    """GET /v2/rewards as Extole answers it: token, then faults, then parameters."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    headers: dict[str, str] = {}
+    with sandbox.lock:
+        faults = sandbox.faults
+        try:
+            if not token or (sandbox.extole_tokens and token not in sandbox.extole_tokens):
+                raise _ExtoleRefusal(401, "method_unauthorized",
+                                     "The access token is missing, invalid or expired")
+            program = sandbox.extole_tokens.get(token, EXTOLE_DEFAULT_PROGRAM)
+            if faults["extole_fail_statuses"]:
+                status = faults["extole_fail_statuses"].pop(0)
+                if status == 429:
+                    headers["Retry-After"] = "1"
+                raise _ExtoleRefusal(status, _EXTOLE_ERROR_CODES.get(status, "server_error"),
+                                     f"sandbox fault: HTTP {status}")
+            page = _extole_rewards(sandbox, program, request.args)
+        except _ExtoleRefusal as refusal:
+            sandbox.record(EXTOLE_REWARDS, None, refusal.status, dict(request.args))
+            response = jsonify(refusal.body())
+            response.status_code = refusal.status
+            response.headers.update(headers)
+            return response
+        sandbox.record(EXTOLE_REWARDS, program, 200, dict(request.args))
+        malformed = faults["extole_malformed"]
+        latency = faults["latency_ms"] / 1000.0
+    if latency > 0:
+        time.sleep(latency)
+    if malformed == "not_json":
+        return Response("<html><body>Service Temporarily Unavailable</body></html>",
+                        status=200, content_type="text/html")
+    if malformed == "not_list":
+        return jsonify({"rewards": page})
+    return jsonify(page)
 
 
 def _parse_json(raw: bytes) -> Any:
@@ -543,7 +860,7 @@ def _braze_view(sandbox: _Sandbox, path: str) -> Response:
             limit, remaining, reset, allowed = sandbox.rate(name, path, now)
             if not allowed:
                 status, payload = 429, {"message": "Rate limit exceeded"}
-        latency = sandbox.faults["latency_ms"] / 1000.0
+        latency = sandbox.faults["latency_ms"] / 1000.0 if sandbox.faulty(path) else 0.0
     headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(remaining),
                "X-RateLimit-Reset": str(math.ceil(reset))}
     if status == 429:
@@ -600,6 +917,14 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
                                for n, ws in sandbox.workspaces.items()},
                 "dropped": {n: list(ws.dropped) for n, ws in sandbox.workspaces.items()}})
 
+    @app.get("/sandbox/triggers")
+    def triggers() -> Response:
+        """Accepted trigger requests per workspace, each with the messages it sent (one per
+        recipient, with its properties and whether Braze had that profile)."""
+        with sandbox.lock:
+            return jsonify({"workspaces": {n: list(ws.triggers)
+                                           for n, ws in sandbox.workspaces.items()}})
+
     @app.get("/sandbox/requests")
     def requests_log() -> Response:
         with sandbox.lock:
@@ -624,6 +949,30 @@ def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
                 sandbox.faults.update(update)
         with sandbox.lock:
             return jsonify(sandbox.faults)
+
+    @app.get(EXTOLE_REWARDS)
+    def extole_rewards() -> Response:
+        return _extole_view(sandbox)
+
+    @app.route("/sandbox/extole/rewards", methods=["GET", "POST"])
+    def posted_rewards() -> Response | tuple[Response, int]:
+        """POST: rewards (one or an array) into a program (`?program=`, default production); a
+        reward posted again replaces the one with its reward_id (a state change). GET: them all.
+        """
+        if request.method == "POST":
+            program = request.args.get("program", EXTOLE_DEFAULT_PROGRAM).strip()
+            try:
+                rewards = _checked_rewards(_parse_json(request.get_data()))
+            except (ValueError, RecursionError) as exc:
+                return jsonify({"message": str(exc)}), 400
+            with sandbox.lock:
+                held = sandbox.rewards.setdefault(program, {})
+                for reward in rewards:
+                    held[reward["reward_id"]] = reward
+                return jsonify({"stored": len(rewards), "rewards": len(held)})
+        with sandbox.lock:
+            return jsonify({"programs": {name: list(held.values())
+                                         for name, held in sandbox.rewards.items()}})
 
     @app.post("/sandbox/reset")
     def reset() -> Response:

@@ -1,8 +1,12 @@
 """What runs when: the delivery worker's jobs, and the processes that run them.
 
-Three APScheduler jobs: delivery (every RELAY_POLL_INTERVAL, and at once when `relay.wakeup`
-wakes it; coalesced, one run at a time), the lease sweeper (every SWEEP_SECONDS: events of dead
-workers come back) and the retention purge (daily, the first run 5 minutes after start). They run
+APScheduler jobs: delivery (every RELAY_POLL_INTERVAL, and at once when `relay.wakeup` wakes it;
+coalesced, one run at a time), campaign and Canvas triggers (every RELAY_POLL_INTERVAL, one run at
+a time: `relay.triggers`), the lease sweeper (every SWEEP_SECONDS: events of dead workers come
+back), the retention purge (daily, the first run 5 minutes after start) and reconciliation from
+Extole (when a token is set and RELAY_RECONCILE_INTERVAL is not 0: it looks every
+RECONCILE_TICK_SECONDS at most, and each environment runs once per interval across all workers,
+`relay.reconcile`). They run
 inside the web processes (`start_in_process`, for `relay serve --with-worker`) or in a process of
 their own (`run_worker`, for `relay worker`, which stops on SIGTERM after the batch in flight).
 """
@@ -18,10 +22,14 @@ from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from flask import Flask
+from sqlalchemy.exc import SQLAlchemyError
 
 from relay import retention
-from relay.db import Database, get_db, utcnow
+from relay.db import Database, describe_error, get_db, utcnow
+from relay.eventmap import EventMap
+from relay.exceptions import DatabaseUnavailable, RelayError
 from relay.outbox import leases
+from relay.reconcile import Reconciler
 from relay.settings import Settings
 from relay.wakeup import WAKER_EXTENSION, Waker, start_listener
 from relay.worker import Worker
@@ -31,7 +39,10 @@ log = logging.getLogger(__name__)
 SWEEP_SECONDS = 30
 PURGE_HOURS = 24
 FIRST_PURGE_AFTER = timedelta(minutes=5)
+RECONCILE_TICK_SECONDS = 60
+FIRST_RECONCILE_AFTER = timedelta(seconds=30)
 DELIVER_JOB = "deliver"
+TRIGGER_JOB = "triggers"
 WORKER_EXTENSION = "relay.worker"  # (Worker, scheduler) of `serve --with-worker`, on the app
 
 
@@ -41,7 +52,7 @@ class _BusyDeliveryFilter(logging.Filter):
     dropped instead of being printed every poll interval under steady traffic."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (DELIVER_JOB in str(record.args)
+        return not ((DELIVER_JOB in str(record.args) or TRIGGER_JOB in str(record.args))
                     and "maximum number of running instances" in str(record.msg))
 
 
@@ -60,6 +71,14 @@ def deliver(worker: Worker, waker: Waker) -> None:
             waker.end()
 
 
+def send_triggers(worker: Worker) -> None:
+    """The trigger job (`relay.triggers`): a database outage waits for the next run."""
+    try:
+        worker.send_triggers()
+    except DatabaseUnavailable as outage:
+        log.warning("triggers paused: %s", outage)
+
+
 def sweep_leases(db: Database) -> int:
     """The sweeper job: leases of workers that died expire, and their events come back."""
     with db.session() as session:
@@ -70,6 +89,32 @@ def purge(db: Database, retention_days: int, dedup_days: int) -> None:
     """The retention job (`relay purge` runs the same now)."""
     counts = retention.purge(db, retention_days, dedup_days=dedup_days)
     log.info("retention purge: %s", counts)
+
+
+def reconcile(reconciler: Reconciler) -> None:
+    """The reconciliation job: each environment with a token whose last run (by any worker)
+    started at least RELAY_RECONCILE_INTERVAL ago. A run's own failures (a refused token, Extole
+    unavailable) are in its record; one that could not even be recorded (the database is
+    down) is logged, and the next tick tries again."""
+    for environment in reconciler.environments():
+        if reconciler.stopping.is_set():
+            return
+        try:
+            reconciler.run(environment, trigger="worker", only_if_due=True)
+        except (RelayError, SQLAlchemyError) as error:
+            log.warning("reconcile %s: not run: %s", environment, describe_error(error))
+
+
+def _wake_all(waker: Waker, db: Database) -> Callable[[str], None]:
+    """After reconciliation stored events: this process's delivery now, the others by NOTIFY."""
+
+    def wake(environment: str) -> None:
+        waker.wake()
+        notifier = db.notifier()
+        if notifier is not None:
+            notifier.poke(environment)
+
+    return wake
 
 
 def _run_now(scheduler: BackgroundScheduler) -> Callable[[], None]:
@@ -90,12 +135,20 @@ def build_scheduler(worker: Worker, settings: Settings, waker: Waker) -> Backgro
     now = datetime.now().astimezone()
     scheduler.add_job(deliver, "interval", args=(worker, waker),
                       seconds=settings.poll_interval, id=DELIVER_JOB, next_run_time=now)
+    scheduler.add_job(send_triggers, "interval", args=(worker,), seconds=settings.poll_interval,
+                      id=TRIGGER_JOB, next_run_time=now)
     scheduler.add_job(sweep_leases, "interval", args=(worker.db,), seconds=SWEEP_SECONDS,
                       id="sweep_leases")
     scheduler.add_job(purge, "interval",
                       args=(worker.db, settings.retention_days, settings.dedup_days),
                       hours=PURGE_HOURS, id="retention_purge",
                       next_run_time=now + FIRST_PURGE_AFTER)
+    reconciler = Reconciler(settings, worker.db, EventMap.load(settings.event_map),
+                            wake=_wake_all(waker, worker.db), stopping=worker.stopping)
+    if settings.reconcile_interval and reconciler.environments():
+        scheduler.add_job(reconcile, "interval", args=(reconciler,), id="reconcile",
+                          seconds=min(settings.reconcile_interval, RECONCILE_TICK_SECONDS),
+                          next_run_time=now + FIRST_RECONCILE_AFTER)
     waker.attach(_run_now(scheduler))
     return scheduler
 

@@ -63,6 +63,7 @@ class Settings:
     refused_log_rate: int = 60
     retention_days: int = 30
     dedup_days: int = 400
+    trigger_delay: float = 0.0
     # Tunables of the worker, in the README's table too.
     worker_batch_size: int = 500
     worker_threads: int = 8
@@ -72,6 +73,12 @@ class Settings:
     braze_read_timeout: float = 30.0
     proxy_fix: int = 0
     group_commit: str = "on"
+    # Reconciliation from Extole's rewards API (README, "Reconciliation").
+    extole_api_token: str | None = field(default=None, repr=False)
+    extole_staging_api_token: str | None = field(default=None, repr=False)
+    extole_api_url: str = "https://api.extole.io"
+    reconcile_interval: int = 3600
+    reconcile_window: int = 172800
 
     def braze_key(self, environment: str) -> str | None:
         """The key for one environment: production and staging never share one."""
@@ -86,6 +93,12 @@ class Settings:
         if environment == "production":
             return self.extole_webhook_secret
         return self.extole_staging_webhook_secret
+
+    def extole_token(self, environment: str) -> str | None:
+        """The Extole API token that reads one environment's rewards (None: not reconciled)."""
+        if environment == "production":
+            return self.extole_api_token
+        return self.extole_staging_api_token
 
     def __repr__(self) -> str:
         """Secrets are left out; a database password is masked."""
@@ -169,7 +182,8 @@ def _rate(value: str) -> Rate:
 def _url(value: str) -> str:
     url = value.strip().rstrip("/")
     if not re.match(r"^https?://[^/\s]+", url):
-        raise ValueError(f"expected an http(s) URL like https://rest.iad-01.braze.com, got {url!r}")
+        raise ValueError(f"expected an http(s) URL such as https://rest.iad-01.braze.com or "
+                         f"https://api.extole.io, got {url!r}")
     return url
 
 
@@ -216,6 +230,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "RELAY_REFUSED_LOG_RATE": ("refused_log_rate", _int(0)),
     "RELAY_RETENTION_DAYS": ("retention_days", _int(1)),
     "RELAY_DEDUP_DAYS": ("dedup_days", _int(1)),
+    "RELAY_TRIGGER_DELAY": ("trigger_delay", _number(0, strict=False)),
     "RELAY_WORKER_BATCH_SIZE": ("worker_batch_size", _int(1, 10000)),
     "RELAY_WORKER_THREADS": ("worker_threads", _int(1, 64)),
     "RELAY_LEASE_SECONDS": ("lease_seconds", _int(10)),
@@ -224,6 +239,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "BRAZE_READ_TIMEOUT": ("braze_read_timeout", _number(0)),
     "RELAY_PROXY_FIX": ("proxy_fix", _int(0, 10)),
     "RELAY_GROUP_COMMIT": ("group_commit", _choice("on", "off")),
+    "EXTOLE_API_TOKEN": ("extole_api_token", _text),
+    "EXTOLE_STAGING_API_TOKEN": ("extole_staging_api_token", _text),
+    "EXTOLE_API_URL": ("extole_api_url", _url),
+    "RELAY_RECONCILE_INTERVAL": ("reconcile_interval", _int(0)),
+    "RELAY_RECONCILE_WINDOW": ("reconcile_window", _int(60)),
 }
 
 SECRET_VARIABLES = frozenset(
@@ -232,6 +252,8 @@ SECRET_VARIABLES = frozenset(
         "BRAZE_STAGING_API_KEY",
         "EXTOLE_WEBHOOK_SECRET",
         "EXTOLE_STAGING_WEBHOOK_SECRET",
+        "EXTOLE_API_TOKEN",
+        "EXTOLE_STAGING_API_TOKEN",
         "RELAY_ADMIN_PASSWORD",
         "RELAY_SECRET_KEY",
     }

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from relay import braze_state
+from relay import braze_state, triggers
 from relay.braze import BrazeClient
 from relay.db import Database
 from relay.delivery import Delivery
@@ -42,6 +42,7 @@ class Worker:
         self._clients_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="braze")
         self.delivery = Delivery(settings, db, self.owner, self.client, self.pool)
+        self.triggers = triggers.TriggerSender(settings, db, self.owner, self.client)
         self.stopping = threading.Event()
 
     def client(self, environment: str) -> BrazeClient:
@@ -145,6 +146,13 @@ class Worker:
             if stop_after_one and claimed >= self.settings.worker_batch_size:
                 break
         return total, claimed
+
+    def send_triggers(self) -> int:
+        """The trigger job: stale `sending` triggers become uncertain, then due ones are sent;
+        answers how many requests went to Braze."""
+        with self.db.session() as session:
+            environments = triggers.sendable_environments(session, self.settings, ENVIRONMENTS)
+        return self.triggers.run(environments, stopping=self.stopping.is_set)
 
     def close(self) -> None:
         self.stopping.set()

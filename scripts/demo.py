@@ -1,9 +1,11 @@
-"""`make demo`: relay and the Braze sandbox side by side, every sample webhook posted.
+"""`make demo`: relay and the sandbox (Braze, and Extole's rewards API) side by side.
 
 Starts `relay sandbox` and `relay serve --with-worker` on free local ports with a throwaway
-SQLite database, posts each sample of tests/samples (the staging ones to staging; rewards as
-Extole's reward webhooks post them, and a reshaped reward body to `?type=earned_reward`), waits
-for delivery, then prints what each Braze profile now holds and how each event ended.
+SQLite database, posts each sample webhook of tests/samples (the staging ones to staging; rewards
+as Extole's reward webhooks post them, and a reshaped reward body to `?type=earned_reward`), then
+gives the sandbox's Extole a page of rewards, one of them in a state whose webhook never came, and
+runs `relay reconcile`: it backfills what only reconciliation can bring in. It waits for delivery,
+then prints how each event ended (reconciled ones marked) and what each Braze profile now holds.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ SAMPLES = ROOT / "tests" / "samples"
 QUERIES = {"reward_no_type.json": "?type=earned_reward"}
 RELAY = str(Path(sys.executable).parent / "relay")
 TIMEOUT = 60.0
+REWARDS_PAGE = "extole_rewards_page.json"  # Extole's rewards API answer, not a webhook
+EXTOLE_TOKEN = secrets.token_hex(16)  # the sandbox accepts it for program production
 
 
 def free_port() -> int:
@@ -61,6 +65,9 @@ def main() -> int:
         "EXTOLE_WEBHOOK_SECRET": secrets.token_hex(16),
         "EXTOLE_STAGING_WEBHOOK_SECRET": secrets.token_hex(16),
         "RELAY_POLL_INTERVAL": "0.5",
+        "EXTOLE_API_TOKEN": EXTOLE_TOKEN,
+        "EXTOLE_API_URL": f"http://127.0.0.1:{sandbox_port}",
+        "RELAY_RECONCILE_INTERVAL": "0",  # the demo runs `relay reconcile` itself
         "RELAY_LOG_FORMAT": "text",
     }
     processes: list[subprocess.Popen[bytes]] = []
@@ -71,7 +78,8 @@ def main() -> int:
         processes.append(subprocess.Popen(
             [RELAY, "sandbox", "--port", str(sandbox_port),
              "--api-key", "production=demo-production-key",
-             "--api-key", "staging=demo-staging-key"],
+             "--api-key", "staging=demo-staging-key",
+             "--extole-token", f"production={EXTOLE_TOKEN}"],
             env=env, cwd=workdir, stdout=log, stderr=log))
         processes.append(subprocess.Popen(
             [RELAY, "serve", "--port", str(relay_port), "--workers", "1", "--with-worker"],
@@ -81,6 +89,8 @@ def main() -> int:
         wait_for(f"http://127.0.0.1:{relay_port}/healthz", deadline)
         print(f"relay on :{relay_port}, Braze sandbox on :{sandbox_port}, data in {workdir}\n")
         for path in sorted(SAMPLES.glob("*.json")):
+            if path.name == REWARDS_PAGE:
+                continue
             environment = "staging" if "staging" in path.name else "production"
             secret = env["EXTOLE_STAGING_WEBHOOK_SECRET" if environment == "staging"
                          else "EXTOLE_WEBHOOK_SECRET"]
@@ -92,6 +102,7 @@ def main() -> int:
                          "X-Extole-Signature": sign(body, secret)}, timeout=10)
             print(f"POST {path.name + query:<40} -> {environment:<10} {answer.status_code} "
                   f"{answer.text.strip()}")
+        reconcile(env, workdir, sandbox_port)
         engine = create_engine(env["RELAY_DATABASE_URL"])
         while time.monotonic() < deadline:
             with engine.connect() as connection:
@@ -108,7 +119,11 @@ def main() -> int:
                     "SELECT id, environment, extole_event_id, braze_event, status, last_error "
                     "FROM events ORDER BY id")):
                 reason = f"  ({row.last_error})" if row.last_error else ""
-                print(f"  #{row.id:<3} {row.environment:<10} {row.extole_event_id or '-':<22} "
+                extole_id = row.extole_event_id or "-"
+                if extole_id.startswith("reconciled:"):  # only reconciliation brought it in
+                    extole_id = "reconciled " + extole_id.split(":")[1][:8] + "…:" + \
+                        extole_id.split(":")[2]
+                print(f"  #{row.id:<3} {row.environment:<10} {extole_id:<28} "
                       f"{row.braze_event or '-':<20} {row.status}{reason}")
         engine.dispose()
         profiles = requests.get(f"http://127.0.0.1:{sandbox_port}/sandbox/profiles",
@@ -128,6 +143,25 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
         log.close()
+
+
+def reconcile(env: dict[str, str], workdir: Path, sandbox_port: int) -> None:
+    """Extole's rewards API lists the rewards of the sample page, the first one now SENT: its
+    FULFILLED webhook was posted above, its SENT one never came. `relay reconcile` (over a window
+    reaching back to the samples' dates) backfills what is missing."""
+    page = json.loads((SAMPLES / REWARDS_PAGE).read_text("utf-8"))
+    answer = requests.post(f"http://127.0.0.1:{sandbox_port}/sandbox/extole/rewards", json=page,
+                           timeout=10)
+    answer.raise_for_status()
+    print(f"\nExtole's rewards API now lists {len(page)} rewards: "
+          + ", ".join(f"{r['reward_id'][:8]}… {r['state']}" for r in page))
+    oldest = min(reward["created_at"] for reward in page)[:10] + "T00:00:00Z"
+    print(f"$ relay reconcile --since {oldest}")
+    result = subprocess.run([RELAY, "reconcile", "--since", oldest], env=env, cwd=workdir,
+                            capture_output=True, text=True, timeout=60)
+    print("  " + result.stdout.strip().replace("\n", "\n  "))
+    if result.returncode:
+        print(result.stderr.strip().splitlines()[-1])
 
 
 def describe(profile: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ from tests.support import (
     STAGING_KEY,
     STAGING_SECRET,
     fresh_database,
+    served_sandbox,
     signed,
 )
 
@@ -231,3 +232,11 @@ def post_webhook(client: FlaskClient) -> Callable[..., Any]:
                            headers=headers if headers is not None else signed(raw, secret))
 
     return post
+
+
+@pytest.fixture
+def sandbox_url() -> Iterator[str]:
+    """The Braze sandbox (PROD_KEY is workspace `prod`, STAGING_KEY `staging`) served by
+    werkzeug on a free port, in a thread (`served_sandbox`); its base URL."""
+    with served_sandbox() as (url, _):
+        yield url

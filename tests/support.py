@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ import requests
 from flask import Flask
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.pool import NullPool
+from werkzeug.serving import make_server
 
 from relay.authentication import sign
 from relay.db import get_db
@@ -37,6 +40,7 @@ PROD_SECRET = "prod-secret-0123456789"
 STAGING_SECRET = "staging-secret-9876543210"
 BRAZE_URL = "https://rest.iad-01.braze.com"
 PROD_KEY = "prod-braze-key-aaaa"
+ADMIN_PASSWORD = "admin-password"  # the test settings' (conftest `make_settings`)
 STAGING_KEY = "staging-braze-key-bbbb"
 
 
@@ -241,3 +245,35 @@ def post_ids(post_webhook: Callable[..., Any], *events: dict[str, Any],
     answer = post_webhook(list(events), environment)
     assert answer.status_code == 200, answer.get_data(as_text=True)
     return list(answer.json["ids"])
+
+
+@contextlib.contextmanager
+def serving(app: Flask) -> Iterator[str]:
+    """Serve a WSGI app (the sandbox) on a free port of 127.0.0.1 from a thread, for the length
+    of a `with` block; its base URL."""
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+# --- the admin pages ----------------------------------------------------------------------------
+
+
+def form_token(html: str) -> str:
+    """The CSRF token of the (first) form on a page."""
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF field in the form"
+    return match.group(1)
+
+
+def login(client: Any, password: str = ADMIN_PASSWORD, **kwargs: Any) -> Any:
+    """Sign the test client in through the login form (with its CSRF token)."""
+    token = form_token(client.get("/admin/login", **kwargs).text)
+    return client.post("/admin/login", data={"username": "admin", "password": password,
+                                             "csrf_token": token}, **kwargs)

@@ -1,8 +1,10 @@
-"""The admin JSON API (README, "Admin page"): list, detail, retry, replay, bulk replay, stats.
+"""The admin JSON API (README, "Admin page"): list, detail, retry, replay, bulk replay, stats,
+and the campaign/Canvas triggers (list, resend, drop).
 
 Answers are JSON, errors `{"error": "<specific message>"}`: 400 bad parameters, 401 no
-credentials, 403 missing CSRF token, 404 no such event, 409 a transition the event's state does not
-allow, 415 not JSON, 503 database unavailable. Session or HTTP Basic; see `auth`.
+credentials, 403 missing CSRF token, 404 no such event or trigger, 409 a transition the event's or
+trigger's state does not allow, 415 not JSON, 503 database unavailable. Session or HTTP Basic; see
+`auth`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,21 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from relay import triggers
 from relay.admin import auth
-from relay.admin.params import parse_cursor, parse_limit, to_event_id
+from relay.admin.params import parse_cursor, parse_limit, to_event_id, to_trigger_id
 from relay.braze_state import environment_report
 from relay.db import get_db
-from relay.exceptions import DatabaseUnavailable, EventNotFound, FilterError, InvalidTransition
+from relay.exceptions import (
+    DatabaseUnavailable,
+    EventNotFound,
+    FilterError,
+    InvalidTransition,
+    TriggerNotFound,
+)
 from relay.outbox import operator, queries
 from relay.outbox.filters import EventFilter
+from relay.settings import ENVIRONMENTS, Settings
 
 bp = Blueprint("api", __name__)
 
@@ -44,7 +54,8 @@ def _bad_request(error: FilterError) -> Response:
 
 
 @bp.errorhandler(EventNotFound)
-def _not_found(error: EventNotFound) -> Response:
+@bp.errorhandler(TriggerNotFound)
+def _not_found(error: EventNotFound | TriggerNotFound) -> Response:
     return auth.json_error(404, str(error))
 
 
@@ -132,16 +143,23 @@ class StatsCache:
 
 
 def _compute_stats() -> dict[str, Any]:
+    settings: Settings = current_app.config["RELAY_SETTINGS"]
     with get_db().session() as session:
+        reconciliation = queries.reconciliation(session, ENVIRONMENTS)
+        for environment, last in reconciliation.items():
+            last["configured"] = bool(settings.extole_token(environment))
         return {
             "counts": queries.counts_by_status(session),
             "oldest_pending_seconds": round(queries.oldest_pending_age(session), 1),
-            "braze": environment_report(session, current_app.config["RELAY_SETTINGS"]),
+            "braze": environment_report(session, settings),
+            "reconciliation": reconciliation,
+            "triggers": triggers.counts_by_state(session),
         }
 
 
 def collect_stats() -> dict[str, Any]:
-    """Counts per status, the oldest pending event's age and each Braze key's state."""
+    """Counts per status, the oldest pending event's age, each Braze key's state, triggers per
+    state and each environment's last reconciliation run."""
     cache: StatsCache = current_app.extensions.setdefault("relay.admin.stats", StatsCache())
     return cache.get()
 
@@ -149,3 +167,37 @@ def collect_stats() -> dict[str, Any]:
 @bp.get("/stats")
 def stats() -> Response:
     return jsonify(collect_stats())
+
+
+@bp.get("/triggers")
+def list_triggers() -> Response:
+    """Triggers newest first, filtered by `state`, `environment`, `kind`, `event_id`."""
+    filters = triggers.parse_filter(request.args.get("state"), request.args.get("environment"),
+                                    request.args.get("kind"))
+    limit = parse_limit(request.args.get("limit"))
+    cursor = parse_cursor(request.args.get("cursor"))
+    raw_event = request.args.get("event_id")
+    event_id = to_event_id(raw_event) if raw_event else None
+    with get_db().session() as session:
+        found, next_cursor = triggers.list_triggers(session, filters, limit=limit, cursor=cursor,
+                                                    event_id=event_id)
+        body = {"triggers": [triggers.trigger_json(t) for t in found],
+                "next_cursor": next_cursor}
+    return jsonify(body)
+
+
+@bp.post("/triggers/<raw_id>/resend")
+def resend_trigger(raw_id: str) -> Response:
+    """An uncertain (or failed) trigger is sent again, once: the operator has checked that the
+    person did not get the message."""
+    with get_db().session() as session:
+        body = triggers.trigger_json(triggers.resend(session, to_trigger_id(raw_id)))
+    return jsonify(body)
+
+
+@bp.post("/triggers/<raw_id>/drop")
+def drop_trigger(raw_id: str) -> Response:
+    """The trigger is never sent (again): state `dropped`."""
+    with get_db().session() as session:
+        body = triggers.trigger_json(triggers.drop(session, to_trigger_id(raw_id)))
+    return jsonify(body)

@@ -7,7 +7,7 @@ Every problem raises `FilterError` with a message that names the parameter, so t
 
 from __future__ import annotations
 
-from relay.exceptions import EventNotFound, FilterError
+from relay.exceptions import EventNotFound, FilterError, TriggerNotFound
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -40,6 +40,14 @@ def to_event_id(raw: str) -> int:
     number = parse_id(raw)
     if number is None:
         raise EventNotFound(f"no event with id {raw[:40]!r}")
+    return number
+
+
+def to_trigger_id(raw: str) -> int:
+    """The trigger id of a URL (`/triggers/<id>/resend`), or TriggerNotFound."""
+    number = parse_id(raw)
+    if number is None:
+        raise TriggerNotFound(f"no trigger with id {raw[:40]!r}")
     return number
 
 

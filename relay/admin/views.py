@@ -20,11 +20,18 @@ from flask import (
 )
 from werkzeug.wrappers import Response as BaseResponse
 
+from relay import triggers
 from relay.admin import auth, message_page
 from relay.admin.api import collect_stats
-from relay.admin.params import parse_cursor, to_event_id
+from relay.admin.params import parse_cursor, parse_id, to_event_id, to_trigger_id
 from relay.db import get_db, utcnow
-from relay.exceptions import DatabaseUnavailable, EventNotFound, FilterError, InvalidTransition
+from relay.exceptions import (
+    DatabaseUnavailable,
+    EventNotFound,
+    FilterError,
+    InvalidTransition,
+    TriggerNotFound,
+)
 from relay.models import Status
 from relay.outbox import operator, queries
 from relay.outbox.filters import EventFilter
@@ -51,9 +58,26 @@ def _not_found(error: EventNotFound) -> Response:
     return message_page(404, "No such event", str(error))
 
 
+@bp.errorhandler(TriggerNotFound)
+def _no_trigger(error: TriggerNotFound) -> Response:
+    return message_page(404, "No such trigger", str(error))
+
+
 @bp.app_context_processor
 def _page_globals() -> dict[str, Any]:
-    return {"statuses": [status.value for status in Status], "environments": ENVIRONMENTS}
+    return {"statuses": [status.value for status in Status], "environments": ENVIRONMENTS,
+            "trigger_states": triggers.STATES, "trigger_kinds": triggers.KINDS,
+            "can_resend": triggers.RESENDABLE, "can_drop": triggers.DROPPABLE}
+
+
+def trigger_banner(counts: dict[str, int]) -> tuple[str, str] | None:
+    """The banner while any trigger is uncertain; the script mirrors this."""
+    uncertain = counts.get("uncertain", 0)
+    if not uncertain:
+        return None
+    return ("error", f"{uncertain} campaign/Canvas trigger{'s are' if uncertain != 1 else ' is'} "
+            "uncertain: Braze may or may not have sent the message. Check in Braze, then resend "
+            "or drop each one on the triggers page.")
 
 
 def braze_banners(report: dict[str, str]) -> list[tuple[str, str]]:
@@ -95,7 +119,10 @@ def index() -> Any:
                                       if key != "status"}
     page = render_template(
         "index.html", events=rows, next_cursor=next_cursor, filter=event_filter, cursor=cursor,
-        stats=stats, banners=braze_banners(stats["braze"]), since=since.isoformat(),
+        stats=stats, since=since.isoformat(),
+        banners=braze_banners(stats["braze"]) + [
+            b for b in [trigger_banner(stats["triggers"])] if b is not None],
+        triggers_url=url_for("admin.views.trigger_list", state="uncertain"),
         error=error, event_names=current_app.extensions["relay.event_map"].braze_events,
         status_urls={status.value: url_for("admin.views.index", **without_status,
                                            status=status.value) for status in Status},
@@ -163,3 +190,53 @@ def bulk_replay() -> Any:
         count = operator.count_matching(session, event_filter)
     return render_template("replay.html", filter=event_filter, count=count,
                            since=request.values.get("since", ""), list_args=list_args)
+
+
+# --- campaign and Canvas triggers ---------------------------------------------------------------
+
+
+@bp.get("/triggers")
+def trigger_list() -> Any:
+    """Triggers newest first, filtered by state, environment and kind; resend or drop each."""
+    error = None
+    try:
+        filters = triggers.parse_filter(request.args.get("state"),
+                                        request.args.get("environment"),
+                                        request.args.get("kind"))
+        cursor = parse_cursor(request.args.get("cursor"))
+    except FilterError as problem:
+        filters, cursor, error = {}, None, str(problem)
+    with get_db().session() as session:
+        found, next_cursor = triggers.list_triggers(session, filters, limit=PAGE_SIZE,
+                                                    cursor=cursor)
+        rows = [triggers.trigger_json(t) for t in found]
+        counts = triggers.counts_by_state(session)
+    page = render_template("triggers.html", triggers=rows, filters=filters, counts=counts,
+                           next_cursor=next_cursor, cursor=cursor, error=error,
+                           banner=trigger_banner(counts))
+    return (page, 400) if error else page
+
+
+@bp.post("/triggers/<raw_id>/resend")
+def resend_trigger(raw_id: str) -> Any:
+    return _act_on_trigger(raw_id, triggers.resend, "is due again and will be sent once")
+
+
+@bp.post("/triggers/<raw_id>/drop")
+def drop_trigger(raw_id: str) -> Any:
+    return _act_on_trigger(raw_id, triggers.drop, "is dropped: it will never be sent")
+
+
+def _act_on_trigger(raw_id: str, action: Any, done: str) -> Any:
+    trigger_id = to_trigger_id(raw_id)
+    try:
+        with get_db().session() as session:
+            action(session, trigger_id)
+        flash(f"Trigger {trigger_id} {done}.", "ok")
+    except InvalidTransition as refusal:
+        flash(f"Not done: {refusal}.", "error")
+    # Back to the event page the form was on, else to the list.
+    event_id = parse_id(request.form.get("event_id"))
+    if event_id is not None:
+        return redirect(url_for("admin.views.event", raw_id=event_id))
+    return redirect(url_for("admin.views.trigger_list"))

@@ -161,7 +161,10 @@ def _transition(events: Sequence[OutboxEvent], status: Status, note: str = "") -
 
 
 def mark_delivered(session: Session, owner: str, events: Sequence[OutboxEvent],
-                   identities: dict[int, dict[str, Any]], now: datetime | None = None) -> None:
+                   identities: dict[int, dict[str, Any]], now: datetime | None = None
+                   ) -> list[OutboxEvent]:
+    """Mark the events this worker still holds delivered; answers those (the others belong to
+    another worker now, which records its own delivery)."""
     now = now or utcnow()
     # Usually the identity is the event's own external_id: written by SQL from the row itself,
     # so the whole chunk is one statement with no per-row values.
@@ -174,7 +177,9 @@ def mark_delivered(session: Session, owner: str, events: Sequence[OutboxEvent],
         else {"row_id": e.id, "identity": identities.get(e.id)}
         for e in events
     ], shared)
-    _transition([e for e in events if e.id in held], Status.DELIVERED)
+    delivered = [e for e in events if e.id in held]
+    _transition(delivered, Status.DELIVERED)
+    return delivered
 
 
 def mark_dead(session: Session, owner: str, reasons: dict[int, str],

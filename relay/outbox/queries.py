@@ -6,6 +6,7 @@ at any size; `event_json` is the one shape an event has in the API and on the co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -14,7 +15,15 @@ from sqlalchemy.orm import Session
 
 from relay.db import utcnow
 from relay.exceptions import EventNotFound
-from relay.models import AttemptEvent, DeliveryAttempt, InboundRequest, OutboxEvent, Status
+from relay.extole import is_reconciled
+from relay.models import (
+    AttemptEvent,
+    DeliveryAttempt,
+    InboundRequest,
+    OutboxEvent,
+    ReconcileRun,
+    Status,
+)
 from relay.outbox.filters import EventFilter
 
 
@@ -69,6 +78,7 @@ def event_json(event: OutboxEvent) -> dict[str, Any]:
         "delivered_at": _iso(event.delivered_at),
         "last_error": event.last_error,
         "identity": event.identity,
+        "reconciled": is_reconciled(event.extole_event_id),
     }
 
 
@@ -84,7 +94,8 @@ def list_events(session: Session, event_filter: EventFilter, *, limit: int = 50,
 
 
 def event_detail(session: Session, event_id: int) -> dict[str, Any]:
-    """The event's whole story: payload, inbound request, identity and every Braze request."""
+    """The event's whole story: payload, inbound request, identity, every Braze request and the
+    campaign/Canvas triggers it started."""
     event = get_event(session, event_id)
     detail = event_json(event)
     detail.update(payload=event.payload, properties=event.properties,
@@ -122,6 +133,50 @@ def event_detail(session: Session, event_id: int) -> dict[str, Any]:
         }
         for attempt, outcome in attempts
     ]
+    # Here, not at the top: relay.triggers imports relay.metrics, which imports this module.
+    from relay import triggers
+
+    found, _ = triggers.list_triggers(session, event_id=event_id, limit=100)
+    detail["triggers"] = [triggers.trigger_json(t) for t in reversed(found)]
     return detail
 
 
+
+
+def reconciliation(session: Session, environments: Sequence[str]) -> dict[str, Any]:
+    """Each environment's last reconciliation run (its fields null before the first) and when a
+    run last succeeded, for the admin page and `/admin/api/stats`."""
+    report: dict[str, Any] = {}
+    successes = last_reconcile_success(session)
+    for environment in environments:
+        run = session.scalar(select(ReconcileRun).where(ReconcileRun.environment == environment)
+                             .order_by(ReconcileRun.id.desc()).limit(1))
+        if run is None:
+            report[environment] = dict.fromkeys(
+                ("last_run_at", "finished_at", "trigger", "window_start", "window_end", "seen",
+                 "present", "backfilled", "errors", "error", "duration_ms", "last_success_at"))
+            report[environment]["problems"] = []
+            continue
+        report[environment] = {
+            "last_run_at": _iso(run.started_at),
+            "finished_at": _iso(run.finished_at),
+            "trigger": run.trigger,
+            "window_start": _iso(run.window_start),
+            "window_end": _iso(run.window_end),
+            "seen": run.seen,
+            "present": run.present,
+            "backfilled": run.backfilled,
+            "errors": run.errors,
+            "error": run.error,
+            "problems": run.problems or [],
+            "duration_ms": round(run.duration_ms, 1),
+            "last_success_at": _iso(successes.get(environment)),
+        }
+    return report
+
+
+def last_reconcile_success(session: Session) -> dict[str, datetime]:
+    """When each environment's last successful run (one that read every page) finished."""
+    return {environment: finished for environment, finished in session.execute(
+        select(ReconcileRun.environment, func.max(ReconcileRun.finished_at))
+        .where(ReconcileRun.error.is_(None)).group_by(ReconcileRun.environment))}

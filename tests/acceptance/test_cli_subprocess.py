@@ -23,8 +23,8 @@ from tests.support import PROD_SECRET, Background, free_port, sample
 pytestmark = pytest.mark.slow
 
 RELAY = Path(sys.executable).parent / "relay"
-COMMANDS = ["check-config", "db", "events", "forget", "init", "purge", "sandbox", "serve",
-            "worker"]
+COMMANDS = ["check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
+            "serve", "triggers", "worker"]
 
 
 @pytest.fixture

@@ -21,17 +21,16 @@ from relay.db import utcnow
 from relay.models import OutboxEvent
 from relay.settings import Settings
 from relay.worker import Worker
-from tests.support import sample, sample_json, served_sandbox
+from tests.support import sample, sample_json
 
 ANN = "cust-1036950000"
 BO = "bo.chen@example.org"
 
 
 @pytest.fixture
-def sandbox() -> Iterator[str]:
-    """The sandbox served by werkzeug on a free port, in a thread; its base URL."""
-    with served_sandbox() as (url, _):
-        yield url
+def sandbox(sandbox_url: str) -> str:
+    """The Braze sandbox on a free port (the shared `sandbox_url`); its base URL."""
+    return sandbox_url
 
 
 @pytest.fixture

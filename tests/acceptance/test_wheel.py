@@ -155,6 +155,10 @@ def test_postgresql_upgrade_check_config_and_one_webhook(
             "braze production: OK",
             "braze staging: not configured (BRAZE_STAGING_API_KEY is not set): staging events "
             "are stored and skipped",
+            "extole production: not configured (EXTOLE_API_TOKEN is not set): production is not "
+            "reconciled",
+            "extole staging: not configured (EXTOLE_STAGING_API_TOKEN is not set): staging is not "
+            "reconciled",
         ]
         assert BRAZE_KEY not in checked.stdout + checked.stderr
 

@@ -3,8 +3,11 @@ to `relay sandbox`, on a temporary SQLite database.
 
 An operator signs in, sees a webhook's row appear without a reload within 2 s and turn delivered,
 opens its page, watches another event die (the sandbox refuses it), clears the fault, retries it
-and sees it delivered. Screenshots land in tests/artifacts/ (ignored by git). Debian's chromium is
-used as installed (never downloaded); without it the test is skipped, except in CI where it fails.
+and sees it delivered. Another event starts a campaign whose request Braze answers 503: the live
+page raises the uncertain-trigger banner, and the operator resends the trigger from the event's
+page; the sandbox sends the person one message. Screenshots land in tests/artifacts/ (ignored by
+git). Debian's chromium is used as installed (never downloaded); without it the test is skipped,
+except in CI where it fails.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ PASSWORD = "browser-test-password"
 LIVE_WITHIN_MS = 2000
 DELIVERED_WITHIN_MS = 20000
 START_TIMEOUT = 30.0
+CAMPAIGN = "cmp-browser-coupon"
+STATS_WITHIN_MS = 20000  # the live page asks for the counts every 15 s and after each change
 
 
 def _require_chromium() -> None:
@@ -86,6 +91,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "RELAY_RETRY_BASE": "1",
         "RELAY_POLL_INTERVAL": "0.5",
     })
+    event_map = home / "events.toml"
+    event_map.write_text('[events.coupon_issued]\nbraze_event = "Coupon Issued"\n'
+                         f'campaign_id = "{CAMPAIGN}"\n')
+    env["RELAY_EVENT_MAP"] = str(event_map)
     relay = relay_command()
     subprocess.run([relay, "db", "upgrade"], cwd=home, env=env, check=True, timeout=60,
                    capture_output=True)
@@ -210,4 +219,78 @@ def test_operator_watches_delivers_and_retries(stack: Stack) -> None:
         finally:
             browser.close()
     assert foreign == [], f"the admin page made requests elsewhere: {foreign}"
+    assert problems == [], f"errors in the browser console: {problems}"
+
+
+def test_operator_sees_an_uncertain_trigger_and_resends_it(stack: Stack) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    problems: list[str] = []
+    banner = "campaign/Canvas trigger is uncertain"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.goto(f"{stack.base}/admin/login")
+            page.fill("input[name=username]", "admin")
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{stack.base}/admin/")
+            page.wait_for_selector('#live[data-state="open"]', timeout=10_000)
+            expect(page.locator("#banners")).not_to_contain_text(banner)
+
+            # Braze answers the campaign's request 503: it may have sent it, so it is uncertain.
+            set_faults(stack, {"fail_rate": 1.0, "fail_status": 503,
+                               "fault_paths": ["/campaigns/trigger/send"]})
+            extole_id = f"browser-coupon-{uuid.uuid4().hex[:8]}"
+            event_id = post_webhook(stack, {
+                "type": "coupon_issued", "event_id": extole_id,
+                "event_time": "2026-11-21T09:02:44.120Z", "partner_user_id": "cust-coupon-1",
+                "coupon_code": "FRIEND20-7QX4"})
+            row = f'tr[data-id="{event_id}"]'
+            page.wait_for_selector(f"{row} .pill-delivered", timeout=DELIVERED_WITHIN_MS)
+            expect(page.locator("#banners")).to_contain_text(banner, timeout=STATS_WITHIN_MS)
+            page.screenshot(path=str(ARTIFACTS / "admin-live-trigger-banner.png"),
+                            full_page=True)
+
+            # The event's page shows the trigger and its failed request; resend it once.
+            set_faults(stack, {"fail_rate": 0.0, "fault_paths": []})
+            page.click(f'{row} [data-field="link"]')
+            page.wait_for_url(f"{stack.base}/admin/events/{event_id}")
+            trigger = page.locator("#triggers tbody tr")
+            expect(trigger).to_have_count(1)
+            expect(trigger.locator('[data-field="trigger-state"]')).to_have_text("uncertain")
+            assert CAMPAIGN in (trigger.text_content() or "")
+            assert "503" in (page.text_content("body") or "")
+            page.screenshot(path=str(ARTIFACTS / "admin-event-trigger.png"), full_page=True)
+            trigger.locator('[data-action="resend"]').click()
+            page.wait_for_selector(".flash-ok", timeout=5000)
+            assert "is due again" in (page.text_content(".flash-ok") or "")
+            deadline = time.monotonic() + DELIVERED_WITHIN_MS / 1000
+            while page.text_content('#triggers [data-field="trigger-state"]') != "sent":
+                assert time.monotonic() < deadline, page.text_content("#triggers")
+                time.sleep(0.5)
+                page.reload()
+            assert page.locator('#triggers [data-action="resend"]').count() == 0
+            page.screenshot(path=str(ARTIFACTS / "admin-event-trigger-sent.png"),
+                            full_page=True)
+
+            # One message reached the person; the banner is gone.
+            sent = requests.get(f"{stack.sandbox}/sandbox/triggers", timeout=10).json()
+            messages = [m for request in sent["workspaces"].values() for r in request
+                        if r.get("campaign_id") == CAMPAIGN for m in r["messages"]]
+            assert [(m["recipient"], m["properties"]["coupon_code"]) for m in messages] == [
+                ({"external_user_id": "cust-coupon-1"}, "FRIEND20-7QX4")]
+            page.goto(f"{stack.base}/admin/")
+            page.wait_for_selector('#live[data-state="open"]', timeout=10_000)
+            expect(page.locator("#banners")).not_to_contain_text(banner)
+        except Exception:
+            print(stack.log_tail())
+            raise
+        finally:
+            browser.close()
     assert problems == [], f"errors in the browser console: {problems}"

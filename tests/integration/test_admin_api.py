@@ -431,11 +431,16 @@ def test_stats_shape_and_values(app: Flask, client: FlaskClient,
     make_dead(app, ids[0])
     update_event(app, ids[1], received_at=utcnow() - timedelta(minutes=10))
     body = client.get("/admin/api/stats", headers=basic()).json
-    assert set(body) == {"counts", "oldest_pending_seconds", "braze"}
+    assert set(body) == {"counts", "oldest_pending_seconds", "braze", "reconciliation",
+                         "triggers"}
     assert body["counts"] == {"pending": 2, "delivered": 0, "dead": 1, "skipped": 0,
                               "rejected": 0}
+    assert body["triggers"] == {"due": 0, "sending": 0, "sent": 0, "failed": 0, "uncertain": 0,
+                                "dropped": 0}
     assert 590 <= body["oldest_pending_seconds"] <= 700
     assert body["braze"] == {"production": "ok", "staging": "ok"}
+    assert body["reconciliation"]["production"]["configured"] is False
+    assert body["reconciliation"]["production"]["last_run_at"] is None
 
 
 def test_stats_report_missing_and_refused_keys(make_settings: Callable[..., Settings]) -> None:

@@ -20,23 +20,11 @@ from relay.exceptions import DatabaseUnavailable
 from relay.models import AttemptEvent, DeliveryAttempt
 from relay.outbox import queries
 from relay.settings import Settings
-from tests.support import post_ids, stored_event, update_event
+from tests.support import form_token, login, post_ids, stored_event, update_event
 
 PASSWORD = "admin-password"
 ADMIN_DIR = Path(__file__).resolve().parents[2] / "relay" / "admin"
 XSS = "<script>alert(1)</script>"
-
-
-def form_token(html: str) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
-    assert match, "no CSRF field in the form"
-    return match.group(1)
-
-
-def login(client: FlaskClient, password: str = PASSWORD, **kwargs: Any) -> Any:
-    token = form_token(client.get("/admin/login", **kwargs).text)
-    return client.post("/admin/login", data={"username": "admin", "password": password,
-                                             "csrf_token": token}, **kwargs)
 
 
 def signed_in(client: FlaskClient) -> str:

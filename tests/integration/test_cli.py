@@ -30,8 +30,8 @@ from tests.support import (
     set_schema_revision,
 )
 
-COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "sandbox", "serve",
-            "worker")
+COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
+            "serve", "triggers", "worker")
 
 
 def set_status(app: Flask, extole_ids: list[str], status: str, **values: Any) -> None:
@@ -61,7 +61,8 @@ def test_help_lists_every_command_with_one_line_each(relay: Callable[..., Result
 @pytest.mark.parametrize("command", [
     ["serve"], ["worker"], ["db", "upgrade"], ["db", "current"], ["db", "history"],
     ["events", "list"], ["events", "show"], ["events", "retry"], ["events", "replay"],
-    ["forget"], ["purge"], ["check-config"], ["sandbox"], ["init"]])
+    ["forget"], ["purge"], ["check-config"], ["sandbox"], ["init"], ["reconcile"],
+    ["triggers", "list"], ["triggers", "resend"], ["triggers", "drop"]])
 def test_every_command_has_help(clean_environment: None, command: list[str]) -> None:
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
@@ -360,9 +361,9 @@ def test_forget_asks_first_then_prints_counts(relay: Callable[..., Result], app:
 
     result = relay("forget", "--email", "Ann.Lee@example.com", input="y\n")
     assert result.exit_code == 0
-    assert result.stdout.splitlines()[-5:] == [
+    assert result.stdout.splitlines()[-6:] == [
         "events: 1 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
-        "identity_cache: 0 deleted", "dedup_keys: 0 deleted"]
+        "identity_cache: 0 deleted", "triggers: 0 deleted", "dedup_keys: 0 deleted"]
     stored = events_by_extole_id(app)
     assert stored["r7k2m9q4x1b8c3d5e6f0"].email is None
     assert stored["rc00112233445566778"].email == "bo.chen@example.org"
@@ -379,7 +380,7 @@ def test_forget_by_external_id_with_yes(relay: Callable[..., Result], app: Flask
     result = relay("forget", "--external-id", "cust-3001", "--yes")
     assert result.stdout.splitlines() == [
         "events: 2 redacted", "inbound_requests: 1 redacted", "delivery_attempts: 0 redacted",
-        "identity_cache: 0 deleted", "dedup_keys: 0 deleted"]
+        "identity_cache: 0 deleted", "triggers: 0 deleted", "dedup_keys: 0 deleted"]
     stored = events_by_extole_id(app)
     assert stored["bt-0001"].external_id is None and stored["bt-0003"].email == "dee@example.net"
 
@@ -395,15 +396,16 @@ def test_purge_prints_counts_and_deletes(relay: Callable[..., Result], app: Flas
         session.execute(update(InboundRequest).values(received_at=old))
 
     kept = relay("purge")  # RELAY_RETENTION_DAYS defaults to 30
-    assert kept.stdout.splitlines()[1:] == ["  events: 0", "  delivery_attempts: 0",
-                                            "  inbound_requests: 0", "  identity_cache: 0",
-                                            "  refused_request_counts: 0", "  dedup_keys: 0"]
+    assert kept.stdout.splitlines()[1:] == ["  events: 0", "  triggers: 0",
+                                            "  delivery_attempts: 0", "  inbound_requests: 0",
+                                            "  identity_cache: 0", "  refused_request_counts: 0",
+                                            "  dedup_keys: 0"]
     result = relay("purge", RELAY_RETENTION_DAYS="7")
     # The purged events' keys stay (RELAY_DEDUP_DAYS, 400 by default): replays stay duplicates.
     assert result.stdout.splitlines() == [
         "purged rows received more than 7 days ago (keys of purged events: 400 days):",
-        "  events: 2", "  delivery_attempts: 0", "  inbound_requests: 2", "  identity_cache: 0",
-        "  refused_request_counts: 0", "  dedup_keys: 0"]
+        "  events: 2", "  triggers: 0", "  delivery_attempts: 0", "  inbound_requests: 2",
+        "  identity_cache: 0", "  refused_request_counts: 0", "  dedup_keys: 0"]
     assert set(events_by_extole_id(app)) == {"us1234abcd5678ef9013"}
     assert relay("purge", "--older-than", "0").exit_code == 2
 
@@ -445,6 +447,10 @@ def test_check_config_all_ok(relay: Callable[..., Result]) -> None:
         "admin: OK (user admin)",
         "braze production: OK",
         "braze staging: OK",
+        "extole production: not configured (EXTOLE_API_TOKEN is not set): production is not "
+        "reconciled",
+        "extole staging: not configured (EXTOLE_STAGING_API_TOKEN is not set): staging is not "
+        "reconciled",
     ]
     production, staging = calls
     assert production.request.headers["Authorization"] == f"Bearer {PROD_KEY}"
@@ -471,6 +477,32 @@ def test_check_config_names_each_problem_and_never_the_key(relay: Callable[..., 
     assert "braze staging: connection refused" in lines
     assert result.stderr == "relay: 2 problems found\n"
     assert PROD_KEY not in result.output and STAGING_KEY not in result.output
+
+
+def test_check_config_tries_each_extole_token(relay: Callable[..., Result]) -> None:
+    extole = "https://api.extole.io/v2/rewards"
+    with responses.RequestsMock() as mock:
+        mock.post(EXPORT, json={"users": [], "message": "success"}, status=201)
+        mock.post(f"{STAGING_URL}/users/export/ids", json={"users": [], "message": "success"})
+        mock.get(extole, json=[], match=[responses.matchers.header_matcher(
+            {"Authorization": "Bearer extole-prod-token"})])
+        mock.get(extole, status=403, json={
+            "code": "access_denied", "message": "Access denied", "http_status_code": 403,
+            "parameters": {}, "unique_id": "u-1"}, match=[responses.matchers.header_matcher(
+                {"Authorization": "Bearer extole-staging-token"})])
+        result = relay("check-config", **braze_env(
+            EXTOLE_API_TOKEN="extole-prod-token", EXTOLE_STAGING_API_TOKEN="extole-staging-token"))
+        probe = next(call.request for call in mock.calls if call.request.method == "GET")
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[-2:] == [
+        "extole production: OK (token reads rewards at https://api.extole.io)",
+        "extole staging: Extole refused the staging API token (403: access_denied: Access denied "
+        "(unique_id u-1)): check EXTOLE_STAGING_API_TOKEN (it needs the scope to read rewards)",
+    ]
+    assert result.stderr == "relay: 1 problem found\n"
+    assert probe.url.startswith("https://api.extole.io/v2/rewards?time_interval=")
+    assert "&success_only=false&limit=1&offset=0" in probe.url
+    assert "extole-prod-token" not in result.output
 
 
 def test_check_config_other_braze_answers(relay: Callable[..., Result]) -> None:

@@ -162,7 +162,7 @@ def test_forget_by_email_and_external_id_leaves_no_trace(db: Database,
     # 6 own events + Bo's sign-up naming Ann as his advocate; 7 bodies + the odd request;
     # one Braze request; both cache entries.
     assert counts == {"events": 7, "inbound_requests": 8, "delivery_attempts": 1,
-                      "identity_cache": 2, "dedup_keys": 0}
+                      "identity_cache": 2, "triggers": 0, "dedup_keys": 0}
     after = snapshot(db)
     changed = {key for key in before if before[key] != after.get(key)}
     assert len(changed) == sum(counts.values())
@@ -274,7 +274,7 @@ def test_forget_someone_unknown_changes_nothing(db: Database,
     before = snapshot(db)
     assert forget(db, email="nobody@example.com", external_id="cust-0") == {
         "events": 0, "inbound_requests": 0, "delivery_attempts": 0, "identity_cache": 0,
-        "dedup_keys": 0}
+        "triggers": 0, "dedup_keys": 0}
     assert snapshot(db) == before
 
 
@@ -413,7 +413,7 @@ def test_rejected_items_and_escaped_spellings_leave_no_trace(db: Database, post_
     assert traces(db, *ANNABEL_TRACES) == []
     # Her two rejected items and esc-1, Bo's rejected item and esc-2; four bodies.
     assert counts == {"events": 5, "inbound_requests": 4, "delivery_attempts": 0,
-                      "identity_cache": 0, "dedup_keys": 0}
+                      "identity_cache": 0, "triggers": 0, "dedup_keys": 0}
     with db.session() as session:
         stored = {e.extole_event_id: e for e in session.scalars(select(OutboxEvent))}
     assert stored["rj-1"].payload == stored["rj-2"].payload == privacy.ERASED_PAYLOAD

@@ -10,6 +10,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
@@ -124,6 +125,46 @@ def test_0003_on_a_database_that_holds_rows(empty_database_url: str) -> None:
         with engine.begin() as connection:
             assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
             assert connection.execute(text("SELECT count(*) FROM inbound_requests")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_0007_on_a_database_that_holds_rows(empty_database_url: str) -> None:
+    """The reconciliation tables arrive beside existing events and leave without touching them."""
+    before = ScriptDirectory.from_config(
+        migrate.alembic_config(empty_database_url)).get_revision("0007").down_revision
+    assert isinstance(before, str)
+    migrate.upgrade(empty_database_url, before)
+    engine = make_engine(empty_database_url)
+    now = "2026-12-03 12:00:00"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
+                "payload, received_at, updated_at) VALUES ('production', 'ev-1', 'ev-1', "
+                "'delivered', 0, '{}', :t, :t)"), {"t": now})
+        migrate.upgrade(empty_database_url)
+        with engine.begin() as connection:
+            assert connection.execute(text(
+                "SELECT extole_event_id, status FROM events")).all() == [("ev-1", "delivered")]
+            connection.execute(text(
+                "INSERT INTO reconcile_runs (environment, trigger, started_at, finished_at, "
+                "window_start, window_end, seen, present, backfilled, errors, error, problems, "
+                "duration_ms) VALUES ('production', 'worker', :t, :t, :t, :t, 3, 1, 2, 0, NULL, "
+                "NULL, 12.5), ('production', 'command', :t, :t, :t, :t, 0, 0, 0, 0, "
+                "'Extole refused the token', '[\"reward 1: no state\"]', 3.0)"), {"t": now})
+            connection.execute(text(
+                "INSERT INTO reconcile_locks (environment, owner, acquired_at, expires_at) "
+                "VALUES ('production', 'host:1:abc', :t, :t)"), {"t": now})
+            assert connection.execute(text(
+                "SELECT id, backfilled, error FROM reconcile_runs ORDER BY id")).all() == [
+                (1, 2, None), (2, 0, "Extole refused the token")]
+        assert _differences(empty_database_url) == []
+        command.downgrade(migrate.alembic_config(empty_database_url), before)
+        engine.dispose()
+        assert not set(inspect(engine).get_table_names()) & {"reconcile_runs", "reconcile_locks"}
+        with engine.begin() as connection:
+            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
     finally:
         engine.dispose()
 
@@ -272,5 +313,47 @@ def test_0005_on_a_database_that_holds_rows(empty_database_url: str) -> None:
             assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
             assert connection.execute(text(
                 "SELECT body_size, status_code FROM inbound_requests")).one() == (2, 401)
+    finally:
+        engine.dispose()
+
+
+def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
+    """The triggers table arrives beside delivered events and leaves without touching them."""
+    migrate.upgrade(empty_database_url, "0005")
+    engine = make_engine(empty_database_url)
+    now = "2026-11-20 14:14:18"
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO events (environment, dedup_key, extole_event_id, status, attempts, "
+                "payload, received_at, updated_at, delivered_at) VALUES ('production', 'ev-1', "
+                "'ev-1', 'delivered', 0, '{}', :t, :t, :t)"), {"t": now})
+            connection.execute(text(
+                "INSERT INTO delivery_attempts (environment, endpoint, started_at, duration_ms) "
+                "VALUES ('production', '/users/track', :t, 5.0)"), {"t": now})
+        migrate.upgrade(empty_database_url, "0006")
+        with engine.begin() as connection:
+            assert connection.execute(text(
+                "SELECT extole_event_id, status FROM events")).all() == [("ev-1", "delivered")]
+            connection.execute(text(
+                "INSERT INTO triggers (event_id, environment, kind, target_id, recipient, state, "
+                "due_at, sends, attempt_id, created_at, updated_at) VALUES (1, 'production', "
+                "'campaign', 'cmp-1', :r, 'due', :t, 0, 1, :t, :t)"),
+                {"t": now, "r": '{"external_user_id": "cust-1"}'})
+            duplicate = text(
+                "INSERT INTO triggers (event_id, environment, kind, target_id, state, sends, "
+                "created_at, updated_at) VALUES (1, 'production', 'campaign', 'cmp-1', 'due', 0, "
+                ":t, :t)")
+            assert connection.execute(text(
+                "SELECT state, recipient FROM triggers")).one()[0] == "due"
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(duplicate, {"t": now})  # one row per event and target
+        command.downgrade(migrate.alembic_config(empty_database_url), "0005")
+        engine.dispose()
+        assert "triggers" not in set(inspect(engine).get_table_names())
+        with engine.begin() as connection:
+            assert connection.execute(text("SELECT count(*) FROM events")).scalar() == 1
+            assert connection.execute(text(
+                "SELECT count(*) FROM delivery_attempts")).scalar() == 1
     finally:
         engine.dispose()

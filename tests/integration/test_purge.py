@@ -21,7 +21,9 @@ from relay.models import (
     InboundRequest,
     OutboxEvent,
     RefusedRequestCount,
+    Trigger,
 )
+from tests.support import POSTGRESQL_ONLY
 
 NOW = datetime(2027, 3, 1, 12, 0, 0)
 OLD = NOW - timedelta(days=31)
@@ -100,8 +102,9 @@ def test_purge_deletes_old_delivered_and_skipped_with_their_attempts_and_inbound
 
     counts = retention.purge(db, 30, dedup_days=400, now=NOW)
 
-    assert counts == {"events": 2, "delivery_attempts": 2, "inbound_requests": 1,
-                      "identity_cache": 1, "refused_request_counts": 0, "dedup_keys": 0}
+    assert counts == {"events": 2, "triggers": 0, "delivery_attempts": 2,
+                      "inbound_requests": 1, "identity_cache": 1, "refused_request_counts": 0,
+                      "dedup_keys": 0}
     assert ids(db, OutboxEvent) == {dead, pending, rejected, fresh}
     assert ids(db, DeliveryAttempt) == {shared, fresh_attempt, orphan_recent}
     assert orphan_old not in ids(db, DeliveryAttempt) and only_purged not in ids(db,
@@ -118,8 +121,8 @@ def test_a_second_purge_finds_nothing(db: Database) -> None:
         event(s, "delivered", OLD, inbound(s, OLD), "a")
     assert retention.purge(db, 30, dedup_days=400, now=NOW)["events"] == 1
     assert retention.purge(db, 30, dedup_days=400, now=NOW) == {
-        "events": 0, "delivery_attempts": 0, "inbound_requests": 0, "identity_cache": 0,
-        "refused_request_counts": 0, "dedup_keys": 0}
+        "events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
+        "identity_cache": 0, "refused_request_counts": 0, "dedup_keys": 0}
 
 
 def test_inbound_row_goes_once_its_last_event_is_purged(db: Database) -> None:
@@ -153,8 +156,9 @@ def test_purge_works_in_short_batches(db: Database, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(db, "session", counted)
     counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
-    assert counts == {"events": 7, "delivery_attempts": 3, "inbound_requests": 7,
-                      "identity_cache": 0, "refused_request_counts": 0, "dedup_keys": 0}
+    assert counts == {"events": 7, "triggers": 0, "delivery_attempts": 3,
+                      "inbound_requests": 7, "identity_cache": 0, "refused_request_counts": 0,
+                      "dedup_keys": 0}
     # events 3+3+1 then an empty look; attempts 3 + empty; inbound 3+3+1 + empty; cache empty;
     # refused counts empty; keys empty (these events have no keys).
     assert transactions == 4 + 2 + 4 + 1 + 1 + 1
@@ -218,6 +222,36 @@ def test_expired_keys_go_in_batches(db: Database) -> None:
     assert counts["dedup_keys"] == 7 and keys_left(db) == set()
 
 
+def trigger(session: Session, event_id: int, state: str, attempt_id: int | None = None) -> int:
+    row = Trigger(event_id=event_id, environment="production", kind="campaign",
+                  target_id="cmp-1", recipient={"external_user_id": "c-1"}, state=state,
+                  sends=1, attempt_id=attempt_id, created_at=OLD, updated_at=OLD)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def test_sent_triggers_go_with_their_events_and_open_ones_keep_theirs(db: Database) -> None:
+    """Retention purges sent (failed, dropped) triggers with their delivered events; an event
+    whose trigger is still due, being sent or uncertain waits for it."""
+    with db.session() as s:
+        finished = {state: event(s, "delivered", OLD, None, f"finished-{state}")
+                    for state in ("sent", "failed", "dropped")}
+        held = {state: event(s, "delivered", OLD, None, f"open-{state}")
+                for state in ("due", "sending", "uncertain")}
+        carried = attempt(s, OLD, finished["sent"])
+        for state, event_id in {**finished, **held}.items():
+            trigger(s, event_id, state, carried if state == "sent" else None)
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW)
+    assert (counts["events"], counts["triggers"], counts["delivery_attempts"]) == (3, 3, 1)
+    assert ids(db, OutboxEvent) == set(held.values())
+    with db.session() as s:
+        assert sorted(s.scalars(select(Trigger.state))) == ["due", "sending", "uncertain"]
+    with db.session() as s:  # the operator drops the uncertain one: its event can go
+        s.execute(Trigger.__table__.update().where(Trigger.state == "uncertain")
+                  .values(state="dropped"))
+    assert retention.purge(db, 30, dedup_days=400, now=NOW)["triggers"] == 1
+    assert ids(db, OutboxEvent) == {held["due"], held["sending"]}
 
 
 def test_purge_deletes_counts_of_refused_requests_past_retention(db: Database) -> None:
@@ -233,3 +267,24 @@ def test_purge_deletes_counts_of_refused_requests_past_retention(db: Database) -
     with db.session() as s:
         assert [(r.minute, r.remote_addr) for r in s.scalars(select(RefusedRequestCount))] == [
             (RECENT, "192.0.2.1")]
+
+
+@POSTGRESQL_ONLY
+def test_an_event_another_transaction_holds_keeps_its_finished_trigger(db: Database) -> None:
+    """The purge locks its batch before deleting anything of it: an event an operator's replay
+    holds at that moment is left whole (its sent trigger with it), so the replayed event cannot
+    start its campaign a second time; the next purge takes both."""
+    with db.session() as s:
+        busy = event(s, "delivered", OLD, None, "busy")
+        free = event(s, "delivered", OLD, None, "free")
+        trigger(s, busy, "sent")
+        trigger(s, free, "sent")
+    with db.engine.connect() as other, other.begin():
+        other.execute(select(OutboxEvent.id).where(OutboxEvent.id == busy).with_for_update())
+        counts = retention.purge(db, 30, dedup_days=400, now=NOW)
+        assert (counts["events"], counts["triggers"]) == (1, 1)
+        with db.session() as s:
+            assert list(s.scalars(select(Trigger.event_id))) == [busy]
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW)
+    assert (counts["events"], counts["triggers"]) == (1, 1)
+    assert ids(db, OutboxEvent) == set()

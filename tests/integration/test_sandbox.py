@@ -553,3 +553,112 @@ def test_one_client_shared_by_threads(live: tuple[str, FlaskClient]) -> None:
     assert failures == []
     stats = control.get("/sandbox/stats").get_json()
     assert stats["events_received"] == 80 and set(stats["event_ids"].values()) == {1}
+
+
+# -- campaign and Canvas triggers ------------------------------------------------------------
+
+CAMPAIGN = "/campaigns/trigger/send"
+CANVAS = "/canvas/trigger/send"
+
+
+def sent_triggers(bz: FlaskClient, workspace: str = "prod") -> list[dict[str, Any]]:
+    return list(bz.get("/sandbox/triggers").get_json()["workspaces"].get(workspace, []))
+
+
+def test_a_campaign_trigger_sends_each_recipient_a_message(bz: FlaskClient) -> None:
+    post(bz, {"events": [event()]})  # cust-1 exists
+    answer = post(bz, {"campaign_id": "cmp-1", "trigger_properties": {"shared": 1},
+                       "recipients": [
+                           {"external_user_id": "cust-1", "trigger_properties": {"code": "A"}},
+                           {"user_alias": {"alias_name": "x@y.z", "alias_label": "email"}}]},
+                  CAMPAIGN)
+    assert answer.status_code == 201
+    assert answer.get_json()["message"] == "success" and answer.get_json()["dispatch_id"]
+    [request] = sent_triggers(bz)
+    assert request["campaign_id"] == "cmp-1" and request["endpoint"] == CAMPAIGN
+    assert request["messages"] == [
+        {"recipient": {"external_user_id": "cust-1"}, "properties": {"shared": 1, "code": "A"},
+         "profile_found": True},
+        {"recipient": {"user_alias": {"alias_name": "x@y.z", "alias_label": "email"}},
+         "properties": {"shared": 1}, "profile_found": False}]
+    # Sent twice, it is two messages: Braze does not de-duplicate triggers.
+    post(bz, {"campaign_id": "cmp-1", "recipients": [{"external_user_id": "cust-1"}]}, CAMPAIGN)
+    assert len(sent_triggers(bz)) == 2
+    assert bz.get("/sandbox/stats").get_json()["trigger_messages"] == 3
+
+
+def test_a_canvas_trigger_takes_canvas_entry_properties(bz: FlaskClient) -> None:
+    body = {"canvas_id": "cnv-1", "recipients": [
+        {"external_user_id": "c-9", "canvas_entry_properties": {"coupon_code": "Z"}}]}
+    assert post(bz, body, CANVAS).status_code == 201
+    [request] = sent_triggers(bz)
+    assert request["canvas_id"] == "cnv-1"
+    assert request["messages"][0]["properties"] == {"coupon_code": "Z"}
+
+
+@pytest.mark.parametrize(("path", "body", "message"), [
+    (CAMPAIGN, {"recipients": [{"external_user_id": "c"}]},
+     "'campaign_id' is required and must be a non-empty string"),
+    (CANVAS, {"canvas_id": "", "recipients": [{"external_user_id": "c"}]},
+     "'canvas_id' is required and must be a non-empty string"),
+    (CAMPAIGN, {"campaign_id": "c"}, "'recipients' is required unless 'broadcast' is true"),
+    (CAMPAIGN, {"campaign_id": "c", "recipients": []},
+     "'recipients' must be an array of 1 to 50 recipients"),
+    (CAMPAIGN, {"campaign_id": "c", "recipients": [{"external_user_id": f"c{n}"}
+                                                   for n in range(51)]},
+     "'recipients' must be an array of 1 to 50 recipients"),
+    (CAMPAIGN, {"campaign_id": "c", "recipients": [{}]},
+     "recipients[0]: exactly one of 'external_user_id' or 'user_alias' is required"),
+    (CAMPAIGN, {"campaign_id": "c", "recipients": [
+        {"external_user_id": "c", "user_alias": {"alias_name": "a", "alias_label": "b"}}]},
+     "recipients[0]: exactly one of 'external_user_id' or 'user_alias' is required"),
+    (CAMPAIGN, {"campaign_id": "c", "recipients": [{"user_alias": {"alias_name": "a"}}]},
+     "recipients[0]: 'user_alias' must be an object with string 'alias_name' and "
+     "'alias_label'"),
+    (CAMPAIGN, {"campaign_id": "c", "recipients": [
+        {"external_user_id": "c", "canvas_entry_properties": {}}]},
+     "recipients[0]: 'canvas_entry_properties' is not a field of this endpoint: use "
+     "'trigger_properties'"),
+    (CANVAS, {"canvas_id": "c", "recipients": [
+        {"external_user_id": "c", "canvas_entry_properties": "x"}]},
+     "recipients[0]: 'canvas_entry_properties' must be an object"),
+])
+def test_trigger_requests_are_checked_as_braze_does(bz: FlaskClient, path: str,
+                                                    body: dict[str, Any], message: str) -> None:
+    answer = post(bz, body, path)
+    assert answer.status_code == 400
+    assert answer.get_json()["message"].startswith(message)
+    assert sent_triggers(bz) == []
+
+
+def test_trigger_endpoints_need_the_key(bz: FlaskClient) -> None:
+    body = {"campaign_id": "c", "recipients": [{"external_user_id": "c"}]}
+    assert post(bz, body, CAMPAIGN, key="wrong-key-1234").status_code == 401
+    assert post(bz, body, CAMPAIGN, key=None).status_code == 401
+    assert post(bz, body, CAMPAIGN + "/").status_code == 403
+    assert post(bz, body, CAMPAIGN, key=STAGING).status_code == 201
+    assert sent_triggers(bz) == [] and len(sent_triggers(bz, "staging")) == 1
+
+
+def test_faults_can_target_the_trigger_endpoints_only(bz: FlaskClient) -> None:
+    body = {"campaign_id": "c", "recipients": [{"external_user_id": "c"}]}
+    assert faults(bz, fail_rate=1.0, fail_status=502,
+                  fault_paths=[CAMPAIGN, CANVAS]).status_code == 200
+    assert post(bz, body, CAMPAIGN).status_code == 502
+    assert post(bz, {"canvas_id": "c", "recipients": [{"external_user_id": "c"}]},
+                CANVAS).status_code == 502
+    assert post(bz, {"events": [event()]}).status_code == 201  # /users/track is untouched
+    assert sent_triggers(bz) == []
+    bad = faults(bz, fault_paths=["/messages/send"])
+    assert bad.status_code == 400 and "fault_paths must be an array" in bad.get_json()["message"]
+
+
+def test_the_two_trigger_endpoints_share_one_rate_limit(bz: FlaskClient) -> None:
+    faults(bz, rate_limit="2/60s")
+    body = {"campaign_id": "c", "recipients": [{"external_user_id": "c"}]}
+    assert post(bz, body, CAMPAIGN).status_code == 201
+    assert post(bz, {"canvas_id": "c", "recipients": [{"external_user_id": "c"}]},
+                CANVAS).status_code == 201
+    limited = post(bz, body, CAMPAIGN)
+    assert limited.status_code == 429 and limited.headers["Retry-After"]
+    assert post(bz, {"events": [event()]}).status_code == 201  # /users/track's own window

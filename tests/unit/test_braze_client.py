@@ -9,6 +9,7 @@ from datetime import UTC
 import pytest
 import requests
 import responses
+import urllib3
 
 from relay.braze import (
     BadRequest,
@@ -320,3 +321,66 @@ def test_close_leaves_a_given_session_open() -> None:
     BrazeClient(ENDPOINT, KEY, environment="production", session=session).close()
     assert session.adapters  # still usable: the caller owns it
     session.close()
+
+
+# -- campaign and Canvas triggers ------------------------------------------------------------
+
+CAMPAIGN_URL = ENDPOINT + "/campaigns/trigger/send"
+
+
+def test_trigger_bodies_name_each_kinds_fields() -> None:
+    recipients = [{"external_user_id": "c-1", "properties": {"coupon_code": "X-1"}},
+                  {"user_alias": {"alias_name": "a@b.c", "alias_label": "email"},
+                   "properties": {}}]
+    assert BrazeClient.trigger_body("campaign", "cmp-1", recipients) == {
+        "campaign_id": "cmp-1", "recipients": [
+            {"external_user_id": "c-1", "trigger_properties": {"coupon_code": "X-1"}},
+            {"user_alias": {"alias_name": "a@b.c", "alias_label": "email"}}]}
+    assert BrazeClient.trigger_body("canvas", "cnv-1", recipients[:1]) == {
+        "canvas_id": "cnv-1", "recipients": [
+            {"external_user_id": "c-1", "canvas_entry_properties": {"coupon_code": "X-1"}}]}
+    with pytest.raises(ValueError, match="1 to 50 recipients"):
+        BrazeClient.trigger_body("campaign", "cmp-1", recipients * 26)
+
+
+def test_trigger_sends_the_exact_body(client: BrazeClient,
+                                      mocked: responses.RequestsMock) -> None:
+    mocked.post(CAMPAIGN_URL, json={"dispatch_id": "d-1", "message": "success"}, status=201)
+    body = BrazeClient.trigger_body("campaign", "cmp-1", [{"external_user_id": "c-1"}])
+    exchange = client.trigger("campaign", body)
+    assert exchange.status == 201 and exchange.endpoint == "/campaigns/trigger/send"
+    assert json.loads(mocked.calls[0].request.body) == body
+    assert mocked.calls[0].request.headers["Authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize(("failure", "reached"), [
+    (requests.ConnectTimeout("connect timed out"), False),
+    (requests.exceptions.SSLError("handshake failed"), False),
+    (requests.ConnectionError(urllib3.exceptions.MaxRetryError(
+        None, "/", urllib3.exceptions.NewConnectionError(None, "refused"))), False),  # type: ignore[arg-type]
+    (requests.ReadTimeout("read timed out"), True),
+    (requests.ConnectionError(urllib3.exceptions.ProtocolError("connection aborted")), True),
+    (requests.ConnectionError("reset"), True),
+])
+def test_a_transport_error_says_whether_the_request_may_have_reached_braze(
+        client: BrazeClient, mocked: responses.RequestsMock, failure: Exception,
+        reached: bool) -> None:
+    """Only a connection that was never opened certainly sent nothing (a trigger may be tried
+    again); anything later may have reached Braze."""
+    mocked.post(CAMPAIGN_URL, body=failure)
+    with pytest.raises(TransportError) as info:
+        client.trigger("campaign", {"campaign_id": "c", "recipients": []})
+    assert info.value.reached is reached
+
+
+def test_trigger_endpoints_share_one_pacing_state(client: BrazeClient, fake_time: FakeTime,
+                                                  mocked: responses.RequestsMock) -> None:
+    mocked.post(CAMPAIGN_URL, json={"message": "success"}, status=201,
+                headers=rate_headers(250000, 0, NOW + 30))
+    client.trigger("campaign", {"campaign_id": "c", "recipients": []})
+    # Braze's limit for /campaigns/trigger/send is shared with /canvas/trigger/send.
+    assert client.pacing_delay("/canvas/trigger/send") == 30
+    assert client.pacing_delay("/users/track") == 0
+    assert client.rate_limit_state("/canvas/trigger/send")["remaining"] == 0
+    fake_time.now += 31
+    assert client.pacing_delay("/campaigns/trigger/send") == 0

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from relay.eventmap import REWARD_STATES, EventMap, Mapping, is_earned_type, reward_state, type_key
+from relay.eventmap import (
+    REWARD_KEYS,
+    REWARD_STATES,
+    EventMap,
+    Mapping,
+    is_earned_type,
+    parse_entry,
+    reward_state,
+    type_key,
+)
 from relay.exceptions import EventMapError
 
 README_TABLE = {
@@ -181,6 +190,7 @@ aliases = ["converted"]
 
 def test_documented_example_file_loads() -> None:
     events = EventMap.load("config/events.toml")
+    assert events.reward("FULFILLED") == Mapping("Reward Fulfilled")
     assert events.lookup("reward_fulfilled").braze_event == "Reward Fulfilled"
     assert events.lookup("reward_redeemed").braze_event == "Reward Redeemed"
     assert events.lookup("converted").braze_event == "Referred Converted"
@@ -253,3 +263,57 @@ braze_event = "Shared"
 aliases = ["Shared", "SHARED", "share"]
 """))
     assert events.lookup("share").braze_event == "Shared"
+
+
+def test_entries_may_start_a_campaign_or_a_canvas(tmp_path: Path) -> None:
+    events = EventMap.load(write(tmp_path, """
+[events.reward_fulfilled]
+braze_event = "Reward Fulfilled"
+campaign_id = " 3c2b1a09-8f7e-4d6c-b5a4-93827160f5e4 "
+
+[events.signed_up]
+braze_event = "Referred Signed Up"
+canvas_id = "cnv-1"
+campaign_id = "cmp-1"
+"""))
+    assert events.lookup("Reward Fulfilled").triggers == [
+        ("campaign", "3c2b1a09-8f7e-4d6c-b5a4-93827160f5e4")]
+    assert events.lookup("signed_up").triggers == [("campaign", "cmp-1"), ("canvas", "cnv-1")]
+    assert events.lookup("shared").triggers == []
+    assert events.lookup("unknown type").triggers == []
+
+
+@pytest.mark.parametrize("value", ['""', "5", '"has space"', '"' + "x" * 65 + '"', "[]"])
+@pytest.mark.parametrize("key", ["campaign_id", "canvas_id"])
+def test_a_trigger_id_must_be_a_braze_id(tmp_path: Path, key: str, value: str) -> None:
+    with pytest.raises(EventMapError, match=f"\\[events.shared\\]: {key} must be a Braze id"):
+        EventMap.load(write(tmp_path, f'[events.shared]\nbraze_event = "Shared"\n{key} = {value}'))
+
+
+def test_parse_entry_is_the_shape_of_every_entry() -> None:
+    """Every kind of entry is read by parse_entry; each kind allows its own keys."""
+    mapping, aliases = parse_entry({"braze_event": "Shared", "campaign_id": "c-1",
+                                    "aliases": ["share"]}, "[events.shared]")
+    assert mapping == Mapping("Shared", campaign_id="c-1") and aliases == ["share"]
+    mapping, aliases = parse_entry({"braze_event": "Reward Fulfilled", "canvas_id": "v-1"},
+                                   "[rewards.fulfilled]", REWARD_KEYS)
+    assert mapping == Mapping("Reward Fulfilled", canvas_id="v-1") and aliases == []
+    with pytest.raises(EventMapError, match=r"\[rewards.x\] has unknown keys: aliases, nope"):
+        parse_entry({"braze_event": "X", "nope": 1, "aliases": []}, "[rewards.x]", REWARD_KEYS)
+
+
+def test_reward_entries_may_start_a_campaign_or_a_canvas(tmp_path: Path) -> None:
+    events = EventMap.load(write(tmp_path, """
+[rewards.fulfilled]
+braze_event = "Coupon Ready"
+campaign_id = "cmp-coupon"
+
+[rewards."Failed Fulfillment"]
+braze_event = "Coupon Problem"
+canvas_id = "cnv-problem"
+"""))
+    assert events.reward("FULFILLED").triggers == [("campaign", "cmp-coupon")]
+    assert events.reward("FAILED_FULFILLMENT").triggers == [("canvas", "cnv-problem")]
+    assert events.reward("SENT").triggers == []
+    with pytest.raises(EventMapError, match=r"\[rewards.sent\]: canvas_id must be a Braze id"):
+        EventMap.load(write(tmp_path, '[rewards.sent]\nbraze_event = "S"\ncanvas_id = ""'))

@@ -22,6 +22,7 @@ from relay.extole import (
     parse_body,
     parse_time,
     sanitise,
+    stored_entry,
 )
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
@@ -514,6 +515,32 @@ def test_the_event_map_renames_reward_states(tmp_path: Any) -> None:
     body = {"type": "FULFILLED", "reward_id": "r", "event_id": "e"}
     assert normalise(body, events, RECEIVED).braze_event == "Coupon Ready"
     assert normalise({**body, "type": "SENT"}, events, RECEIVED).braze_event == "Reward Sent"
+
+
+def test_a_stored_event_maps_to_the_entry_that_named_it(tmp_path: Any) -> None:
+    """Triggers are found by `stored_entry` from the stored type and item: the same entry as
+    `normalise` chose (a reward state's, unless it is an older earned type or has no reward)."""
+    path = tmp_path / "events.toml"
+    path.write_text('[rewards.fulfilled]\nbraze_event = "Coupon Ready"\ncampaign_id = "c-r"\n'
+                    '[rewards.earned]\nbraze_event = "Earned"\ncampaign_id = "c-e"\n'
+                    '[events.fulfilled]\nbraze_event = "Fulfilled"\ncanvas_id = "v-f"\n',
+                    encoding="utf-8")
+    events = EventMap.load(str(path))
+    for body in ({"type": "FULFILLED", "reward_id": "r", "event_id": "e"},
+                 {"type": "fulfilled", "event_id": "e"},  # no reward: its type's entry
+                 {"type": "EARNED", "data": {"reward_id": "r"}, "event_id": "e"},
+                 {"type": "earned_reward", "reward_id": "r", "event_id": "e"},
+                 {"state": "FULFILLED", "reward_id": "r", "event_id": "e"},
+                 {"type": "shared", "reward_id": "r", "event_id": "e"}):
+        normalised = normalise(body, events, RECEIVED)
+        entry = stored_entry(events, normalised.extole_type, normalised.payload)
+        assert entry.braze_event == normalised.braze_event, body
+    assert stored_entry(events, "FULFILLED", {"type": "FULFILLED", "reward_id": "r"}).triggers == [
+        ("campaign", "c-r")]
+    assert stored_entry(events, "FULFILLED", {"type": "FULFILLED"}).triggers == [
+        ("canvas", "v-f")]
+    assert stored_entry(events, "earned_reward", {"reward_id": "r"}).triggers == []
+    assert stored_entry(events, "FULFILLED", {"erased": True}).triggers == [("canvas", "v-f")]
 
 
 # --- the webhook URL's type --------------------------------------------------------------------

@@ -52,6 +52,7 @@ def test_defaults_are_the_readme_table(tmp_path: Path) -> None:
     assert settings.retry_max_age == 86400
     assert settings.retention_days == 30
     assert settings.dedup_days == 400
+    assert settings.trigger_delay == 0.0
     assert settings == Settings()
 
 
@@ -108,6 +109,8 @@ def test_valid_values_are_parsed(tmp_path: Path) -> None:
     assert load(tmp_path, RELAY_DATABASE_URL="postgres://h/db").database_url == (
         "postgresql+psycopg://h/db")
     assert load(tmp_path, BRAZE_EXPORT_RATE="15000/hour").braze_export_rate == Rate(15000, 3600.0)
+    assert load(tmp_path, RELAY_TRIGGER_DELAY="0").trigger_delay == 0.0
+    assert load(tmp_path, RELAY_TRIGGER_DELAY="90.5").trigger_delay == 90.5
 
 
 def test_external_id_source(tmp_path: Path) -> None:
@@ -173,6 +176,8 @@ INVALID = [
     ("RELAY_DEDUP_DAYS", "0"),
     ("RELAY_DEDUP_DAYS", "a year"),
     ("RELAY_DEDUP_DAYS", "29"),  # below the retention (30): keys would go before their events
+    ("RELAY_TRIGGER_DELAY", "-1"),
+    ("RELAY_TRIGGER_DELAY", "soon"),
     ("RELAY_WORKER_BATCH_SIZE", "0"),
     ("RELAY_WORKER_THREADS", "65"),
     ("RELAY_LEASE_SECONDS", "5"),

@@ -239,6 +239,22 @@
         p.textContent = text[1];
         banners.appendChild(p);
       });
+      var uncertain = (stats.triggers || {}).uncertain || 0;
+      if (uncertain) {
+        var alert = document.createElement("p");
+        alert.className = "banner banner-error";
+        alert.setAttribute("role", "alert");
+        alert.dataset.banner = "triggers";
+        alert.textContent = triggerBannerText(uncertain);
+        banners.appendChild(alert);
+      }
+    }
+
+    // Mirrors relay.admin.views.trigger_banner.
+    function triggerBannerText(uncertain) {
+      return uncertain + " campaign/Canvas trigger" + (uncertain !== 1 ? "s are" : " is") +
+        " uncertain: Braze may or may not have sent the message. Check in Braze, then resend " +
+        "or drop each one on the triggers page.";
     }
 
     function bannerText(environment, state) {

@@ -43,8 +43,9 @@ BRAZE_KEY = "bench-braze-key"
 
 
 @contextlib.contextmanager
-def postgres_database(prefix: str = "relay_bench") -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database, dropped afterwards (even after an error)."""
+def postgres_database(prefix: str = "relay_bench", revision: str = "head") -> Iterator[str]:
+    """A fresh PostgreSQL database migrated to `revision`, dropped afterwards (even after an
+    error)."""
     from relay import migrate
 
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
@@ -53,7 +54,7 @@ def postgres_database(prefix: str = "relay_bench") -> Iterator[str]:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
-        migrate.upgrade(url)
+        migrate.upgrade(url, revision)
         yield url
     finally:
         with admin.connect() as connection:
@@ -62,18 +63,19 @@ def postgres_database(prefix: str = "relay_bench") -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def sqlite_database() -> Iterator[str]:
+def sqlite_database(revision: str = "head") -> Iterator[str]:
     from relay import migrate
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as directory:
         url = f"sqlite:///{directory}/relay.db"
-        migrate.upgrade(url)
+        migrate.upgrade(url, revision)
         yield url
 
 
 @contextlib.contextmanager
-def database(kind: str) -> Iterator[str]:
-    with (postgres_database() if kind == "postgresql" else sqlite_database()) as url:
+def database(kind: str, revision: str = "head") -> Iterator[str]:
+    with (postgres_database(revision=revision) if kind == "postgresql"
+          else sqlite_database(revision)) as url:
         yield url
 
 

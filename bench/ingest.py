@@ -9,6 +9,7 @@ The ratio relay / bare is taken within each round. Every body is a distinct, HMA
 reward event (`X-Extole-Signature`), so each accepted request commits one new outbox row.
 
 Usage: python -m bench.ingest [--db postgresql|sqlite] [--rounds 3] [--seconds 30]
+       [--variant RELAY_GROUP_COMMIT=off] [--variant-revision 0005]  (A/B in the same rounds)
 """
 
 from __future__ import annotations
@@ -78,17 +79,44 @@ def steady(port: int, rate: float, seconds: float, run: str) -> dict[str, Any]:
 
 
 def one_round(kind: str, index: int, bodies: Path, seconds: float, rate: float,
-              with_bare: bool, steady_seconds: float) -> dict[str, Any]:
+              with_bare: bool, steady_seconds: float,
+              variant: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bare Flask, then the relay; with a variant (other settings or schema revision) the relay
+    is measured both ways in the round, in alternating order, each on a fresh database, so
+    both ratios share the round's bare figure."""
     result: dict[str, Any] = {"round": index}
-    with common.database(kind) as url:
-        env = common.relay_env(url)
-        if with_bare:
+    if with_bare:
+        with common.database(kind) as url:
             port = common.free_port()
-            with common.gunicorn("bare", "bench.bareapp:app", port, env) as bare:
+            with common.gunicorn("bare", "bench.bareapp:app", port, common.relay_env(url)) as bare:
                 warm_up(port, bodies)
                 result["bare"] = wrk(port, bodies, seconds, server=bare)
-            common.say(f"  bare Flask: {result['bare']['requests_per_s']:.0f} req/s, "
-                       f"{result['bare']['server_cpu_ms_per_request']:.2f} ms CPU/request")
+        common.say(f"  bare Flask: {result['bare']['requests_per_s']:.0f} req/s, "
+                   f"{result['bare']['server_cpu_ms_per_request']:.2f} ms CPU/request")
+    runs: list[tuple[str, dict[str, str], str]] = [("relay", {}, "head")]
+    if variant is not None:
+        runs.append(("variant", variant["env"], variant["revision"]))
+        if index % 2:
+            runs.reverse()
+    for name, extra_env, revision in runs:
+        label = "relay" if name == "relay" else f"variant {variant}"
+        result[name] = measure_relay(kind, bodies, seconds, rate, steady_seconds, extra_env,
+                                     revision, label)
+        if with_bare:
+            ratio = result[name]["accepted_per_s"] / result["bare"]["requests_per_s"]
+            result[name]["ratio"] = ratio
+            common.say(f"  ratio {label}/bare: {ratio:.2f}")
+    if with_bare:
+        result["ratio"] = result["relay"]["ratio"]
+    result["steady"] = result["relay"].pop("steady")
+    return result
+
+
+def measure_relay(kind: str, bodies: Path, seconds: float, rate: float, steady_seconds: float,
+                  extra_env: dict[str, str], revision: str, label: str) -> dict[str, Any]:
+    """The relay at saturation, then (when saturation allows) at the steady rate."""
+    with common.database(kind, revision) as url:
+        env = common.relay_env(url, **extra_env)
         port = common.free_port()
         with common.gunicorn("relay", "wsgi:app", port, env) as server:
             warm_up(port, bodies)
@@ -97,30 +125,25 @@ def one_round(kind: str, index: int, bodies: Path, seconds: float, rate: float,
             accepted = common.scalar(url, "SELECT count(*) FROM events") - before
             sat["accepted"] = accepted
             sat["accepted_per_s"] = accepted / sat["seconds"]
-            result["relay"] = sat
-            common.say(f"  relay saturation: {sat['accepted_per_s']:.0f} accepted/s "
+            common.say(f"  {label} saturation: {sat['accepted_per_s']:.0f} accepted/s "
                        f"(p99 {sat['p99_ms']:.1f} ms, {sat['status_errors']} non-2xx), CPU/request "
                        f"{sat['server_cpu_ms_per_request']:.2f} ms relay + "
                        f"{sat['db_cpu_ms_per_request']:.2f} ms database, "
                        f"load {sat['cpu']['load_average']:.1f}")
-            if with_bare:
-                result["ratio"] = sat["accepted_per_s"] / result["bare"]["requests_per_s"]
-                common.say(f"  ratio relay/bare: {result['ratio']:.2f}")
             time.sleep(2)
             if sat["accepted_per_s"] < rate * 1.1:
                 # An open-loop client above the server's capacity only measures its queue.
-                result["steady"] = {"rate": rate, "skipped": "saturation below the rate",
-                                    "p50_ms": None, "p99_ms": None, "errors": 0}
-                common.say(f"  steady {rate:.0f}/s skipped: saturation is below it")
-                result["server_log_tail"] = server.output()[-500:]
-                return result
-            result["steady"] = steady(port, rate, steady_seconds,
-                                      f"steady-{uuid.uuid4().hex[:6]}")
-            common.say(f"  relay steady {rate:.0f}/s: p50 {result['steady']['p50_ms']:.1f} ms, "
-                       f"p99 {result['steady']['p99_ms']:.1f} ms, "
-                       f"{result['steady']['errors']} errors")
-            result["server_log_tail"] = server.output()[-500:]
-    return result
+                sat["steady"] = {"rate": rate, "skipped": "saturation below the rate",
+                                 "p50_ms": None, "p99_ms": None, "errors": 0}
+                common.say(f"  {label} steady {rate:.0f}/s skipped: saturation is below it")
+            else:
+                sat["steady"] = steady(port, rate, steady_seconds,
+                                       f"steady-{uuid.uuid4().hex[:6]}")
+                common.say(f"  {label} steady {rate:.0f}/s: p50 {sat['steady']['p50_ms']:.1f} ms,"
+                           f" p99 {sat['steady']['p99_ms']:.1f} ms, "
+                           f"{sat['steady']['errors']} errors")
+            sat["server_log_tail"] = server.output()[-500:]
+    return sat
 
 
 def main() -> None:
@@ -132,7 +155,16 @@ def main() -> None:
     parser.add_argument("--steady-seconds", type=float, default=None,
                         help="length of the steady-rate measurement (default: --seconds)")
     parser.add_argument("--no-bare", action="store_true", help="skip the bare Flask baseline")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
+                        help="A/B: also measure the relay with this environment variable set, "
+                             "in the same rounds (repeatable: all apply to the variant)")
+    parser.add_argument("--variant-revision", default=None, metavar="REV",
+                        help="A/B: the variant's database migrated only up to this revision")
     args = parser.parse_args()
+    variant = None
+    if args.variant or args.variant_revision:
+        variant = {"env": dict(pair.split("=", 1) for pair in args.variant),
+                   "revision": args.variant_revision or "head"}
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install wrk (make bench does it)")
     rounds = []
@@ -142,7 +174,8 @@ def main() -> None:
         for index in range(args.rounds):
             common.say(f"ingest on {args.db}, round {index + 1}/{args.rounds}")
             rounds.append(one_round(args.db, index, bodies, args.seconds, args.rate,
-                                    not args.no_bare, args.steady_seconds or args.seconds))
+                                    not args.no_bare, args.steady_seconds or args.seconds,
+                                    variant))
     figures: dict[str, Any] = {
         "saturation_accepted_per_s": common.summary(
             [r["relay"]["accepted_per_s"] for r in rounds]),
@@ -155,6 +188,15 @@ def main() -> None:
     if not args.no_bare:
         figures["bare_per_s"] = common.summary([r["bare"]["requests_per_s"] for r in rounds])
         figures["ratio"] = common.summary([r["ratio"] for r in rounds])
+    if variant is not None:
+        figures["variant"] = variant
+        figures["variant_accepted_per_s"] = common.summary(
+            [r["variant"]["accepted_per_s"] for r in rounds])
+        if not args.no_bare:
+            figures["variant_ratio"] = common.summary([r["variant"]["ratio"] for r in rounds])
+        common.say(f"relay ratio median {figures.get('ratio', {}).get('median')}, "
+                   f"variant {variant} ratio median "
+                   f"{figures.get('variant_ratio', {}).get('median')}")
     common.save(f"ingest-{args.db}", {"database": args.db, "seconds": args.seconds,
                                       "rate": args.rate, "connections": CONNECTIONS,
                                       "figures": figures, "rounds": rounds})

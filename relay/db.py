@@ -30,6 +30,7 @@ from relay.dialect import name as dialect_name
 from relay.exceptions import DatabaseUnavailable, RelayError
 
 if TYPE_CHECKING:
+    from relay.outbox.groupcommit import GroupWriter
     from relay.wakeup import Notifier
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -141,6 +142,7 @@ class Database:
         self._notifier: Notifier | None = None
         self._notifier_made = False
         self._notifier_lock = threading.Lock()
+        self._group_writer: GroupWriter | None = None
 
     @property
     def dialect(self) -> str:
@@ -171,7 +173,20 @@ class Database:
                     self._notifier_made = True
         return self._notifier
 
+    def group_writer(self) -> GroupWriter:
+        """The writer that commits this process's single-event webhooks in groups
+        (`relay.outbox.groupcommit`), made on first use."""
+        if self._group_writer is None:
+            with self._notifier_lock:
+                if self._group_writer is None:
+                    from relay.outbox.groupcommit import GroupWriter
+
+                    self._group_writer = GroupWriter(self.engine)
+        return self._group_writer
+
     def dispose(self) -> None:
+        if self._group_writer is not None:
+            self._group_writer.close()
         if self._notifier is not None:
             self._notifier.close()
         self.engine.dispose()

@@ -10,6 +10,7 @@ for SQLite, timeouts and pools for PostgreSQL) are configured in `relay.db`.
 
 from __future__ import annotations
 
+import contextlib
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVarTuple
@@ -28,6 +29,8 @@ SQLITE = "sqlite"
 Bind = Session | Connection | Engine
 Insert = postgresql.Insert | sqlite.Insert
 Columns = TypeVarTuple("Columns")
+# Told how to cancel a running statement, then None when it is over.
+Running = Callable[[Callable[[], None] | None], None]
 
 
 def name(bind: Bind) -> str:
@@ -174,13 +177,16 @@ def driver_sql(statement: TextClause) -> str:
     return str(statement.compile(dialect=PGDialect_psycopg()))  # type: ignore[no-untyped-call]
 
 
-def execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tuple[Any, ...]:
+def execute_autocommit(
+        engine: Engine, sql: str, params: dict[str, Any],
+        running: Running | None = None,
+) -> tuple[Any, ...]:
     """One statement, committed by itself, on a pooled psycopg connection (PostgreSQL only).
 
     It skips SQLAlchemy's per-statement machinery, which costs more CPU than the database does
     for a small statement (psycopg prepares it after a few uses). Driver errors become
     SQLAlchemy's, and a lost connection is invalidated, as if the statement ran through
-    SQLAlchemy.
+    SQLAlchemy. `running`: as for `execute_in_one_transaction`.
     """
     import psycopg
 
@@ -192,11 +198,15 @@ def execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tupl
     try:
         dbapi = typing.cast("psycopg.Connection[Any]", pooled.dbapi_connection)
         dbapi.autocommit = True
+        if running is not None:
+            running(dbapi.cancel_safe)
         try:
             with dbapi.cursor() as cursor:
                 cursor.execute(sql, params)
                 row = cursor.fetchone()
         finally:
+            if running is not None:
+                running(None)
             if not dbapi.closed:
                 dbapi.autocommit = False
     except psycopg.Error as error:
@@ -209,3 +219,65 @@ def execute_autocommit(engine: Engine, sql: str, params: dict[str, Any]) -> tupl
         pooled.close()
     assert row is not None
     return tuple(row)
+
+
+def execute_in_one_transaction(
+        engine: Engine, first_sql: str, first_params: dict[str, Any], sql: str,
+        params_seq: list[dict[str, Any]],
+        running: Running | None = None,
+) -> list[tuple[Any, ...]]:
+    """`first_sql` once, then `sql` once per parameter set, in ONE transaction committed once
+    (PostgreSQL only): the first row each execution of `sql` returns, in order.
+
+    Pipelined (psycopg's pipeline mode): the statements go out together and their answers come
+    back together, so a group costs about one round trip and one commit (one WAL flush) instead
+    of one each. On any error the transaction is rolled back and the error raised as
+    SQLAlchemy's, a lost connection invalidated, as `execute_autocommit` does.
+
+    `running` is told how to cancel the transaction while it runs (then told None): a cancelled
+    transaction fails (QueryCanceled) and stores nothing, unless its commit was already done.
+    """
+    import psycopg
+
+    try:
+        pooled = engine.raw_connection()
+    except psycopg.Error as error:
+        raise DBAPIError.instance(None, None, error, psycopg.Error,
+                                  connection_invalidated=True) from error
+    try:
+        dbapi = typing.cast("psycopg.Connection[Any]", pooled.dbapi_connection)
+        rows: list[tuple[Any, ...]] = []
+        if running is not None:
+            running(dbapi.cancel_safe)
+        try:
+            # One cursor per statement and the COMMIT inside the pipeline: everything goes out
+            # at once and the answers come back at one synchronisation point (executemany and
+            # a commit after the pipeline would wait for the server two more times).
+            cursors = [dbapi.cursor() for _ in params_seq]
+            with dbapi.pipeline(), dbapi.cursor() as first:
+                first.execute(first_sql, first_params)
+                for cursor, params in zip(cursors, params_seq, strict=True):
+                    cursor.execute(sql, params)
+                dbapi.commit()
+            for cursor in cursors:
+                row = cursor.fetchone()
+                assert row is not None
+                rows.append(tuple(row))
+                cursor.close()
+        except BaseException:
+            if not dbapi.closed:
+                with contextlib.suppress(psycopg.Error):
+                    dbapi.rollback()
+            raise
+        finally:
+            if running is not None:
+                running(None)
+    except psycopg.Error as error:
+        lost = isinstance(error, psycopg.OperationalError)
+        if lost:
+            pooled.invalidate(error)
+        raise DBAPIError.instance(sql, params_seq, error, psycopg.Error, hide_parameters=True,
+                                  connection_invalidated=lost) from error
+    finally:
+        pooled.close()
+    return rows

@@ -23,7 +23,7 @@ from relay.db import describe_error, get_db, utcnow
 from relay.exceptions import AuthenticationFailed, DatabaseUnavailable, InvalidBody, RelayError
 from relay.extole import MAX_ID_LENGTH, decode_json, sanitise, storable_text
 from relay.models import InboundRequest
-from relay.outbox.ingest import Receipt, store_single, store_webhook
+from relay.outbox.ingest import Receipt, prepare_single, store_prepared, store_webhook
 from relay.settings import ENVIRONMENTS, Settings
 from relay.wakeup import wake_after_commit
 
@@ -64,7 +64,7 @@ def receive(environment: str) -> tuple[Response, int]:
     try:
         items = _checked_items(settings, environment, inbound)
         default_type = _default_type()
-        receipt = _store(inbound, items, environment, default_type, settings.external_id_from)
+        receipt = _store(inbound, items, environment, default_type, settings)
     except Refusal as refusal:
         return _refuse(inbound, refusal, settings)
     metrics.WEBHOOKS.labels(environment, "accepted").inc()
@@ -170,18 +170,25 @@ def _read_body(at_most: int) -> bytes:
 
 
 def _store(inbound: InboundRequest, items: list[Any], environment: str,
-           default_type: str | None, external_id_from: str) -> Receipt:
+           default_type: str | None, settings: Settings) -> Receipt:
     inbound.status_code, inbound.outcome = 200, "accepted"
+    db = get_db()
+    event_map = current_app.extensions["relay.event_map"]
+    external_id_from = settings.external_id_from
+    # Extole's usual webhook (one event, PostgreSQL): one statement, committed with the other
+    # webhooks queued in this process meanwhile (`relay.outbox.groupcommit`).
+    single = prepare_single(db.engine, inbound, items[0], environment, event_map,
+                            default_type=default_type,
+                            external_id_from=external_id_from) if len(items) == 1 else None
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
-            event_map = current_app.extensions["relay.event_map"]
-            if len(items) == 1:
-                receipt = store_single(get_db().engine, inbound, items[0], environment,
-                                       event_map, default_type=default_type,
-                                       external_id_from=external_id_from)
+            if single is not None:
+                receipt = (db.group_writer().store(single) if settings.group_commit == "on"
+                           else store_prepared(db.engine, single))
                 if receipt is not None:
                     return receipt
-            with get_db().session() as session:
+                single = None  # its keys met a concurrent webhook: the transaction path decides
+            with db.session() as session:
                 return store_webhook(session, inbound, items, environment, event_map,
                                      default_type=default_type,
                                      external_id_from=external_id_from)

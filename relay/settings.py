@@ -72,6 +72,7 @@ class Settings:
     braze_connect_timeout: float = 5.0
     braze_read_timeout: float = 30.0
     proxy_fix: int = 0
+    group_commit: str = "on"
     # Reconciliation from Extole's rewards API (README, "Reconciliation").
     extole_api_token: str | None = field(default=None, repr=False)
     extole_staging_api_token: str | None = field(default=None, repr=False)
@@ -237,6 +238,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "BRAZE_CONNECT_TIMEOUT": ("braze_connect_timeout", _number(0)),
     "BRAZE_READ_TIMEOUT": ("braze_read_timeout", _number(0)),
     "RELAY_PROXY_FIX": ("proxy_fix", _int(0, 10)),
+    "RELAY_GROUP_COMMIT": ("group_commit", _choice("on", "off")),
     "EXTOLE_API_TOKEN": ("extole_api_token", _text),
     "EXTOLE_STAGING_API_TOKEN": ("extole_staging_api_token", _text),
     "EXTOLE_API_URL": ("extole_api_url", _url),

@@ -177,12 +177,17 @@ def _insert_one(connection: Connection, claims: dedup.Claims, event: Event, envi
 # the keys go in unless one is already held, each ON CONFLICT DO NOTHING; the event only when
 # all of its keys were new; then the inbound row with its final counts.
 #
+# Each key is looked up by a subquery of its own, an equality on the whole primary key, which
+# the planner answers from the index whatever it thinks of the table. (`key = ANY(:keys)` was
+# planned, while the table had no statistics yet, e.g. for the first minute of a fresh
+# database, as a scan of every key of the environment: each webhook cost more than the last.)
+#
 # All or nothing with several keys: the statement's snapshot is taken before it may wait for a
 # lock, so its NOT EXISTS can miss a key that a concurrent holder committed meanwhile; ON
 # CONFLICT still sees that key (it checks the index, not the snapshot) and skips it, and the
 # keys that did go in then name an event that was not inserted. Their foreign key, checked at
-# the end of the statement, refuses the whole statement: nothing stays, and `store_single` hands
-# the event to the transaction path, whose check is exact. One key cannot be half stored.
+# the end of the statement, refuses the whole statement: nothing stays, and `store_prepared`
+# hands the event to the transaction path, whose check is exact. One key cannot be half stored.
 # Non-deferred foreign keys are checked at the end of the statement, after every insert.
 # (The f-string splices a constant of relay.dialect; every value is a bound parameter.)
 _STORE_ONE_PG = text(f"""
@@ -196,9 +201,10 @@ WITH ids AS (
     SELECT CAST(:environment AS varchar), key, ids.event_id, CAST(:received_at AS timestamp)
     FROM ids, unnest(CAST(:keys AS varchar[])) AS key
     WHERE (SELECT locked FROM locks) IS NOT NULL
-      AND NOT EXISTS (SELECT FROM dedup_keys AS held
-                      WHERE held.environment = CAST(:environment AS varchar)
-                        AND held.key = ANY(CAST(:keys AS varchar[])))
+      AND NOT EXISTS (SELECT FROM unnest(CAST(:keys AS varchar[])) AS wanted (key)
+                      WHERE (SELECT true FROM dedup_keys AS held
+                             WHERE held.environment = CAST(:environment AS varchar)
+                               AND held.key = wanted.key))
     ORDER BY key
     ON CONFLICT (environment, key) DO NOTHING
     RETURNING key
@@ -236,17 +242,23 @@ SELECT (SELECT id FROM stored) AS inbound_id, (SELECT id FROM event) AS event_id
 """)  # noqa: S608
 
 
-def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment: str,
-                 event_map: EventMap, *, default_type: str | None = None,
-                 external_id_from: str = "partner_user_id") -> Receipt | None:
-    """One usable event on PostgreSQL: its inbound row, its keys and itself by one statement in
-    autocommit mode.
+@dataclass
+class SingleRow:
+    """One single-event webhook, normalised, as the parameters of PostgreSQL's one statement:
+    stored alone (`store_prepared`) or with others in one transaction (`store_group`)."""
 
-    One round trip instead of six (BEGIN, insert, lock, check, insert, insert, COMMIT) and no
-    session: the statement is atomic by itself. None when this path does not apply (SQLite, an
-    unusable event: the general path records the rejection; an event whose keys met a
-    concurrent webhook halfway: the general path decides it exactly).
-    """
+    inbound: InboundRequest
+    event: Event
+    environment: str
+    params: dict[str, Any]
+
+
+def prepare_single(engine: Engine, inbound: InboundRequest, item: Any, environment: str,
+                   event_map: EventMap, *, default_type: str | None = None,
+                   external_id_from: str = "partner_user_id") -> SingleRow | None:
+    """The statement's parameters for one usable event on PostgreSQL; None when the
+    single-statement path does not apply (SQLite, an unusable event: the general path records
+    the rejection)."""
     if not dialect.is_postgresql(engine):
         return None
     now = inbound.received_at
@@ -267,32 +279,85 @@ def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment
             params[f"i_{column.key}"] = json.dumps(value) if column.key == "headers" else value
     keys = list(dedup.keys_of(event))
     params["keys"], params["lock_names"] = keys, dedup.lock_names(environment, keys)
+    return SingleRow(inbound, event, environment, params)
+
+
+def store_single(engine: Engine, inbound: InboundRequest, item: Any, environment: str,
+                 event_map: EventMap, *, default_type: str | None = None,
+                 external_id_from: str = "partner_user_id") -> Receipt | None:
+    """One usable event on PostgreSQL: its inbound row, its keys and itself by one statement in
+    autocommit mode (`prepare_single`, then `store_prepared`).
+
+    One round trip instead of six (BEGIN, insert, lock, check, insert, insert, COMMIT) and no
+    session: the statement is atomic by itself. None when this path does not apply (SQLite, an
+    unusable event: the general path records the rejection; an event whose keys met a
+    concurrent webhook halfway: the general path decides it exactly).
+    """
+    row = prepare_single(engine, inbound, item, environment, event_map,
+                         default_type=default_type, external_id_from=external_id_from)
+    return None if row is None else store_prepared(engine, row)
+
+
+def store_prepared(engine: Engine, row: SingleRow,
+                   running: dialect.Running | None = None) -> Receipt | None:
+    """A prepared single event by its own autocommitted statement; None when its keys met a
+    concurrent webhook halfway (the general path decides it exactly). `running`: as for
+    `relay.dialect.execute_autocommit`."""
     try:
-        inbound_id, new_id = dialect.execute_autocommit(engine, _STORE_ONE_SQL, params)
+        inbound_id, new_id = dialect.execute_autocommit(engine, _STORE_ONE_SQL, row.params,
+                                                        running)
     except IntegrityError as error:
         if not dialect.is_foreign_key_violation(error):
             raise
         # Half of its keys were new, half held by a concurrent webhook: the statement stored
         # nothing; the transaction path decides exactly.
         log.info("event %s: keys met a concurrent webhook, storing it in a transaction",
-                 event.extole_event_id)
+                 row.event.extole_event_id)
         return None
-    inbound.id = inbound_id
+    return receipt_of(row, inbound_id, new_id)
+
+
+def store_group(engine: Engine, rows: Sequence[SingleRow],
+                running: dialect.Running | None = None) -> list[Receipt]:
+    """Several prepared single events in ONE transaction with one commit: each by the same
+    statement as alone, in the given order, so a later one sees an earlier one's keys (two
+    webhooks of one group carrying one event: the first is stored, the second is a duplicate),
+    exactly as if they had been stored one after another.
+
+    Every key of the group is locked first, in the one global order (`relay.dialect`), so two
+    groups, or a group and another writer, cannot deadlock on keys they lock in different
+    orders. All or nothing: any error (including a statement refused for keys that met a
+    concurrent webhook halfway) rolls the whole group back and is raised; the caller then
+    stores its members one by one. `running`: as for `relay.dialect.execute_in_one_transaction`.
+    """
+    lock_names = sorted({name for row in rows for name in row.params["lock_names"]})
+    results = dialect.execute_in_one_transaction(
+        engine, _LOCK_SQL, {"lock_names": lock_names}, _STORE_ONE_SQL,
+        [row.params for row in rows], running)
+    return [receipt_of(row, inbound_id, new_id)
+            for row, (inbound_id, new_id) in zip(rows, results, strict=True)]
+
+
+def receipt_of(row: SingleRow, inbound_id: int, new_id: int | None) -> Receipt:
+    """The answer for a stored single event (`new_id` None: it was a duplicate)."""
+    row.inbound.id = inbound_id
     receipt = Receipt()
     if new_id is None:
         receipt.duplicates = 1
     else:
         receipt.accepted = 1
         receipt.ids.append(new_id)
-        for note in event.trimmed:
-            log.info("event %s (%s): %s", new_id, event.extole_event_id, note)
-    inbound.accepted, inbound.duplicates, inbound.rejected = receipt.accepted, receipt.duplicates, 0
+        for note in row.event.trimmed:
+            log.info("event %s (%s): %s", new_id, row.event.extole_event_id, note)
+    row.inbound.accepted, row.inbound.duplicates, row.inbound.rejected = (
+        receipt.accepted, receipt.duplicates, 0)
     return receipt
 
 
 # The driver's own parameter style: executed on the DBAPI cursor (prepared by psycopg after a few
 # uses), skipping SQLAlchemy's per-statement machinery, which cost more CPU than the database.
 _STORE_ONE_SQL = dialect.driver_sql(_STORE_ONE_PG)
+_LOCK_SQL = dialect.driver_sql(text(dialect.LOCK_TEXT_KEYS_SQL))
 
 
 _INSERT_INBOUND = InboundRequest.__table__.insert().returning(InboundRequest.__table__.c.id)

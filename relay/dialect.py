@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVarTuple
 
 from sqlalchemy import Connection, Engine, Select, Table, Text, cast, func, inspect, text, update
@@ -22,6 +22,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement, TextClause
 from sqlalchemy.sql.functions import Function
+
+if typing.TYPE_CHECKING:
+    import psycopg
 
 POSTGRESQL = "postgresql"
 SQLITE = "sqlite"
@@ -177,6 +180,38 @@ def driver_sql(statement: TextClause) -> str:
     return str(statement.compile(dialect=PGDialect_psycopg()))  # type: ignore[no-untyped-call]
 
 
+@contextlib.contextmanager
+def _raw_connection(engine: Engine, sql: str, params: Any,
+                    running: Running | None) -> Iterator[psycopg.Connection[Any]]:
+    """A pooled psycopg connection for the two paths below, with what they share: `running` told
+    how to cancel while it is lent (then None), driver errors raised as SQLAlchemy's with the
+    statement's parameters hidden, a lost connection invalidated, the connection given back."""
+    import psycopg
+
+    try:
+        pooled = engine.raw_connection()
+    except psycopg.Error as error:  # the pool hands on the driver's connect error unwrapped
+        raise DBAPIError.instance(None, None, error, psycopg.Error,
+                                  connection_invalidated=True) from error
+    try:
+        dbapi = typing.cast("psycopg.Connection[Any]", pooled.dbapi_connection)
+        if running is not None:
+            running(dbapi.cancel_safe)
+        try:
+            yield dbapi
+        finally:
+            if running is not None:
+                running(None)
+    except psycopg.Error as error:
+        lost = isinstance(error, psycopg.OperationalError)
+        if lost:
+            pooled.invalidate(error)
+        raise DBAPIError.instance(sql, params, error, psycopg.Error, hide_parameters=True,
+                                  connection_invalidated=lost) from error
+    finally:
+        pooled.close()
+
+
 def execute_autocommit(
         engine: Engine, sql: str, params: dict[str, Any],
         running: Running | None = None,
@@ -188,35 +223,15 @@ def execute_autocommit(
     SQLAlchemy's, and a lost connection is invalidated, as if the statement ran through
     SQLAlchemy. `running`: as for `execute_in_one_transaction`.
     """
-    import psycopg
-
-    try:
-        pooled = engine.raw_connection()
-    except psycopg.Error as error:  # the pool hands on the driver's connect error unwrapped
-        raise DBAPIError.instance(None, None, error, psycopg.Error,
-                                  connection_invalidated=True) from error
-    try:
-        dbapi = typing.cast("psycopg.Connection[Any]", pooled.dbapi_connection)
+    with _raw_connection(engine, sql, params, running) as dbapi:
         dbapi.autocommit = True
-        if running is not None:
-            running(dbapi.cancel_safe)
         try:
             with dbapi.cursor() as cursor:
                 cursor.execute(sql, params)
                 row = cursor.fetchone()
         finally:
-            if running is not None:
-                running(None)
             if not dbapi.closed:
                 dbapi.autocommit = False
-    except psycopg.Error as error:
-        lost = isinstance(error, psycopg.OperationalError)
-        if lost:
-            pooled.invalidate(error)
-        raise DBAPIError.instance(sql, params, error, psycopg.Error, hide_parameters=True,
-                                  connection_invalidated=lost) from error
-    finally:
-        pooled.close()
     assert row is not None
     return tuple(row)
 
@@ -239,16 +254,8 @@ def execute_in_one_transaction(
     """
     import psycopg
 
-    try:
-        pooled = engine.raw_connection()
-    except psycopg.Error as error:
-        raise DBAPIError.instance(None, None, error, psycopg.Error,
-                                  connection_invalidated=True) from error
-    try:
-        dbapi = typing.cast("psycopg.Connection[Any]", pooled.dbapi_connection)
-        rows: list[tuple[Any, ...]] = []
-        if running is not None:
-            running(dbapi.cancel_safe)
+    rows: list[tuple[Any, ...]] = []
+    with _raw_connection(engine, sql, params_seq, running) as dbapi:
         try:
             # One cursor per statement and the COMMIT inside the pipeline: everything goes out
             # at once and the answers come back at one synchronisation point (executemany and
@@ -269,15 +276,4 @@ def execute_in_one_transaction(
                 with contextlib.suppress(psycopg.Error):
                     dbapi.rollback()
             raise
-        finally:
-            if running is not None:
-                running(None)
-    except psycopg.Error as error:
-        lost = isinstance(error, psycopg.OperationalError)
-        if lost:
-            pooled.invalidate(error)
-        raise DBAPIError.instance(sql, params_seq, error, psycopg.Error, hide_parameters=True,
-                                  connection_invalidated=lost) from error
-    finally:
-        pooled.close()
     return rows

@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import undefer_group
 
 from relay import create_app
 from relay.admin.auth import SESSION_IDLE, SESSION_MAX_AGE, state
@@ -70,7 +71,7 @@ def dead_event(app: Flask, post_webhook: Callable[..., Any]) -> int:
 
 def status_of(app: Flask, event_id: int) -> str:
     with get_db(app).session() as session:
-        found = session.get(OutboxEvent, event_id)
+        found = session.get(OutboxEvent, event_id, options=[undefer_group("queue")])
         assert found is not None
         return found.status
 

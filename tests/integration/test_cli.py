@@ -13,7 +13,7 @@ import pytest
 import responses
 from click.testing import CliRunner, Result
 from flask import Flask
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from relay import migrate
 from relay.cli import cli
@@ -28,6 +28,7 @@ from tests.support import (
     free_port,
     sample,
     set_schema_revision,
+    write_events,
 )
 
 COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
@@ -36,8 +37,9 @@ COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcil
 
 def set_status(app: Flask, extole_ids: list[str], status: str, **values: Any) -> None:
     with get_db(app).session() as session:
-        session.execute(update(OutboxEvent).where(OutboxEvent.extole_event_id.in_(extole_ids))
-                        .values(status=status, **values))
+        ids = session.scalars(select(OutboxEvent.id)
+                              .where(OutboxEvent.extole_event_id.in_(extole_ids))).all()
+        write_events(session, ids, {"status": status, **values})
 
 
 def post_samples(post_webhook: Any, *names: str) -> None:

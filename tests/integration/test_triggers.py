@@ -20,6 +20,7 @@ import requests
 import responses
 from flask import Flask
 from sqlalchemy import select, update
+from sqlalchemy.orm import undefer_group
 
 from relay import privacy, triggers
 from relay.db import utcnow
@@ -488,7 +489,7 @@ def test_stored_event_properties_reach_braze_as_they_were_delivered(
     with app.extensions["relay.db"].session() as session:
         track = session.scalars(select(DeliveryAttempt.request_body).where(
             DeliveryAttempt.endpoint == "/users/track")).one()
-        event = session.scalars(select(OutboxEvent)).one()
+        event = session.scalars(select(OutboxEvent).options(undefer_group("queue"))).one()
     [message] = messages(sandbox_url)
     assert message["properties"] == json.loads(track or "")["events"][0]["properties"]
     assert message["properties"] == event.properties

@@ -401,13 +401,14 @@ def test_purge_prints_counts_and_deletes(relay: Callable[..., Result], app: Flas
     assert kept.stdout.splitlines()[1:] == ["  events: 0", "  triggers: 0",
                                             "  delivery_attempts: 0", "  inbound_requests: 0",
                                             "  identity_cache: 0", "  refused_request_counts: 0",
-                                            "  dedup_keys: 0"]
+                                            "  reconcile_runs: 0", "  dedup_keys: 0"]
     result = relay("purge", RELAY_RETENTION_DAYS="7")
     # The purged events' keys stay (RELAY_DEDUP_DAYS, 400 by default): replays stay duplicates.
     assert result.stdout.splitlines() == [
         "purged rows received more than 7 days ago (keys of purged events: 400 days):",
         "  events: 2", "  triggers: 0", "  delivery_attempts: 0", "  inbound_requests: 2",
-        "  identity_cache: 0", "  refused_request_counts: 0", "  dedup_keys: 0"]
+        "  identity_cache: 0", "  refused_request_counts: 0", "  reconcile_runs: 0",
+        "  dedup_keys: 0"]
     assert set(events_by_extole_id(app)) == {"us1234abcd5678ef9013"}
     assert relay("purge", "--older-than", "0").exit_code == 2
 

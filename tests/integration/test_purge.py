@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -140,30 +140,36 @@ def test_inbound_row_goes_once_its_last_event_is_purged(db: Database) -> None:
     assert ids(db, InboundRequest) == set() and ids(db, OutboxEvent) == set()
 
 
+def count_transactions(db: Database, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count the sessions (transactions) `db` opens from now on; answers how to read the count."""
+    opened = 0
+    session = db.session
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[Session]:
+        nonlocal opened
+        opened += 1
+        with session() as s:
+            yield s
+
+    monkeypatch.setattr(db, "session", counted)
+    return lambda: opened
+
+
 def test_purge_works_in_short_batches(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     with db.session() as s:
         for n in range(7):
             event(s, "delivered", OLD, inbound(s, OLD), f"e{n}")
         for _ in range(3):
             attempt(s, OLD)
-    transactions = 0
-    session = db.session
-
-    @contextlib.contextmanager
-    def counted() -> Iterator[Session]:
-        nonlocal transactions
-        transactions += 1
-        with session() as s:
-            yield s
-
-    monkeypatch.setattr(db, "session", counted)
+    transactions = count_transactions(db, monkeypatch)
     counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
     assert counts == {"events": 7, "triggers": 0, "delivery_attempts": 3,
                       "inbound_requests": 7, "identity_cache": 0, "refused_request_counts": 0,
                       "reconcile_runs": 0, "dedup_keys": 0}
     # events 3+3+1 then an empty look; attempts 3 + empty; inbound 3+3+1 + empty; cache empty;
     # refused counts empty; reconciliation runs empty; keys empty (these events have no keys).
-    assert transactions == 4 + 2 + 4 + 1 + 1 + 1 + 1
+    assert transactions() == 4 + 2 + 4 + 1 + 1 + 1 + 1
 
 
 def test_purge_uses_received_at_and_the_default_clock(db: Database) -> None:
@@ -301,22 +307,11 @@ def test_old_reconcile_runs_go_but_each_environment_keeps_its_last_run_and_last_
     with db.session() as s:
         shown = queries.reconciliation(s, ["production", "staging"])
         successes = queries.last_reconcile_success(s)
-    transactions = 0
-    session = db.session
-
-    @contextlib.contextmanager
-    def counted() -> Iterator[Session]:
-        nonlocal transactions
-        transactions += 1
-        with session() as s:
-            yield s
-
-    monkeypatch.setattr(db, "session", counted)
+    transactions = count_transactions(db, monkeypatch)
     counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
-    monkeypatch.setattr(db, "session", session)
 
     assert counts["reconcile_runs"] == 4
-    assert transactions == 6 + 3  # an empty look at each other table; runs 3, 1, empty look
+    assert transactions() == 6 + 3  # an empty look at each other table; runs 3, 1, empty look
     assert ids(db, ReconcileRun) == {recent_success, last, staging_success, staging_last}
     assert not gone & ids(db, ReconcileRun)
     with db.session() as s:  # the admin page and the gauge show what they showed before

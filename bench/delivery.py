@@ -51,8 +51,7 @@ def fill(url: str, count: int, start: int = 1, run: str = "bench",
         sql = """
             INSERT INTO events (environment, dedup_key, extole_event_id, extole_type, braze_event,
                                 external_id, email, person_key, event_time, payload, attributes,
-                                properties, status, attempts, next_attempt_at, received_at,
-                                updated_at)
+                                properties, status, attempts, received_at, updated_at)
             SELECT 'production', :run || '-' || i, :run || '-' || i, 'reward_earned',
                    'Earned Reward', 'cust-' || (i % :persons),
                    'person' || (i % :persons) || '@example.com', 'id:cust-' || (i % :persons),
@@ -63,7 +62,7 @@ def fill(url: str, count: int, start: int = 1, run: str = "bench",
                        'email', 'person' || (i % :persons) || '@example.com'),
                    CAST(:properties AS jsonb) || jsonb_build_object(
                        'extole_event_id', :run || '-' || i, 'reward_id', 'rw' || i),
-                   'pending', 0, :now, :now, :now
+                   'pending', 0, :now, :now
             FROM generate_series(CAST(:start AS bigint), CAST(:stop AS bigint)) AS i"""
     else:
         sql = """
@@ -71,8 +70,7 @@ def fill(url: str, count: int, start: int = 1, run: str = "bench",
                 SELECT :start UNION ALL SELECT i + 1 FROM seq WHERE i < :stop)
             INSERT INTO events (environment, dedup_key, extole_event_id, extole_type, braze_event,
                                 external_id, email, person_key, event_time, payload, attributes,
-                                properties, status, attempts, next_attempt_at, received_at,
-                                updated_at)
+                                properties, status, attempts, received_at, updated_at)
             SELECT 'production', :run || '-' || i, :run || '-' || i, 'reward_earned',
                    'Earned Reward', 'cust-' || (i % :persons),
                    'person' || (i % :persons) || '@example.com', 'id:cust-' || (i % :persons),
@@ -83,15 +81,22 @@ def fill(url: str, count: int, start: int = 1, run: str = "bench",
                        'email', 'person' || (i % :persons) || '@example.com')),
                    json_patch(:properties, json_object('extole_event_id', :run || '-' || i,
                                                        'reward_id', 'rw' || i)),
-                   'pending', 0, :now, :now, :now
+                   'pending', 0, :now, :now
             FROM seq"""
     started = time.perf_counter()
     engine = create_engine(url)
     with engine.begin() as connection:
         connection.execute(text(sql), params)
+        # Each pending event's row in the delivery queue, as the receiver writes it.
+        connection.execute(text(
+            "INSERT INTO delivery_queue (event_id, environment, person_key, event_time, "
+            "next_attempt_at) SELECT id, environment, person_key, event_time, received_at "
+            "FROM events WHERE status = 'pending' AND NOT EXISTS "
+            "(SELECT 1 FROM delivery_queue AS q WHERE q.event_id = events.id)"))
     if url.startswith("postgresql"):
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.execute(text("VACUUM ANALYZE events"))
+            connection.execute(text("VACUUM ANALYZE delivery_queue"))
     engine.dispose()
     return time.perf_counter() - started
 

@@ -3,25 +3,41 @@
 relay runs the same statements on both databases wherever it can. What differs: INSERT ... ON
 CONFLICT (each dialect has its own construct), building JSON in SQL, locks (PostgreSQL locks rows
 and takes advisory locks; SQLite has one writer at a time, so it needs none of them but must take
-its write lock before a read-then-write), searching bytes as text, and PostgreSQL's fast path of
-one autocommitted statement on the driver's own connection. Engines themselves (WAL and pragmas
-for SQLite, timeouts and pools for PostgreSQL) are configured in `relay.db`.
+its write lock before a read-then-write), searching bytes as text, a list of texts as rows, and
+PostgreSQL's fast path of one autocommitted statement on the driver's own connection. Engines
+themselves (WAL and pragmas for SQLite, timeouts and pools for PostgreSQL) are configured in
+`relay.db`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVarTuple
 
-from sqlalchemy import Connection, Engine, Select, Table, Text, cast, func, inspect, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    String,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    func,
+    inspect,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement, TextClause
 from sqlalchemy.sql.functions import Function
+from sqlalchemy.sql.selectable import TableValuedAlias
 
 if typing.TYPE_CHECKING:
     import psycopg
@@ -98,6 +114,24 @@ def _bytea_escape(text: str) -> str:
         else:
             parts.append(chr(byte))
     return "".join(parts)
+
+
+def text_rows(bind: Bind, values: Sequence[str], name: str) -> TableValuedAlias:
+    """Texts as the rows of a one-column relation (its column `value`), in one bound parameter.
+
+    For looking values up one by one in a single statement: each row's own subquery on a whole
+    primary key, which PostgreSQL answers from the index whatever its statistics say. `IN
+    (...)`, which PostgreSQL turns into `= ANY(...)`, was planned, before a table's first
+    ANALYZE, as a scan of every row matching the rest of the key with the values as a filter
+    (`relay.outbox.dedup.held`). One parameter also keeps the statement's text the same for any
+    number of values. PostgreSQL: `unnest` of a varchar array; SQLite: `json_each` of a JSON
+    array.
+    """
+    if is_postgresql(bind):
+        array = bindparam(name, list(values), type_=postgresql.ARRAY(String))
+        return func.unnest(array).table_valued("value").render_derived(name=name)
+    return func.json_each(bindparam(name, json.dumps(list(values)))).table_valued(
+        "value").alias(name)
 
 
 # --- locks --------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
+from sqlalchemy.sql import select
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -117,15 +118,45 @@ class RefusedRequestCount(Base):
     status_503: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class QueuedEvent(Base):
+    """A pending event's place in the delivery queue: when it is due and who holds its lease.
+
+    Kept apart from the wide `events` row (README, "The delivery queue"): a claim and a lease
+    renewal rewrite this narrow row only, and the event row is written once, when its status
+    changes. A row exists exactly while its event is pending; marks delete it with the status
+    change, operator actions put it back. `environment`, `person_key` and `event_time` are
+    copies of the event's (never changed after it is stored) so the claim's per-person order
+    check reads this table alone.
+    """
+
+    __tablename__ = "delivery_queue"
+    __table_args__ = (
+        # The claim: due first, oldest first.
+        Index("ix_delivery_queue_due", "next_attempt_at", "event_id"),
+        # Per-person order: an earlier queued event of the same person holds later ones back.
+        Index("ix_delivery_queue_person", "environment", "person_key", "event_time", "event_id"),
+        # The sweep of expired leases.
+        Index("ix_delivery_queue_lease_expires_at", "lease_expires_at"),
+    )
+
+    event_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("events.id", ondelete="CASCADE"), primary_key=True,
+        autoincrement=False)
+    environment: Mapped[str] = mapped_column(String(16))
+    person_key: Mapped[str | None] = mapped_column(String(330))
+    event_time: Mapped[datetime | None] = mapped_column(DateTime)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class OutboxEvent(Base):
     """One Extole event on its way to Braze; `relay.outbox` is the only writer of its status."""
 
     __tablename__ = "events"
     __table_args__ = (
         UniqueConstraint("environment", "dedup_key", name="uq_events_environment_dedup_key"),
-        # The worker's "next due events" query.
-        Index("ix_events_due", "status", "next_attempt_at", "id"),
-        # Per-person order: earlier pending events of the same person hold later ones back.
+        # Per person, newest delivered attributes (`relay.outbox.leases`), and `relay forget`.
         Index("ix_events_person", "environment", "person_key", "event_time", "id"),
         # Admin filters and searches, newest first.
         Index("ix_events_status_id", "status", "id"),
@@ -135,7 +166,6 @@ class OutboxEvent(Base):
         Index("ix_events_external_id", "external_id"),
         Index("ix_events_extole_event_id", "extole_event_id"),
         Index("ix_events_received_at", "received_at"),
-        Index("ix_events_lease_expires_at", "lease_expires_at"),
         # The admin's live stream asks "what changed since" twice a second.
         Index("ix_events_updated_at", "updated_at"),
     )
@@ -157,10 +187,7 @@ class OutboxEvent(Base):
     identity: Mapped[dict[str, Any] | None] = mapped_column(Json)
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
     first_failure_at: Mapped[datetime | None] = mapped_column(DateTime)
-    lease_owner: Mapped[str | None] = mapped_column(String(64))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     inbound_id: Mapped[int | None] = mapped_column(
         BigId, ForeignKey("inbound_requests.id", ondelete="SET NULL"), index=True
@@ -168,6 +195,19 @@ class OutboxEvent(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    # Read-only views of the event's queue row (None when it is not queued), loaded only when
+    # asked for: the admin shows them; nothing writes through them (`relay.outbox.leases` and
+    # `relay.outbox.operator` write `delivery_queue`).
+    next_attempt_at: Mapped[datetime | None] = column_property(
+        select(QueuedEvent.next_attempt_at).where(QueuedEvent.event_id == id)
+        .correlate_except(QueuedEvent).scalar_subquery(), deferred=True, group="queue")
+    lease_owner: Mapped[str | None] = column_property(
+        select(QueuedEvent.lease_owner).where(QueuedEvent.event_id == id)
+        .correlate_except(QueuedEvent).scalar_subquery(), deferred=True, group="queue")
+    lease_expires_at: Mapped[datetime | None] = column_property(
+        select(QueuedEvent.lease_expires_at).where(QueuedEvent.event_id == id)
+        .correlate_except(QueuedEvent).scalar_subquery(), deferred=True, group="queue")
 
 
 class DedupKey(Base):

@@ -47,7 +47,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Text, cast, false, func, or_, select
+from sqlalchemy import Text, cast, false, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -61,6 +61,7 @@ from relay.models import (
     IdentityCache,
     InboundRequest,
     OutboxEvent,
+    QueuedEvent,
     Status,
     Trigger,
 )
@@ -322,6 +323,13 @@ def _forget_events(session: Session, person: Person, ids: Sequence[int]) -> int:
         for event in session.scalars(select(OutboxEvent).where(OutboxEvent.id.in_(chunk))):
             changed += (_redact_event(event, person) if _is_own(event, person)
                         else _scrub_event(event, person))
+        session.flush()
+        # The queue's copy of the person key follows the event's (erased for their own).
+        session.execute(
+            update(QueuedEvent).where(QueuedEvent.event_id.in_(chunk))
+            .values(person_key=select(OutboxEvent.person_key)
+                    .where(OutboxEvent.id == QueuedEvent.event_id).scalar_subquery())
+            .execution_options(synchronize_session=False))
     return changed
 
 

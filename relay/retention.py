@@ -2,7 +2,10 @@
 
 Delivered and skipped events (by `received_at`) with their campaign/Canvas triggers, the Braze
 requests that carried only such events, inbound log rows no kept event refers to (refused requests
-included), the per-minute counts of refused requests, and identity cache answers long expired.
+included), the per-minute counts of refused requests, identity cache answers long expired, and
+reconciliation runs (by `finished_at`) except each environment's last run and last successful run,
+which the admin page and the `relay_reconcile_last_success_timestamp_seconds` gauge show (an alert
+on that gauge must keep its series however long an environment has been failing).
 Dead, pending and rejected events stay until an operator handles them, with their inbound row and
 attempts; so does a delivered event whose trigger is still due, being sent or uncertain (it waits
 for the operator's resend or drop).
@@ -21,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, exists, false, select, tuple_, update
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from relay import dialect
@@ -33,6 +36,7 @@ from relay.models import (
     IdentityCache,
     InboundRequest,
     OutboxEvent,
+    ReconcileRun,
     RefusedRequestCount,
     Status,
     Trigger,
@@ -62,7 +66,8 @@ def purge(
     now = now or utcnow()
     cutoff = now - timedelta(days=retention_days)
     counts = {"events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
-              "identity_cache": 0, "refused_request_counts": 0, "dedup_keys": 0}
+              "identity_cache": 0, "refused_request_counts": 0, "reconcile_runs": 0,
+              "dedup_keys": 0}
     while True:
         events, purged_triggers, attempts = _purge_events(db, cutoff, batch_size)
         counts["events"] += events
@@ -78,6 +83,8 @@ def purge(
         counts["identity_cache"] += n
     while n := _purge_refused_counts(db, cutoff, batch_size):
         counts["refused_request_counts"] += n
+    while n := _purge_reconcile_runs(db, cutoff, batch_size):
+        counts["reconcile_runs"] += n
     while n := _purge_dedup_keys(db, now - timedelta(days=dedup_days), batch_size):
         counts["dedup_keys"] += n
     if any(counts.values()):
@@ -152,7 +159,22 @@ def _purge_inbound(db: Database, cutoff: datetime, batch_size: int) -> int:
                         batch_size)
 
 
-def _purge_batch(db: Database, model: type[DeliveryAttempt] | type[InboundRequest],
+def _purge_reconcile_runs(db: Database, cutoff: datetime, batch_size: int) -> int:
+    """Runs that finished before `cutoff`, except each environment's last run (by id, as the
+    admin page and the reconciliation schedule read it) and last successful one (by
+    `finished_at`, as the admin page and the last-success gauge read it)."""
+    later = aliased(ReconcileRun)
+    superseded = exists().where(later.environment == ReconcileRun.environment,
+                                later.id > ReconcileRun.id)
+    later_success = exists().where(later.environment == ReconcileRun.environment,
+                                   later.error.is_(None),
+                                   later.finished_at > ReconcileRun.finished_at)
+    unused = superseded & (ReconcileRun.error.is_not(None) | later_success)
+    return _purge_batch(db, ReconcileRun, ReconcileRun.finished_at < cutoff, unused, batch_size)
+
+
+def _purge_batch(db: Database,
+                 model: type[DeliveryAttempt] | type[InboundRequest] | type[ReconcileRun],
                  old: ColumnElement[bool], unused: ColumnElement[bool], batch_size: int) -> int:
     """One batch of old rows nothing uses; `unused` is checked again as they are deleted."""
     with db.session() as session:

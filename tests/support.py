@@ -14,20 +14,22 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from flask import Flask
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import create_engine, delete, select, text, update
+from sqlalchemy.orm import Session, undefer_group
 from sqlalchemy.pool import NullPool
 from werkzeug.serving import make_server
 
 from relay.authentication import sign
-from relay.db import get_db
-from relay.models import OutboxEvent
+from relay.db import get_db, utcnow
+from relay.models import OutboxEvent, QueuedEvent, Status
+from relay.outbox import leases
 
 SAMPLES = Path(__file__).parent / "samples"
 # For a test of what only PostgreSQL does (row locks held by concurrent transactions, NOTIFY, the
@@ -244,7 +246,8 @@ def served_sandbox(config: Any = None) -> Iterator[tuple[str, Flask]]:
 def stored_events(app: Flask) -> list[OutboxEvent]:
     """Every outbox row, in id order."""
     with get_db(app).session() as session:
-        return list(session.scalars(select(OutboxEvent).order_by(OutboxEvent.id)))
+        return list(session.scalars(select(OutboxEvent).options(undefer_group("queue"))
+                                     .order_by(OutboxEvent.id)))
 
 
 def events_by_extole_id(app: Flask) -> dict[str, OutboxEvent]:
@@ -254,15 +257,37 @@ def events_by_extole_id(app: Flask) -> dict[str, OutboxEvent]:
 
 def stored_event(app: Flask, event_id: int) -> OutboxEvent:
     with get_db(app).session() as session:
-        found = session.get(OutboxEvent, event_id)
+        found = session.get(OutboxEvent, event_id, options=[undefer_group("queue")])
         assert found is not None, f"no event {event_id}"
         return found
+
+
+QUEUE_COLUMNS = ("next_attempt_at", "lease_owner", "lease_expires_at")
 
 
 def update_event(app: Flask, event_id: int, **values: Any) -> None:
     """Set columns of one outbox row directly (a status, a time in the past)."""
     with get_db(app).session() as session:
-        session.execute(update(OutboxEvent).where(OutboxEvent.id == event_id).values(**values))
+        write_events(session, [event_id], values)
+
+
+def write_events(session: Session, ids: Sequence[int], values: dict[str, Any]) -> None:
+    """Set columns of outbox events directly, keeping the delivery queue as the relay keeps it
+    (README, "The delivery queue"): `next_attempt_at` and the lease go to the queue row; a status
+    other than pending takes the event off the queue, pending puts it on (due now)."""
+    own = {k: v for k, v in values.items() if k not in QUEUE_COLUMNS}
+    queued = {k: v for k, v in values.items() if k in QUEUE_COLUMNS}
+    if own:
+        session.execute(update(OutboxEvent).where(OutboxEvent.id.in_(ids)).values(**own))
+    status = own.get("status")
+    if status is not None and status != Status.PENDING.value:
+        session.execute(delete(QueuedEvent).where(QueuedEvent.event_id.in_(ids)))
+        return
+    if status == Status.PENDING.value:
+        leases.requeue(session, ids, utcnow())
+    queued = {k: v for k, v in queued.items() if not (k == "next_attempt_at" and v is None)}
+    if queued:
+        session.execute(update(QueuedEvent).where(QueuedEvent.event_id.in_(ids)).values(**queued))
 
 
 def post_ids(post_webhook: Callable[..., Any], *events: dict[str, Any],

@@ -65,7 +65,8 @@ class ChangeFeed:
                  if (seen := self.seen.get(event_id)) is None or seen < updated]
         if keys:
             self.watermark = max(self.watermark, keys[0].updated_at)
-        events = list(session.scalars(select(OutboxEvent).where(OutboxEvent.id.in_(fresh)))
+        events = list(session.scalars(select(OutboxEvent).options(*queries.SHOWN)
+                                      .where(OutboxEvent.id.in_(fresh)))
                       ) if fresh else []
         events.sort(key=lambda event: (event.updated_at, event.id))
         for event in events:

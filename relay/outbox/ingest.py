@@ -1,7 +1,7 @@
 """Ingest: a webhook's events into the outbox, with its inbound log row, in one transaction.
 
-`store_webhook` writes the inbound log row, the outbox rows and their de-duplication keys in the
-caller's transaction. The keys decide duplicates (`relay.outbox.dedup`): an event is a duplicate
+`store_webhook` writes the inbound log row, the outbox rows, their de-duplication keys and their
+delivery queue rows (`relay.outbox.leases`) in the caller's transaction. The keys decide duplicates (`relay.outbox.dedup`): an event is a duplicate
 when any of its keys is held in its environment, also after the original was purged, and a
 duplicate adds none of its keys. `store_single` is the fast path for Extole's usual webhook (one
 event, on PostgreSQL): all rows in one autocommitted statement. `store_events` stores events that
@@ -27,8 +27,8 @@ from relay import dialect
 from relay.eventmap import EventMap
 from relay.exceptions import RejectedEvent
 from relay.extole import Event, item_value, normalise
-from relay.models import InboundRequest, OutboxEvent, Status
-from relay.outbox import dedup
+from relay.models import InboundRequest, OutboxEvent, QueuedEvent, Status
+from relay.outbox import dedup, leases
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,12 @@ def store_webhook(
     claims = dedup.Claims(connection, environment,
                           (dedup.keys_of(e) for _, e, _ in prepared if e), now)
     rejected_rows = []
+    queued: list[dict[str, Any]] = []
     for item, usable, why in prepared:
         if usable is None:
             rejected_rows.append(_rejected_row(item, environment, inbound.id, why or "", now))
             continue
-        new_id = _insert_one(connection, claims, usable, environment, inbound.id, now)
+        new_id = _insert_one(connection, claims, usable, environment, inbound.id, now, queued)
         if new_id is None:
             receipt.duplicates += 1
             continue
@@ -126,6 +127,7 @@ def store_webhook(
         for note in usable.trimmed:
             log.info("event %s (%s): %s", new_id, usable.extole_event_id, note)
     claims.write()
+    _enqueue(connection, queued)
     if rejected_rows:
         # One multi-row INSERT for all of them (up to RELAY_MAX_ITEMS), in request order; the
         # accepted events' ids, the only ones the answer names, stay in request order too.
@@ -150,15 +152,19 @@ def store_events(session: Session, environment: str, events: Sequence[Event],
     """
     connection = session.connection()
     claims = dedup.Claims(connection, environment, (dedup.keys_of(e) for e in events), now)
-    ids = [_insert_one(connection, claims, event, environment, inbound_id, now)
+    queued: list[dict[str, Any]] = []
+    ids = [_insert_one(connection, claims, event, environment, inbound_id, now, queued)
            for event in events]
     claims.write()
+    _enqueue(connection, queued)
     return ids
 
 
 def _insert_one(connection: Connection, claims: dedup.Claims, event: Event, environment: str,
-                inbound_id: int | None, now: datetime) -> int | None:
-    """One usable event unless one of its keys is held: its new id, else None."""
+                inbound_id: int | None, now: datetime,
+                queued: list[dict[str, Any]]) -> int | None:
+    """One usable event unless one of its keys is held: its new id, else None. Its queue row
+    (due now) is added to `queued`, for `_enqueue`."""
     keys = dedup.keys_of(event)
     if claims.is_duplicate(keys):
         return None
@@ -169,7 +175,15 @@ def _insert_one(connection: Connection, claims: dedup.Claims, event: Event, envi
         _insert_event(connection), _event_row(event, environment, inbound_id, now)).scalar()
     if new_id is not None:
         claims.claim(keys, new_id)
+        queued.append(leases.queue_row(new_id, environment, event.person_key,
+                                       event.event_time.replace(tzinfo=None), now))
     return new_id
+
+
+def _enqueue(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """The new events' queue rows, in one statement (README, "The delivery queue")."""
+    if rows:
+        connection.execute(QueuedEvent.__table__.insert(), rows)
 
 
 # Every row in one statement. The ids are drawn first; the advisory locks on the event's keys
@@ -211,19 +225,23 @@ WITH ids AS (
 ), event AS (
     INSERT INTO events (id, environment, dedup_key, extole_event_id, extole_type, braze_event,
                         external_id, email, person_key, event_time, payload, attributes,
-                        properties, status, attempts, next_attempt_at, inbound_id, received_at,
-                        updated_at)
+                        properties, status, attempts, inbound_id, received_at, updated_at)
     SELECT ids.event_id, CAST(:environment AS varchar), CAST(:dedup_key AS varchar),
            CAST(:extole_event_id AS varchar), CAST(:extole_type AS varchar),
            CAST(:braze_event AS varchar), CAST(:external_id AS varchar), CAST(:email AS varchar),
            CAST(:person_key AS varchar), CAST(:event_time AS timestamp),
            CAST(:payload AS jsonb), CAST(:attributes AS jsonb), CAST(:properties AS jsonb),
-           CAST(:status AS varchar), 0, CAST(:next_attempt_at AS timestamp), ids.inbound_id,
-           CAST(:received_at AS timestamp), CAST(:updated_at AS timestamp)
+           CAST(:status AS varchar), 0, ids.inbound_id, CAST(:received_at AS timestamp),
+           CAST(:updated_at AS timestamp)
     FROM ids
     WHERE (SELECT count(*) FROM new_keys) = cardinality(CAST(:keys AS varchar[]))
     ON CONFLICT (environment, dedup_key) DO NOTHING
     RETURNING id
+), queued AS (
+    INSERT INTO delivery_queue (event_id, environment, person_key, event_time, next_attempt_at)
+    SELECT id, CAST(:environment AS varchar), CAST(:person_key AS varchar),
+           CAST(:event_time AS timestamp), CAST(:received_at AS timestamp)
+    FROM event
 ), stored AS (
     INSERT INTO inbound_requests (id, received_at, environment, method, path, remote_addr,
                                   headers, body, body_size, status_code, outcome, auth_method,
@@ -394,7 +412,6 @@ def _event_row(event: Event, environment: str, inbound_id: int | None,
         "properties": event.properties,
         "status": Status.PENDING.value,
         "attempts": 0,
-        "next_attempt_at": now,
         "inbound_id": inbound_id,
         "received_at": now,
         "updated_at": now,

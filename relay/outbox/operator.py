@@ -19,6 +19,7 @@ from relay import metrics
 from relay.db import utcnow
 from relay.exceptions import InvalidTransition
 from relay.models import OutboxEvent, Status
+from relay.outbox import leases
 from relay.outbox.filters import EventFilter
 from relay.outbox.queries import get_event
 
@@ -33,7 +34,7 @@ def retry(session: Session, event_id: int) -> OutboxEvent:
         raise InvalidTransition(
             f"event {event_id} is {event.status}: only dead or retrying events can be retried"
         )
-    _requeue(event, utcnow())
+    _requeue(session, event, utcnow())
     return event
 
 
@@ -44,7 +45,7 @@ def replay(session: Session, event_id: int) -> OutboxEvent:
         raise InvalidTransition(
             f"event {event_id} was rejected on receipt ({event.last_error}); it cannot be sent"
         )
-    _requeue(event, utcnow())
+    _requeue(session, event, utcnow())
     return event
 
 
@@ -58,6 +59,7 @@ def replay_matching(session: Session, event_filter: EventFilter) -> int:
     ids = list(session.scalars(event_filter.apply(select(OutboxEvent.id))))
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
+        leases.requeue(session, chunk, now)
         session.execute(
             update(OutboxEvent)
             .where(OutboxEvent.id.in_(chunk))
@@ -84,18 +86,17 @@ def _dead_by_default(event_filter: EventFilter) -> EventFilter:
 
 
 def _requeue_values(now: datetime) -> dict[str, Any]:
+    """The event's own columns; its queue row (due `now`, unleased) is `leases.requeue`'s."""
     return {
         "status": Status.PENDING.value,
         "attempts": 0,
-        "next_attempt_at": now,
         "first_failure_at": None,
-        "lease_owner": None,
-        "lease_expires_at": None,
         "updated_at": now,
     }
 
 
-def _requeue(event: OutboxEvent, now: datetime) -> None:
+def _requeue(session: Session, event: OutboxEvent, now: datetime) -> None:
+    leases.requeue(session, [event.id], now)  # the queue row first: the lock order
     previous = event.status
     for key, value in _requeue_values(now).items():
         setattr(event, key, value)

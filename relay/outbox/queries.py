@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from relay.db import iso_time, utcnow
 from relay.exceptions import EventNotFound
@@ -25,6 +25,9 @@ from relay.models import (
     Status,
 )
 from relay.outbox.filters import EventFilter
+
+# What `event_json` shows of the event's queue row, loaded with a list in the same statement.
+SHOWN = (undefer(OutboxEvent.next_attempt_at),)
 
 
 def get_event(session: Session, event_id: int) -> OutboxEvent:
@@ -82,7 +85,7 @@ def event_json(event: OutboxEvent) -> dict[str, Any]:
 def list_events(session: Session, event_filter: EventFilter, *, limit: int = 50,
                 cursor: int | None = None) -> tuple[list[OutboxEvent], int | None]:
     """Newest first, keyset-paginated on id so page N costs the same as page 1 at any size."""
-    query = event_filter.apply(select(OutboxEvent))
+    query = event_filter.apply(select(OutboxEvent).options(*SHOWN))
     if cursor is not None:
         query = query.where(OutboxEvent.id < cursor)
     events = list(session.scalars(query.order_by(OutboxEvent.id.desc()).limit(limit + 1)))

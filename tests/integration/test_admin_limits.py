@@ -15,12 +15,11 @@ from urllib.parse import urlencode
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import update
 
 from relay.admin import MAX_BODY_BYTES
 from relay.db import get_db, utcnow
-from relay.models import OutboxEvent
 from tests.integration.test_admin_pages import PASSWORD, form_token
+from tests.support import write_events
 
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()}
 
@@ -131,8 +130,7 @@ def test_an_api_body_of_exactly_64_kib_is_accepted(
                            "partner_user_id": "cust-1", "reward_id": "r-1"})
     (event_id,) = answer.json["ids"]
     with get_db(app).session() as session:
-        session.execute(update(OutboxEvent).where(OutboxEvent.id == event_id).values(
-            status="dead", next_attempt_at=None, updated_at=utcnow()))
+        write_events(session, [event_id], {"status": "dead", "updated_at": utcnow()})
     body = json.dumps({"status": "dead", "note": ""}).encode()
     body = json.dumps({"status": "dead", "note": "x" * (MAX_BODY_BYTES - len(body))}).encode()
     assert len(body) == MAX_BODY_BYTES

@@ -13,7 +13,7 @@ import pytest
 import responses
 from click.testing import CliRunner, Result
 from flask import Flask
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from relay import migrate
 from relay.cli import cli
@@ -28,6 +28,7 @@ from tests.support import (
     free_port,
     sample,
     set_schema_revision,
+    write_events,
 )
 
 COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcile", "sandbox",
@@ -36,8 +37,9 @@ COMMANDS = ("check-config", "db", "events", "forget", "init", "purge", "reconcil
 
 def set_status(app: Flask, extole_ids: list[str], status: str, **values: Any) -> None:
     with get_db(app).session() as session:
-        session.execute(update(OutboxEvent).where(OutboxEvent.extole_event_id.in_(extole_ids))
-                        .values(status=status, **values))
+        ids = session.scalars(select(OutboxEvent.id)
+                              .where(OutboxEvent.extole_event_id.in_(extole_ids))).all()
+        write_events(session, ids, {"status": status, **values})
 
 
 def post_samples(post_webhook: Any, *names: str) -> None:
@@ -399,13 +401,14 @@ def test_purge_prints_counts_and_deletes(relay: Callable[..., Result], app: Flas
     assert kept.stdout.splitlines()[1:] == ["  events: 0", "  triggers: 0",
                                             "  delivery_attempts: 0", "  inbound_requests: 0",
                                             "  identity_cache: 0", "  refused_request_counts: 0",
-                                            "  dedup_keys: 0"]
+                                            "  reconcile_runs: 0", "  dedup_keys: 0"]
     result = relay("purge", RELAY_RETENTION_DAYS="7")
     # The purged events' keys stay (RELAY_DEDUP_DAYS, 400 by default): replays stay duplicates.
     assert result.stdout.splitlines() == [
         "purged rows received more than 7 days ago (keys of purged events: 400 days):",
         "  events: 2", "  triggers: 0", "  delivery_attempts: 0", "  inbound_requests: 2",
-        "  identity_cache: 0", "  refused_request_counts: 0", "  dedup_keys: 0"]
+        "  identity_cache: 0", "  refused_request_counts: 0", "  reconcile_runs: 0",
+        "  dedup_keys: 0"]
     assert set(events_by_extole_id(app)) == {"us1234abcd5678ef9013"}
     assert relay("purge", "--older-than", "0").exit_code == 2
 

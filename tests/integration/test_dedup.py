@@ -15,17 +15,19 @@ from typing import Any
 import pytest
 import responses
 from flask import Flask
-from sqlalchemy import select, text
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy import insert, select, text
 
 from relay import retention
 from relay.db import Database, get_db, utcnow
 from relay.extole import normalise
 from relay.models import DedupKey, InboundRequest
-from relay.outbox import ingest
+from relay.outbox import dedup, ingest
 from relay.worker import Worker
 from tests.support import (
     BRAZE_URL,
     POSTGRESQL_ONLY,
+    fresh_database,
     post_concurrently,
     signed,
     stored_events,
@@ -195,6 +197,93 @@ def test_the_single_statement_stores_keys_and_finds_a_held_one(app: Flask) -> No
         assert connection.execute(text(
             "SELECT accepted, duplicates FROM inbound_requests ORDER BY id")).all() == [
             (1, 0), (0, 1), (1, 0)]
+
+
+# --- the lookup of a transaction's keys ---------------------------------------------------------
+
+
+def add_keys(db: Database, environment: str, keys: list[str]) -> None:
+    """Keys of purged events (no event row needed), straight into the table."""
+    received = utcnow()
+    with db.session() as session:
+        session.execute(insert(DedupKey), [
+            {"environment": environment, "key": key, "event_id": None, "received_at": received}
+            for key in keys])
+
+
+def test_held_answers_the_keys_its_environment_holds_among_thousands_asked(app: Flask) -> None:
+    db = get_db(app)
+    add_keys(db, "production", [f"k-{i}" for i in range(0, 3000, 2)])
+    add_keys(db, "staging", ["k-1", "k-3"])
+    asked = {f"k-{i}" for i in range(3000)} | {"reward:rw-1:EARNED", "k-1 "}
+    with db.engine.connect() as connection:
+        assert dedup.held(connection, "production", asked) == {
+            f"k-{i}" for i in range(0, 3000, 2)}
+        assert dedup.held(connection, "staging", asked) == {"k-1", "k-3"}
+        assert dedup.held(connection, "staging", {"k-2"}) == set()
+        assert dedup.held(connection, "production", set()) == set()
+
+
+def explained(db: Database, keys: set[str]) -> tuple[set[str], list[dict[str, Any]]]:
+    """What `held` answers, and every plan node of EXPLAIN ANALYZE of the very statement it ran
+    that reads `dedup_keys`."""
+    ran: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        ran.append((statement, parameters))
+
+    with db.engine.connect() as connection:
+        sqlalchemy_event.listen(db.engine, "before_cursor_execute", capture)
+        try:
+            answer = dedup.held(connection, "production", keys)
+        finally:
+            sqlalchemy_event.remove(db.engine, "before_cursor_execute", capture)
+        [(statement, parameters)] = ran
+        [plan] = connection.exec_driver_sql(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters).scalar_one()
+    nodes, reading = [plan["Plan"]], []
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("Plans", []))
+        if node.get("Relation Name") == "dedup_keys":
+            reading.append(node)
+    return answer, reading
+
+
+def test_held_reads_each_key_from_the_primary_key_before_the_first_analyze(
+        postgres_server: None) -> None:
+    """On a new database `dedup_keys` has no statistics until autovacuum's first ANALYZE (held
+    off here, so the test does not race it). `key IN (...)` was then planned as a scan of every
+    key of the environment with the keys as a filter (3,999 rows removed at 4,000 keys, the
+    cost of each webhook growing with the table); each key must be one probe of the index."""
+    with fresh_database("relay_plan", migrated=True) as url:
+        db = Database(url)
+        try:
+            with db.engine.begin() as connection:
+                connection.execute(text(
+                    "ALTER TABLE dedup_keys SET (autovacuum_enabled = false)"))
+            stored = 0
+            for size in (1000, 4000, 8000):
+                add_keys(db, "production", [f"ev-{i}" for i in range(stored, size)])
+                stored = size
+                with db.engine.connect() as connection:
+                    assert connection.execute(text(
+                        "SELECT count(*) FROM pg_stats WHERE tablename = 'dedup_keys'"
+                    )).scalar_one() == 0
+                asked = {"ev-7", f"ev-{size - 1}", "ev-absent"}
+                answer, reading = explained(db, asked)
+                assert answer == {"ev-7", f"ev-{size - 1}"}
+                assert reading, size
+                for node in reading:
+                    assert node["Node Type"] in ("Index Scan", "Index Only Scan"), (size, node)
+                    assert node["Index Name"] == "dedup_keys_pkey", (size, node)
+                    assert "(environment = " in node["Index Cond"], (size, node)
+                    assert "(key = " in node["Index Cond"], (size, node)
+                    assert "Filter" not in node, (size, node)
+                    assert node["Actual Rows"] <= 1, (size, node)
+                    assert node["Actual Loops"] == len(asked), (size, node)
+        finally:
+            db.engine.dispose()
 
 
 # --- concurrency (PostgreSQL: SQLite has one writer at a time) ---------------------------------

@@ -19,16 +19,24 @@ import responses
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
+from sqlalchemy.orm import undefer_group
 
 from relay import braze_state, delivery, scheduler
 from relay.db import utcnow
 from relay.exceptions import DatabaseUnavailable
-from relay.models import AttemptEvent, DeliveryAttempt, EnvironmentState, OutboxEvent
+from relay.models import AttemptEvent, DeliveryAttempt, EnvironmentState, OutboxEvent, QueuedEvent
 from relay.outbox import leases
 from relay.retry import RetryPolicy
 from relay.settings import Settings
 from relay.worker import Worker
-from tests.support import BRAZE_URL, POSTGRESQL_ONLY, events_by_extole_id, sample, sample_json
+from tests.support import (
+    BRAZE_URL,
+    POSTGRESQL_ONLY,
+    events_by_extole_id,
+    sample,
+    sample_json,
+    write_events,
+)
 
 TRACK = BRAZE_URL + "/users/track"
 SUCCESS = {"message": "success"}
@@ -71,7 +79,7 @@ def braze() -> Iterator[FakeBraze]:
 
 def event(app: Flask, extole_event_id: str) -> OutboxEvent:
     with app.extensions["relay.db"].session() as session:
-        return session.scalars(select(OutboxEvent).where(
+        return session.scalars(select(OutboxEvent).options(undefer_group("queue")).where(
             OutboxEvent.extole_event_id == extole_event_id)).one()
 
 
@@ -88,8 +96,9 @@ def recorded(app: Flask, extole_event_id: str) -> list[tuple[int | None, str | N
 
 def set_event(app: Flask, extole_event_id: str, **values: Any) -> None:
     with app.extensions["relay.db"].session() as session:
-        session.execute(update(OutboxEvent)
-                        .where(OutboxEvent.extole_event_id == extole_event_id).values(**values))
+        ids = session.scalars(select(OutboxEvent.id)
+                              .where(OutboxEvent.extole_event_id == extole_event_id)).all()
+        write_events(session, ids, values)
 
 
 def env_state(app: Flask, environment: str = "production") -> EnvironmentState | None:
@@ -502,7 +511,7 @@ def test_events_of_a_worker_that_died_before_committing_are_sent_again(
     assert survivor.run_once() == 0  # the lease still holds
     # Thirty seconds later (simulated): the lease has expired; the sweeper frees the events.
     with app.extensions["relay.db"].session() as session:
-        session.execute(update(OutboxEvent).values(
+        session.execute(update(QueuedEvent).values(
             lease_expires_at=utcnow() - timedelta(seconds=1)))
     assert scheduler.sweep_leases(survivor.db) == 2
     assert {e.lease_owner for e in events_by_extole_id(app).values()} == {None}

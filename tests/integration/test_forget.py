@@ -29,6 +29,7 @@ from relay.models import (
     IdentityCache,
     InboundRequest,
     OutboxEvent,
+    QueuedEvent,
 )
 from relay.outbox import leases
 from relay.sandbox import SandboxConfig
@@ -165,9 +166,12 @@ def test_forget_by_email_and_external_id_leaves_no_trace(db: Database,
                       "identity_cache": 2, "triggers": 0, "dedup_keys": 0}
     after = snapshot(db)
     changed = {key for key in before if before[key] != after.get(key)}
-    assert len(changed) == sum(counts.values())
+    # Her pending events' queue rows lose their copy of her person key, nothing else of theirs.
+    queued = {key for table, key in changed if table == "delivery_queue"}
+    assert queued and {after[("delivery_queue", key)]["person_key"] for key in queued} == {None}
+    assert len(changed) - len(queued) == sum(counts.values())
     assert {table for table, _ in changed} == {"events", "inbound_requests", "delivery_attempts",
-                                               "identity_cache"}
+                                               "identity_cache", "delivery_queue"}
     # Other people's rows are exactly as they were.
     others = {e: populated[e] for e in ("rc00112233445566778", "bt-0001", "bt-0002", "bt-0003",
                                         "mx-1")}
@@ -464,7 +468,7 @@ def test_forget_while_her_delivery_is_in_flight_leaves_nothing(
         try:
             def leased() -> bool:
                 with db.session() as session:
-                    return worker.owner in session.scalars(select(OutboxEvent.lease_owner))
+                    return worker.owner in session.scalars(select(QueuedEvent.lease_owner))
 
             wait_until(leased, "the worker's claim")
             # Braze is answering the lookup of her email (1.5 s), then /users/track (1.5 s).
@@ -498,7 +502,7 @@ def test_a_worker_whose_lease_was_taken_writes_nothing_of_her_back(
         # The worker stalls past its lease (say its host was suspended): nobody renews it, and
         # forget takes the expired leases of the events about her over instead of waiting.
         with db.session() as session:
-            session.execute(update(OutboxEvent).values(
+            session.execute(update(QueuedEvent).values(
                 lease_expires_at=utcnow() - timedelta(seconds=1)))
         assert privacy.forget(db, email=ANN_EMAIL, external_id=ANN_ID).waited_for == 0
         # It wakes up with her data in memory and goes on delivering.

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 
 from relay import create_app
 from relay.db import utcnow
-from relay.models import IdentityCache, OutboxEvent, RateLimiter
+from relay.models import IdentityCache, QueuedEvent, RateLimiter
 from relay.settings import Rate, Settings
 from relay.worker import Worker
 from tests.support import (
@@ -279,8 +279,7 @@ def test_the_export_limiter_makes_events_wait_without_attempts_and_never_kills_t
 
     # Another worker sharing the database shares the budget.
     with app.extensions["relay.db"].session() as session:
-        session.execute(update(OutboxEvent).where(OutboxEvent.status == "pending")
-                        .values(next_attempt_at=utcnow()))
+        session.execute(update(QueuedEvent).values(next_attempt_at=utcnow()))
     make_worker(settings).drain(max_seconds=10)
     assert len(calls(braze, EXPORT)) == 1
     assert {e.status for k, e in events_by_extole_id(app).items() if k != "eo-1"} == {"pending"}
@@ -289,8 +288,7 @@ def test_the_export_limiter_makes_events_wait_without_attempts_and_never_kills_t
     # A minute later (simulated), the next lookup goes through.
     with app.extensions["relay.db"].session() as session:
         session.execute(update(RateLimiter).values(tokens=1.0))
-        session.execute(update(OutboxEvent).where(OutboxEvent.status == "pending")
-                        .values(next_attempt_at=utcnow()))
+        session.execute(update(QueuedEvent).values(next_attempt_at=utcnow()))
     worker.drain(max_seconds=10)
     assert len(calls(braze, EXPORT)) == 2
     assert sorted(e.status for e in events_by_extole_id(app).values()) == ["delivered", "delivered",
@@ -310,7 +308,7 @@ def test_an_export_limiter_wait_is_credited_to_the_failure_clock(
     assert "HTTP 503" in (failed.last_error or "")
     assert failed.first_failure_at is not None
     with app.extensions["relay.db"].session() as session:
-        session.execute(update(OutboxEvent).values(next_attempt_at=utcnow()))
+        session.execute(update(QueuedEvent).values(next_attempt_at=utcnow()))
     before = utcnow()
     worker.drain(max_seconds=10)  # the bucket is empty: about a minute to wait
     waiting = events_by_extole_id(app)["eo-1"]

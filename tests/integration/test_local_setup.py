@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from dotenv import dotenv_values
 from flask import Flask
 from sqlalchemy import select
+from sqlalchemy.orm import undefer_group
 
 from relay import create_app, localsetup, migrate
 from relay.authentication import sign
@@ -108,7 +109,7 @@ def test_the_printed_curl_is_accepted(workdir: Path, database_url: str) -> None:
         answer = response.get_json()
         assert (answer["accepted"], answer["duplicates"], answer["rejected"]) == (1, 0, [])
         with get_db(app).session() as session:
-            [event] = session.scalars(select(OutboxEvent)).all()
+            [event] = session.scalars(select(OutboxEvent).options(undefer_group("queue"))).all()
         # A reward as Extole posts it: named by its state, with its coupon and a numeric value.
         assert (event.extole_event_id, event.braze_event, event.status) == (
             "local-test-0001", "Reward Fulfilled", "pending")

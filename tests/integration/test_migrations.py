@@ -344,3 +344,50 @@ def test_0006_on_a_database_that_holds_rows(empty_database_url: str) -> None:
         assert "triggers" not in _downgrade(empty_database_url, engine, "0005")
         assert _count(engine, "events") == 1
         assert _count(engine, "delivery_attempts") == 1
+
+
+def test_0008_queues_the_pending_events_as_they_were(empty_database_url: str) -> None:
+    """Each pending event gets its queue row with its due time and lease as they were (no due
+    time: due when received); other statuses none; `events` loses the claim's columns; the
+    downgrade puts them back from the queue and drops it, the events untouched."""
+    received, due, until = "2026-12-01 10:00:00", "2026-12-01 10:05:00", "2026-12-01 10:01:00"
+    with _engine_at(empty_database_url, "0007") as engine:
+        with engine.begin() as connection:
+            _insert_event(connection, received, "ev-1", person_key="id:cust-1",
+                          event_time="2026-12-01 09:59:00", next_attempt_at=due)
+            _insert_event(connection, received, "ev-2", person_key="id:cust-1",
+                          event_time="2026-12-01 09:59:30", next_attempt_at=due,
+                          lease_owner="host:1:abc", lease_expires_at=until)
+            _insert_event(connection, received, "ev-3", environment="staging")  # no due time
+            _insert_event(connection, received, "ev-4", status="delivered", next_attempt_at=due)
+            _insert_event(connection, received, "ev-5", status="dead")
+        migrate.upgrade(empty_database_url, "0008")
+        with engine.begin() as connection:
+            rows = connection.execute(text(
+                "SELECT event_id, environment, person_key, event_time, next_attempt_at, "
+                "lease_owner, lease_expires_at FROM delivery_queue ORDER BY event_id")).all()
+            assert [tuple(str(v) if v is not None and i in (3, 4, 6) else v
+                          for i, v in enumerate(row)) for row in rows] == [
+                (1, "production", "id:cust-1", "2026-12-01 09:59:00", due, None, None),
+                (2, "production", "id:cust-1", "2026-12-01 09:59:30", due, "host:1:abc", until),
+                (3, "staging", None, None, received, None, None)]
+            assert connection.execute(text(
+                "SELECT extole_event_id, status FROM events ORDER BY id")).all() == [
+                ("ev-1", "pending"), ("ev-2", "pending"), ("ev-3", "pending"),
+                ("ev-4", "delivered"), ("ev-5", "dead")]
+            # A queue row goes with its event.
+            connection.execute(text("DELETE FROM events WHERE id = 3"))
+            assert connection.execute(text(
+                "SELECT event_id FROM delivery_queue ORDER BY event_id")).scalars().all() == [1, 2]
+        columns = {c["name"] for c in inspect(engine).get_columns("events")}
+        assert not columns & {"next_attempt_at", "lease_owner", "lease_expires_at"}
+        if migrate.head_revision() == "0008":
+            assert _differences(empty_database_url) == []
+        assert "delivery_queue" not in _downgrade(empty_database_url, engine, "0007")
+        with engine.begin() as connection:
+            assert [(r[0], r[1], None if r[2] is None else str(r[2]), r[3]) for r in
+                    connection.execute(text(
+                        "SELECT extole_event_id, status, next_attempt_at, lease_owner "
+                        "FROM events ORDER BY id"))] == [
+                ("ev-1", "pending", due, None), ("ev-2", "pending", due, "host:1:abc"),
+                ("ev-4", "delivered", None, None), ("ev-5", "dead", None, None)]

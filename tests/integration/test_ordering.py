@@ -18,7 +18,7 @@ from flask import Flask
 from sqlalchemy import update
 
 from relay.db import utcnow
-from relay.models import OutboxEvent
+from relay.models import QueuedEvent
 from relay.settings import Settings
 from relay.worker import Worker
 from tests.support import BRAZE_URL, events_by_extole_id, sample, sample_json
@@ -59,7 +59,7 @@ def braze() -> Iterator[FakeBraze]:
 def make_due(app: Flask) -> None:
     """Let the retry time pass (instead of sleeping through it)."""
     with app.extensions["relay.db"].session() as session:
-        session.execute(update(OutboxEvent).where(OutboxEvent.status == "pending")
+        session.execute(update(QueuedEvent)
                         .values(next_attempt_at=utcnow() - timedelta(seconds=1)))
 
 

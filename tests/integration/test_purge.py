@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,9 +20,11 @@ from relay.models import (
     IdentityCache,
     InboundRequest,
     OutboxEvent,
+    ReconcileRun,
     RefusedRequestCount,
     Trigger,
 )
+from relay.outbox import queries
 from tests.support import POSTGRESQL_ONLY
 
 NOW = datetime(2027, 3, 1, 12, 0, 0)
@@ -104,7 +106,7 @@ def test_purge_deletes_old_delivered_and_skipped_with_their_attempts_and_inbound
 
     assert counts == {"events": 2, "triggers": 0, "delivery_attempts": 2,
                       "inbound_requests": 1, "identity_cache": 1, "refused_request_counts": 0,
-                      "dedup_keys": 0}
+                      "reconcile_runs": 0, "dedup_keys": 0}
     assert ids(db, OutboxEvent) == {dead, pending, rejected, fresh}
     assert ids(db, DeliveryAttempt) == {shared, fresh_attempt, orphan_recent}
     assert orphan_old not in ids(db, DeliveryAttempt) and only_purged not in ids(db,
@@ -122,7 +124,7 @@ def test_a_second_purge_finds_nothing(db: Database) -> None:
     assert retention.purge(db, 30, dedup_days=400, now=NOW)["events"] == 1
     assert retention.purge(db, 30, dedup_days=400, now=NOW) == {
         "events": 0, "triggers": 0, "delivery_attempts": 0, "inbound_requests": 0,
-        "identity_cache": 0, "refused_request_counts": 0, "dedup_keys": 0}
+        "identity_cache": 0, "refused_request_counts": 0, "reconcile_runs": 0, "dedup_keys": 0}
 
 
 def test_inbound_row_goes_once_its_last_event_is_purged(db: Database) -> None:
@@ -138,30 +140,36 @@ def test_inbound_row_goes_once_its_last_event_is_purged(db: Database) -> None:
     assert ids(db, InboundRequest) == set() and ids(db, OutboxEvent) == set()
 
 
+def count_transactions(db: Database, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count the sessions (transactions) `db` opens from now on; answers how to read the count."""
+    opened = 0
+    session = db.session
+
+    @contextlib.contextmanager
+    def counted() -> Iterator[Session]:
+        nonlocal opened
+        opened += 1
+        with session() as s:
+            yield s
+
+    monkeypatch.setattr(db, "session", counted)
+    return lambda: opened
+
+
 def test_purge_works_in_short_batches(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     with db.session() as s:
         for n in range(7):
             event(s, "delivered", OLD, inbound(s, OLD), f"e{n}")
         for _ in range(3):
             attempt(s, OLD)
-    transactions = 0
-    session = db.session
-
-    @contextlib.contextmanager
-    def counted() -> Iterator[Session]:
-        nonlocal transactions
-        transactions += 1
-        with session() as s:
-            yield s
-
-    monkeypatch.setattr(db, "session", counted)
+    transactions = count_transactions(db, monkeypatch)
     counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
     assert counts == {"events": 7, "triggers": 0, "delivery_attempts": 3,
                       "inbound_requests": 7, "identity_cache": 0, "refused_request_counts": 0,
-                      "dedup_keys": 0}
+                      "reconcile_runs": 0, "dedup_keys": 0}
     # events 3+3+1 then an empty look; attempts 3 + empty; inbound 3+3+1 + empty; cache empty;
-    # refused counts empty; keys empty (these events have no keys).
-    assert transactions == 4 + 2 + 4 + 1 + 1 + 1
+    # refused counts empty; reconciliation runs empty; keys empty (these events have no keys).
+    assert transactions() == 4 + 2 + 4 + 1 + 1 + 1 + 1
 
 
 def test_purge_uses_received_at_and_the_default_clock(db: Database) -> None:
@@ -267,6 +275,64 @@ def test_purge_deletes_counts_of_refused_requests_past_retention(db: Database) -
     with db.session() as s:
         assert [(r.minute, r.remote_addr) for r in s.scalars(select(RefusedRequestCount))] == [
             (RECENT, "192.0.2.1")]
+
+
+def reconcile_run(session: Session, environment: str, finished_at: datetime,
+                  error: str | None = None) -> int:
+    row = ReconcileRun(environment=environment, trigger="worker",
+                       started_at=finished_at - timedelta(minutes=1), finished_at=finished_at,
+                       window_start=finished_at - timedelta(days=2), window_end=finished_at,
+                       seen=3, present=3, backfilled=0, errors=0, error=error, problems=None,
+                       duration_ms=60000.0)
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def test_old_reconcile_runs_go_but_each_environment_keeps_its_last_run_and_last_success(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs that finished before the retention period go, in batches, except what the admin
+    page and the last-success gauge read: each environment's last run, and its last successful
+    one even when that is old (an environment failing for weeks keeps the gauge its alert
+    needs)."""
+    with db.session() as s:
+        gone = {reconcile_run(s, "production", OLD - timedelta(days=10)),
+                reconcile_run(s, "production", OLD - timedelta(days=1)),
+                reconcile_run(s, "production", OLD, error="Extole unavailable")}
+        recent_success = reconcile_run(s, "production", RECENT)
+        last = reconcile_run(s, "production", RECENT + timedelta(hours=1), error="refused token")
+        staging_success = reconcile_run(s, "staging", OLD - timedelta(days=20))
+        gone.add(reconcile_run(s, "staging", OLD - timedelta(days=10), error="refused token"))
+        staging_last = reconcile_run(s, "staging", OLD, error="refused token")
+    with db.session() as s:
+        shown = queries.reconciliation(s, ["production", "staging"])
+        successes = queries.last_reconcile_success(s)
+    transactions = count_transactions(db, monkeypatch)
+    counts = retention.purge(db, 30, dedup_days=400, now=NOW, batch_size=3)
+
+    assert counts["reconcile_runs"] == 4
+    assert transactions() == 6 + 3  # an empty look at each other table; runs 3, 1, empty look
+    assert ids(db, ReconcileRun) == {recent_success, last, staging_success, staging_last}
+    assert not gone & ids(db, ReconcileRun)
+    with db.session() as s:  # the admin page and the gauge show what they showed before
+        assert queries.reconciliation(s, ["production", "staging"]) == shown
+        assert queries.last_reconcile_success(s) == successes
+    assert shown["production"]["error"] == "refused token"
+    assert shown["staging"]["last_success_at"] is not None
+    assert retention.purge(db, 30, dedup_days=400, now=NOW)["reconcile_runs"] == 0
+    # Years later nothing new came: still the last run and the last success of each.
+    later = retention.purge(db, 30, dedup_days=400, now=NOW + timedelta(days=900))
+    assert later["reconcile_runs"] == 0
+    assert ids(db, ReconcileRun) == {recent_success, last, staging_success, staging_last}
+
+
+def test_an_environment_whose_last_run_succeeded_keeps_that_run_alone(db: Database) -> None:
+    with db.session() as s:
+        for days in (60, 50, 40):
+            reconcile_run(s, "production", NOW - timedelta(days=days))
+        newest = reconcile_run(s, "production", OLD)
+    assert retention.purge(db, 30, dedup_days=400, now=NOW)["reconcile_runs"] == 3
+    assert ids(db, ReconcileRun) == {newest}
 
 
 @POSTGRESQL_ONLY

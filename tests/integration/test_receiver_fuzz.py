@@ -20,6 +20,7 @@ from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
+from sqlalchemy.orm import undefer_group
 
 from relay.authentication import sign
 from relay.db import get_db
@@ -239,7 +240,7 @@ def test_authenticated_valid_events_are_all_stored(
     assert (answer["accepted"], answer["duplicates"]) == (len(items), 0)
     with get_db(app).session() as session:
         stored = list(session.scalars(
-            select(OutboxEvent).where(OutboxEvent.id.in_(answer["ids"])).order_by(OutboxEvent.id)))
+            select(OutboxEvent).options(undefer_group("queue")).where(OutboxEvent.id.in_(answer["ids"])).order_by(OutboxEvent.id)))
     assert [e.id for e in stored] == answer["ids"]
     assert all(e.status == "pending" and e.environment == environment for e in stored)
     assert all(e.braze_event and e.event_time is not None for e in stored)

@@ -18,6 +18,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
+from sqlalchemy.orm import undefer_group
 
 from relay import create_app
 from relay.authentication import sign
@@ -314,7 +315,8 @@ def headers_for(auth: str, body: bytes, secret: str) -> dict[str, str]:
 
 def stored(app: Flask) -> tuple[list[OutboxEvent], list[InboundRequest]]:
     with get_db(app).session() as session:
-        return (list(session.scalars(select(OutboxEvent).order_by(OutboxEvent.id))),
+        return (list(session.scalars(select(OutboxEvent).options(undefer_group("queue"))
+                                     .order_by(OutboxEvent.id))),
                 list(session.scalars(select(InboundRequest).order_by(InboundRequest.id))))
 
 

@@ -15,6 +15,7 @@ from click.testing import Result
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
+from sqlalchemy.orm import undefer_group
 
 from relay import privacy
 from relay.db import get_db, utcnow
@@ -34,7 +35,7 @@ def delivered_with_trigger(app: Flask, post_webhook: Any, state: str = "uncertai
         "partner_user_id": f"cust-{number}", "email": f"p{number}@example.com"})
     now = utcnow()
     with get_db(app).session() as session:
-        event = session.get(OutboxEvent, event_id)
+        event = session.get(OutboxEvent, event_id, options=[undefer_group("queue")])
         assert event is not None
         event.status, event.delivered_at = "delivered", now
         event.identity = {"external_id": f"cust-{number}"}

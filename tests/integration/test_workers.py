@@ -26,7 +26,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 
-from relay.models import OutboxEvent
+from relay.models import OutboxEvent, QueuedEvent
 from relay.scheduler import DELIVER_JOB, start_in_process
 from relay.settings import Settings
 from relay.wakeup import Waker
@@ -251,7 +251,7 @@ def test_a_worker_killed_mid_request_loses_nothing(
     def leased() -> int:
         with engine.connect() as connection:
             return int(connection.scalar(select(func.count()).where(
-                OutboxEvent.lease_owner.is_not(None))) or 0)
+                QueuedEvent.lease_owner.is_not(None))) or 0)
 
     wait_for(lambda: leased() == 10, lambda: (counts(engine), processes.output(doomed)), 60)
     time.sleep(1.5)  # the request is in flight: the sandbox answers after 3 s

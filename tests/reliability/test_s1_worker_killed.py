@@ -71,7 +71,8 @@ def test_worker_killed_three_times(procs: Processes, database: tuple[str, Db],
         assert worker.alive(), worker.tail()
         procs.kill9(worker)
         held = {r.extole_event_id for r in db.rows(
-            "SELECT extole_event_id FROM events WHERE status = 'pending' AND lease_owner LIKE :o",
+            "SELECT extole_event_id FROM events JOIN delivery_queue ON event_id = id "
+            "WHERE status = 'pending' AND lease_owner LIKE :o",
             o=f"%:{worker.pid}:%")}
         delivered = db.counts().get("delivered", 0)
         in_flight |= held

@@ -3,10 +3,11 @@
 `store_webhook` writes the inbound log row, the outbox rows, their de-duplication keys and their
 delivery queue rows (`relay.outbox.leases`) in the caller's transaction. The keys decide
 duplicates (`relay.outbox.dedup`): an event is a duplicate when any of its keys is held in its
-environment, also after the original was purged, and a duplicate adds none of its keys. `store_single` is the fast path for Extole's usual webhook (one
-event, on PostgreSQL): all rows in one autocommitted statement. `store_events` stores events that
-came another way (reconciliation) through the same de-duplicating insert. Nothing here sends
-anything: the receiver wakes the workers after the commit.
+environment, also after the original was purged, and a duplicate adds none of its keys.
+`store_single` is the fast path for Extole's usual webhook (one event, on PostgreSQL): all rows
+in one autocommitted statement. `store_events` stores events that came another way
+(reconciliation) through the same de-duplicating insert. Nothing here sends anything: the
+receiver wakes the workers after the commit.
 """
 
 from __future__ import annotations

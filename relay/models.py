@@ -125,8 +125,8 @@ class QueuedEvent(Base):
     renewal rewrite this narrow row only, and the event row is written once, when its status
     changes. A row exists exactly while its event is pending; marks delete it with the status
     change, operator actions put it back. `environment`, `person_key` and `event_time` are
-    copies of the event's (never changed after it is stored) so the claim's per-person order
-    check reads this table alone.
+    copies of the event's (set when it is stored; `relay forget` erases the person key in both)
+    so the claim's per-person order check reads this table alone.
     """
 
     __tablename__ = "delivery_queue"
@@ -148,6 +148,14 @@ class QueuedEvent(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+def _queued(column: Mapped[Any], event_id: Mapped[int]) -> Any:
+    """An event's read-only, deferred view of one column of its queue row (None when it is not
+    queued); the "queue" group loads all of them at once (`undefer_group("queue")`)."""
+    return column_property(
+        select(column).where(QueuedEvent.event_id == event_id)
+        .correlate_except(QueuedEvent).scalar_subquery(), deferred=True, group="queue")
 
 
 class OutboxEvent(Base):
@@ -199,16 +207,9 @@ class OutboxEvent(Base):
     # Read-only views of the event's queue row (None when it is not queued), loaded only when
     # asked for: the admin shows them; nothing writes through them (`relay.outbox.leases` and
     # `relay.outbox.operator` write `delivery_queue`).
-    next_attempt_at: Mapped[datetime | None] = column_property(
-        select(QueuedEvent.next_attempt_at).where(QueuedEvent.event_id == id)
-        .correlate_except(QueuedEvent).scalar_subquery(), deferred=True, group="queue")
-    lease_owner: Mapped[str | None] = column_property(
-        select(QueuedEvent.lease_owner).where(QueuedEvent.event_id == id)
-        .correlate_except(QueuedEvent).scalar_subquery(), deferred=True, group="queue")
-    lease_expires_at: Mapped[datetime | None] = column_property(
-        select(QueuedEvent.lease_expires_at).where(QueuedEvent.event_id == id)
-        .correlate_except(QueuedEvent).scalar_subquery(), deferred=True, group="queue")
-
+    next_attempt_at: Mapped[datetime | None] = _queued(QueuedEvent.next_attempt_at, id)
+    lease_owner: Mapped[str | None] = _queued(QueuedEvent.lease_owner, id)
+    lease_expires_at: Mapped[datetime | None] = _queued(QueuedEvent.lease_expires_at, id)
 
 class DedupKey(Base):
     """One de-duplication key of one stored event, kept after the event itself is purged.

@@ -64,6 +64,9 @@ def test_a_worker_killed_mid_trigger_request_never_makes_a_second_message(
     first = processes("worker", **env)
     wait_for(lambda: trigger_states(engine).get("sending", 0) > 0,
              lambda: (trigger_states(engine), processes.output(first)), 60)
+    # `sending` is committed before the request leaves: give it a moment to reach the sandbox
+    # (well inside the sandbox's LATENCY_MS), or a kill on a loaded host can land before it did.
+    time.sleep(1.0)
     first.kill()  # SIGKILL while Braze is still answering the request
     first.wait(timeout=30)
     in_flight = trigger_states(engine)["sending"]
